@@ -1,0 +1,16 @@
+"""fastlora: fused LoRA / QLoRA kernels with bitsandbytes-compatible 4-bit weights.
+
+Layers (imports go downwards only): ``fastlora.nf4`` (4-bit weights) -> ``fastlora.ops`` (custom
+ops: schema, fake implementation, backend choice) -> backends (``fastlora._C`` C++/CUDA kernels,
+``fastlora.kernels`` Triton kernels, ``fastlora.reference`` torch).
+"""
+
+__version__ = "0.1.0"
+
+from . import _extension
+
+_extension.load()
+
+from . import backends, nf4, ops, reference  # noqa: E402
+
+__all__ = ["__version__", "backends", "nf4", "ops", "reference"]

@@ -1,0 +1,67 @@
+"""Which implementation runs an op: discovery of the available backends and the choice per call.
+
+Backends:
+  ``reference``  torch code in fastlora/reference.py, any device (always available)
+  ``cpp``        the C++ CPU kernels of fastlora._C (CPU tensors)
+  ``cuda``       the CUDA kernels of fastlora._C (CUDA tensors; built only where torch has CUDA)
+  ``triton``     the Triton kernels in fastlora.kernels (CUDA tensors; CPU tensors too when
+                 TRITON_INTERPRET=1 is set, which is how the tests run them)
+``auto`` picks triton, then cuda, then reference on a GPU, and cpp, then reference on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def extension_cuda() -> bool:
+    ext = _extension.load()
+    return ext is not None and bool(ext.with_cuda())
+
+
+def available(device_type: str = "cpu") -> dict[str, bool]:
+    """Backend name -> whether it can run tensors on ``device_type`` ("cpu" or "cuda") here."""
+    ext = _extension.load()
+    on_gpu = device_type == "cuda"
+    return {
+        "reference": True,
+        "cpp": ext is not None and not on_gpu,
+        "cuda": on_gpu and extension_cuda() and torch.cuda.is_available(),
+        "triton": triton_installed() and (triton_interpret() or (on_gpu and torch.cuda.is_available())),
+    }
+
+
+def resolve(backend: str, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs a call on ``device``: ``backend`` itself when it can, else a ValueError
+    naming what is available; ``"auto"`` picks the fastest available one. ``implemented`` lists the
+    backends the op has."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    device_type = "cuda" if device.type == "cuda" else "cpu"
+    if device.type not in ("cpu", "cuda"):
+        return "reference"
+    ok = {name: yes and name in implemented for name, yes in available(device_type).items()}
+    if backend == "auto":
+        order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
+        return next(name for name in order if ok[name])
+    if not ok[backend]:
+        have = [name for name, yes in ok.items() if yes]
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here; available: {have}")
+    return backend

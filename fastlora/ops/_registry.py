@@ -1,0 +1,68 @@
+"""Shared plumbing of the op files: argument checks and the per-backend op table.
+
+Every op exists once per backend as a torch.library custom op with a fake implementation:
+``fastlora::NAME`` (the compiled extension: CPU kernel, and CUDA kernel where built),
+``fastlora::NAME_triton`` and ``fastlora::NAME_reference``. When the extension is missing,
+``fastlora::NAME`` is defined from Python with the reference kernel behind it, so callers and
+``torch.compile`` always find the same schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import _extension, backends
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def define_native(name: str, schema: str, reference_impl: Callable) -> None:
+    """Make sure ``fastlora::name`` exists: the extension defines it; without the extension it is
+    defined here with the reference implementation."""
+    if _extension.load() is not None:
+        return
+    torch.library.define(f"fastlora::{name}", schema)
+    torch.library.impl(f"fastlora::{name}", "default")(reference_impl)
+
+
+def pick(name: str, backend: str, device: torch.device, implemented: tuple[str, ...] = backends.BACKENDS):
+    """The OpOverload of op ``name`` for ``backend`` ("auto" resolved for ``device``)."""
+    chosen = backends.resolve(backend, device, implemented)
+    suffix = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}[chosen]
+    return getattr(torch.ops.fastlora, name + suffix).default
+
+
+def check_tensor(t, name: str, dtypes: tuple[torch.dtype, ...] | None = None, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}; got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_blocksize(blocksize, name: str = "blocksize") -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{name} must be an int, got {type(blocksize).__name__}")
+    if not (32 <= blocksize <= 4096) or blocksize & (blocksize - 1):
+        raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize}")
+
+
+def check_quant_type(quant_type) -> None:
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")

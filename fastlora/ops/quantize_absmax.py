@@ -1,0 +1,48 @@
+"""fastlora::quantize_absmax: 8-bit blockwise quantization of the centred 4-bit statistics
+(double quant).
+
+Input:   values float32[n] (absmax - mean(absmax)), code float32[256] (sorted dynamic map).
+Output:  (uint8[n] index of the nearest code entry of values[i] / absmax2[block],
+          absmax2 float32[ceil(n/blocksize)]), identical to bitsandbytes' CPU quantize_blockwise.
+Backends: cpp (CPU) and reference (any device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._registry import check_tensor, define_native, pick
+
+SCHEMA = "(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)"
+IMPLEMENTED = ("cpp", "reference")
+
+define_native("quantize_absmax", SCHEMA, reference.quantize_absmax)
+
+
+@torch.library.register_fake("fastlora::quantize_absmax")
+def _fake(values, code, blocksize):
+    n = values.numel()
+    return (values.new_empty((n,), dtype=torch.uint8), values.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastlora::quantize_absmax_reference", mutates_args=())
+def _reference_op(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.quantize_absmax(values, code, blocksize)
+
+
+_reference_op.register_fake(_fake)
+
+
+def quantize_absmax(
+    values: torch.Tensor, code: torch.Tensor, blocksize: int = 256, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of the statistics; see the module docstring."""
+    check_tensor(values, "values", (torch.float32,))
+    check_tensor(code, "code", (torch.float32,))
+    if code.numel() != 256:
+        raise ValueError(f"code must have 256 entries, got {code.numel()}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    op = pick("quantize_absmax", backend, values.device, IMPLEMENTED)
+    return op(values.reshape(-1).contiguous(), code.contiguous(), blocksize)

@@ -1,0 +1,133 @@
+"""Torch reference implementations: the ground truth of the tests and the last-resort backend.
+
+Everything here is plain torch, runs on any device, and follows bitsandbytes' arithmetic step by
+step (see DESIGN.md §2) so that it is bit-exact with it. Nothing here is fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Index -> value of the 4-bit code books, float32 (bitsandbytes' get_4bit_type). FP4 code 8 is -0.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+# Order in which bitsandbytes' argsort lists the FP4 codes from smallest to largest value
+# (+0 before -0); quantization maps bucket k to code FP4_SORTED_CODES[k].
+FP4_SORTED_CODES = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def code_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16-entry code book of ``quant_type`` as float32 (index -> value)."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    if quant_type == "fp4":
+        mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32, device=device) / 12.0
+        return torch.cat([mags, -mags])
+    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def _sorted_codes(quant_type: str, device) -> torch.Tensor:
+    if quant_type == "nf4":
+        return torch.arange(16, device=device)
+    return torch.tensor(FP4_SORTED_CODES, device=device)
+
+
+def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 256-entry signed dynamic (tree) code used for double-quantized statistics.
+
+    Seven exponent levels 10^-6 .. 10^0; level i holds 2^i linearly spaced fractions in (0.1, 1]
+    (midpoints of 2^i + 1 points), both signs, plus 0 and 1, sorted; float32 like bitsandbytes'
+    create_dynamic_map(signed=True).
+    """
+    values: list[float] = []
+    for level in range(7):
+        points = torch.linspace(0.1, 1.0, 2**level + 1, dtype=torch.float32)
+        mids = (points[:-1] + points[1:]) / 2.0
+        scale = 10.0 ** (level - 6)
+        values += (scale * mids).tolist()
+        values += (-scale * mids).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8[ceil(numel/2)] -> int64[numel] codes; the first element of a byte is its high nibble."""
+    packed = packed.reshape(-1).to(torch.int64)
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel]
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Flat dequantized weight: dtype[numel] = round(TABLE[code[i]] * absmax[i // blocksize])."""
+    values = code_table(quant_type, packed.device)[unpack_codes(packed, numel)]
+    scale = absmax.float().repeat_interleave(blocksize)[:numel]
+    return (values * scale).to(dtype)
+
+
+def dequantize_absmax(
+    qabsmax: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, blocksize: int
+) -> torch.Tensor:
+    """Double-quant statistics: fp32(fp32(code[q] * absmax2[i // blocksize]) + offset)."""
+    n = qabsmax.numel()
+    scaled = code.float()[qabsmax.reshape(-1).long()] * absmax2.float().repeat_interleave(blocksize)[:n]
+    return scaled + offset.to(device=scaled.device, dtype=torch.float32).reshape(())
+
+
+def _block_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x scaled into [-1, 1] per block, fp32 absmax per block), bitsandbytes' way: full blocks by
+    x * (1 / absmax), a trailing partial block by x / absmax."""
+    n = flat.numel()
+    full = n - n % blocksize
+    head = flat[:full].reshape(-1, blocksize)
+    absmax = head.abs().amax(dim=1)
+    scaled = (head * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)
+    if full < n:
+        tail_max = flat[full:].abs().amax()
+        absmax = torch.cat([absmax, tail_max.reshape(1)])
+        scaled = torch.cat([scaled, (flat[full:] / tail_max.clamp(min=1e-38)).clamp(-1, 1)])
+    return scaled, absmax
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8[ceil(numel/2)], absmax fp32[ceil(numel/blocksize)]) of a float weight."""
+    flat = weight.reshape(-1).float()
+    if flat.numel() == 0:
+        return (torch.empty(0, dtype=torch.uint8, device=weight.device),
+                torch.empty(0, dtype=torch.float32, device=weight.device))
+    scaled, absmax = _block_scaled(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    table = code_table(quant_type, flat.device)
+    order = _sorted_codes(quant_type, flat.device)
+    sorted_values = table[order]
+    midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
+    codes = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of the (centred) statistics: nearest code entry of x / absmax,
+    searching with code[0] taken as -1 and ties going to the lower entry."""
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    normed = (flat / absmax.repeat_interleave(blocksize)[:n])
+    table = code.float().clone()
+    table[0] = -1.0
+    left = (torch.searchsorted(table, normed, right=True) - 1).clamp(min=0)
+    right = (left + 1).clamp(max=255)
+    closer_right = (normed - table[right]).abs() < (normed - table[left]).abs()
+    idx = torch.where((left < 255) & closer_right, right, left)
+    idx = torch.where(normed.isnan(), 0, idx)  # 0 / 0 in an all-zero block: bitsandbytes gives code 0
+    return idx.to(torch.uint8), absmax
