@@ -159,8 +159,8 @@ def quantize(
         nested = NestedStats(absmax2=absmax2, code=code, offset=offset)
         absmax = qabsmax
     return QuantizedWeight(packed=packed, absmax=absmax, shape=torch.Size(weight.shape), dtype=weight.dtype,
-                           blocksize=blocksize, quant_type=quant_type, code=reference.code_table(quant_type, weight.device),
-                           nested=nested)
+                           blocksize=blocksize, quant_type=quant_type,
+                           code=reference.code_table(quant_type, weight.device), nested=nested)
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
