@@ -8,11 +8,11 @@
 // element, so the kernel is organised around the stores. A "unit" is the run of elements that
 // fills one 16-byte store: 8 elements (4 packed bytes) for bf16/fp16, 4 elements (2 bytes) for
 // fp32. Consecutive threads own consecutive units, so every warp-wide load and store instruction
-// touches one contiguous span (128 B of codes, 512 B of output) with no partial sectors. Each
-// thread keeps kUnroll units in flight (all loads issued before any decode) to cover DRAM latency.
-// Because blocksize is a power of two >= 32 and a unit holds at most 8 elements, a unit never
-// straddles two quantization blocks: its absmax is one load, which adjacent threads share through
-// L1.
+// touches one contiguous span (512 B of output; 128 B of codes for 16-bit outputs, 64 B for fp32)
+// with no partial sectors. Each thread keeps kUnroll units in flight (all loads issued before any
+// decode) to cover DRAM latency. Because blocksize is a power of two >= 32 and a unit holds at
+// most 8 elements, a unit never straddles two quantization blocks: its absmax is one load, which
+// adjacent threads share through L1.
 #include <cstdint>
 #include <cstring>
 
@@ -73,13 +73,14 @@ struct Unit<float> {
   using Codes = uint16_t;              // in 2 packed bytes
 };
 
-// Code table lookup. NF4 needs a real 16-entry table (FP4 is cheap arithmetic, but one path for
-// both keeps the kernel simple, and the table is filled from nf4_value / fp4_value so the values are
-// the CPU's). Options: the select tree of quant4.h costs ~15 selects plus bit tests per element,
-// which is as much ALU work as the whole memory-bound budget (~20 instructions per element at
-// H100 bandwidth); __constant__ memory serialises a warp whose lanes read different entries; a
-// 16-float __shared__ table maps each entry to its own bank, so any pattern of 32 lanes is served
-// in one conflict-free wavefront (same entry = broadcast), one LDS per element.
+// Code lookup: both code books go through a 16-float __shared__ table filled from nf4_value /
+// fp4_value, so the values are exactly the CPU's (fp4_value divides by 12: IEEE-exact as long as
+// this file is not built with --use_fast_math / -prec-div=false). Why a shared table: the select
+// tree of quant4.h costs ~15 selects plus bit tests per element, about the whole ALU budget of a
+// memory-bound kernel at H100 bandwidth (~20 instructions per element); __constant__ memory
+// serialises a warp whose lanes read different entries; the 16 shared entries sit in 16 distinct
+// banks, so any pattern of 32 lanes is one conflict-free wavefront (equal entries broadcast): one
+// LDS per element, the nibble-to-address math folds into a shift and a mask.
 __device__ __forceinline__ void fill_table(float* table, int quant_type) {
   if (threadIdx.x < 16) table[threadIdx.x] = code_value(quant_type, threadIdx.x);
   __syncthreads();
