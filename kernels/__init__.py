@@ -24,18 +24,12 @@ the kernel is defined).
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CompileSpec", "all_compile_specs", "interpreter_enabled", "kernel_modules"]
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET`` set to a true value)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+__all__ = ["FP_FMA_PTX", "CompileSpec", "all_compile_specs", "kernel_modules"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +49,9 @@ class CompileSpec:
                  compile check must too, or it would report code without vectorized memory access.
     num_warps, num_stages: launch options as the launcher passes them.
     options:     any further Triton compile options the launcher passes (e.g. ``enable_fp_fusion``).
-    forbid_ptx:  regular expressions that must not match the kernel's PTX (e.g. ``r"\\bfma\\."`` for
-                 a kernel that must round a multiply and an add separately); a match fails the check.
+    forbid_ptx:  label -> regular expression that must not match the kernel's PTX, e.g.
+                 ``{"fp fma": FP_FMA_PTX}`` for a kernel that must round a multiply and an add
+                 separately; a match fails the check, otherwise ``"no <label>"`` is reported.
     """
 
     kernel: str
@@ -68,7 +63,12 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     options: Mapping[str, Any] = field(default_factory=dict)
-    forbid_ptx: tuple[str, ...] = ()
+    forbid_ptx: Mapping[str, str] = field(default_factory=dict)
+
+
+# Floating-point fused multiply-add in PTX (fma.rn.f32, fma.rn.ftz.f32, mad.f32, fma.rn.bf16, ...),
+# not the integer mad.lo / mad.wide used for addressing.
+FP_FMA_PTX = r"\b(?:fma|mad)\.(?:[a-z0-9]+\.)*b?f(?:16|32|64)"
 
 
 def kernel_modules() -> list[str]:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec
+from . import FP_FMA_PTX, CompileSpec
 
 __all__ = [
     "ABSMAX_CONFIG",
@@ -81,15 +81,18 @@ def _dequantize_4bit_kernel(
     out_ptr,  # *fp32 | *bf16 | *fp16 [numel]
     n_bytes,  # ceil(numel / 2)
     numel,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr,
+    NBLK: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    VEC: tl.constexpr,
     HALF_BLOCKSIZE: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    # One program decodes ROWS * COLS consecutive bytes (2x as many elements). COLS = min(blocksize/2,
-    # ROWS * COLS), so every row lies inside one quantization block: both nibbles of a byte share a
-    # block (blocksize is even) and the row needs a single absmax, loaded once and broadcast.
-    BYTES: tl.constexpr = ROWS * COLS
+    # One program decodes NBLK * CHUNKS * VEC consecutive bytes (twice as many elements), viewed as
+    # [NBLK, CHUNKS, VEC]: each dim-0 slice lies in one quantization block (both nibbles of a byte
+    # share a block since blocksize is even), so absmax is loaded once per block and broadcast.
+    # VEC bytes decode to 16 output bytes: the byte load and the output store then get the same
+    # register layout, and Triton needs no shared-memory round trip between them.
+    BYTES: tl.constexpr = NBLK * CHUNKS * VEC
     start = tl.program_id(0).to(tl.int64) * BYTES
     # 64-bit arithmetic only on the per-program base; the tile offsets below stay 32-bit.
     packed_ptr += start
@@ -98,15 +101,17 @@ def _dequantize_4bit_kernel(
     bytes_left = tl.minimum(n_bytes - start, BYTES).to(tl.int32)
     elems_left = tl.minimum(numel - 2 * start, 2 * BYTES).to(tl.int32)
 
-    rows = tl.arange(0, ROWS)
-    offs = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    blk = tl.arange(0, NBLK)[:, None, None]
+    chunk = tl.arange(0, CHUNKS)[None, :, None]
+    offs = blk * (CHUNKS * VEC) + chunk * VEC + tl.arange(0, VEC)[None, None, :]
     b = tl.load(packed_ptr + offs, mask=offs < bytes_left, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + (rows * COLS) // HALF_BLOCKSIZE, mask=rows * COLS < bytes_left, other=0.0)
+    blk_start = blk * (CHUNKS * VEC)  # [NBLK, 1, 1]
+    scale = tl.load(absmax_ptr + blk_start // HALF_BLOCKSIZE, mask=blk_start < bytes_left, other=0.0)
     # The 16-entry table is a 64-byte gather that stays in L1; a select tree would cost ~15 ALU ops
     # per element in a kernel that must stay memory-bound.
-    hi = tl.load(table_ptr + (b >> 4)) * scale[:, None]
-    lo = tl.load(table_ptr + (b & 15)) * scale[:, None]
-    w = tl.interleave(hi, lo)  # [ROWS, 2*COLS]: element 2j from the high nibble of byte j
+    hi = tl.load(table_ptr + (b >> 4)) * scale
+    lo = tl.load(table_ptr + (b & 15)) * scale
+    w = tl.interleave(hi, lo)  # [NBLK, CHUNKS, 2*VEC]: element 2j from the high nibble of byte j
 
     if SOFT_BF16:
         # Triton's interpreter truncates fp32 -> bf16; round to nearest even in integer arithmetic
@@ -117,7 +122,7 @@ def _dequantize_4bit_kernel(
         w = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         w = w.to(out_ptr.dtype.element_ty)
-    eoffs = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+    eoffs = 2 * (blk * (CHUNKS * VEC) + chunk * VEC) + tl.arange(0, 2 * VEC)[None, None, :]
     tl.store(out_ptr + eoffs, w, mask=eoffs < elems_left)
 
 
@@ -167,10 +172,10 @@ class AbsmaxConfig:
     num_warps: int
 
 
-# 16 bytes (one 128-bit load) per thread in the large config, 8 in the small one; the small one keeps
-# enough programs in flight for small weights.
+# 16 packed bytes (32 outputs) per thread in the large tile, 8 in the small one, which keeps enough
+# programs in flight for small weights. Loads are VEC bytes and stores 16 bytes per instruction.
 DEQUANT_CONFIGS: tuple[DequantConfig, ...] = (DequantConfig(1024, 4), DequantConfig(4096, 8))
-ABSMAX_CONFIG = AbsmaxConfig(block=1024, num_warps=4)
+ABSMAX_CONFIG = AbsmaxConfig(block=512, num_warps=4)
 # Below this many packed bytes the small tile is used (about 4 programs per SM of a 132-SM GPU with
 # the large tile).
 _SMALL_BYTES = 4096 * 132 * 4
@@ -181,9 +186,16 @@ def pick_dequant_config(n_bytes: int) -> DequantConfig:
     return DEQUANT_CONFIGS[0] if n_bytes < _SMALL_BYTES else DEQUANT_CONFIGS[1]
 
 
-def _tile(config: DequantConfig, blocksize: int) -> tuple[int, int]:
-    cols = min(blocksize // 2, config.block_bytes)
-    return config.block_bytes // cols, cols
+def _tile(config: DequantConfig, blocksize: int, dtype: torch.dtype) -> dict[str, int]:
+    """Constexprs of the dequant kernel: NBLK quant blocks of CHUNKS * VEC bytes per program."""
+    vec = 8 // dtype.itemsize  # VEC bytes -> 2 * VEC outputs = 16 bytes (one 128-bit store)
+    block_bytes = min(blocksize // 2, config.block_bytes)
+    return {
+        "NBLK": config.block_bytes // block_bytes,
+        "CHUNKS": block_bytes // vec,
+        "VEC": vec,
+        "HALF_BLOCKSIZE": blocksize // 2,
+    }
 
 
 _ENABLE_FP_FUSION = False  # both kernels: no mul+add contraction (bit-exactness)
@@ -194,8 +206,7 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for config in DEQUANT_CONFIGS:
         for blocksize in _BLOCKSIZES:
-            rows, cols = _tile(config, blocksize)
-            for dtype_name in _OUT_DTYPES.values():
+            for dtype, dtype_name in _OUT_DTYPES.items():
                 specs.append(
                     CompileSpec(
                         kernel="dequantize_4bit",
@@ -208,17 +219,13 @@ def compile_specs() -> list[CompileSpec]:
                             "out_ptr": f"*{dtype_name}",
                             "n_bytes": "i32",
                             "numel": "i32",
-                            "ROWS": "constexpr",
-                            "COLS": "constexpr",
+                            "NBLK": "constexpr",
+                            "CHUNKS": "constexpr",
+                            "VEC": "constexpr",
                             "HALF_BLOCKSIZE": "constexpr",
                             "SOFT_BF16": "constexpr",
                         },
-                        constexprs={
-                            "ROWS": rows,
-                            "COLS": cols,
-                            "HALF_BLOCKSIZE": blocksize // 2,
-                            "SOFT_BF16": False,
-                        },
+                        constexprs={**_tile(config, blocksize, dtype), "SOFT_BF16": False},
                         aligned=("packed_ptr", "absmax_ptr", "table_ptr", "out_ptr", "n_bytes", "numel"),
                         num_warps=config.num_warps,
                         options={"enable_fp_fusion": _ENABLE_FP_FUSION},
@@ -243,7 +250,7 @@ def compile_specs() -> list[CompileSpec]:
             aligned=("qabsmax_ptr", "code_ptr", "absmax2_ptr", "offset_ptr", "out_ptr", "n", "blocksize"),
             num_warps=ABSMAX_CONFIG.num_warps,
             options={"enable_fp_fusion": _ENABLE_FP_FUSION},
-            forbid_ptx=(r"\bfma\.", r"\bmad\."),
+            forbid_ptx={"fp fma": FP_FMA_PTX},
         )
     )
     return specs
@@ -330,7 +337,6 @@ def dequantize_4bit(
     _check_device("packed", packed, device, fn)
     _check_device("absmax", absmax, device, fn)
     config = config or pick_dequant_config(n_bytes)
-    rows, cols = _tile(config, blocksize)
     grid = (triton.cdiv(n_bytes, config.block_bytes),)
     fn[grid](
         packed,
@@ -339,9 +345,7 @@ def dequantize_4bit(
         out,
         n_bytes,
         numel,
-        ROWS=rows,
-        COLS=cols,
-        HALF_BLOCKSIZE=blocksize // 2,
+        **_tile(config, blocksize, dtype),
         SOFT_BF16=dtype == torch.bfloat16 and _is_interpreted(fn),
         num_warps=config.num_warps,
         enable_fp_fusion=_ENABLE_FP_FUSION,
@@ -361,7 +365,8 @@ def dequantize_absmax(
     qabsmax:   uint8[n] 8-bit codes of the per-block absmax.
     code:      fp32[256] the 8-bit code book (bitsandbytes' dynamic map).
     absmax2:   fp32[>= ceil(n / blocksize)] second-level scales.
-    offset:    fp32 0-dim or 1-element tensor (the mean subtracted before quantizing).
+    offset:    fp32 0-dim or 1-element tensor (the mean subtracted before quantizing); may be on the
+               host when the others are on the GPU.
     blocksize: second-level block size (bitsandbytes uses 256), > 0.
     Returns fp32[n]: ``fp32(fp32(code[q[i]] * absmax2[i // blocksize]) + offset)``, two roundings.
     """
@@ -385,6 +390,8 @@ def dequantize_absmax(
     out = torch.empty(n, dtype=torch.float32, device=device)
     if n == 0:
         return out
+    if offset.device != device:
+        offset = offset.to(device)  # a 4-byte copy; bitsandbytes may keep the offset on the host
     fn = _dequantize_absmax_kernel
     for name, t in (("qabsmax", qabsmax), ("code", code), ("absmax2", absmax2), ("offset", offset)):
         _check_device(name, t, device, fn)
