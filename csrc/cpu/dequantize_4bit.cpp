@@ -8,10 +8,6 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
 
 #include "cpu_features.h"
 #include "fastlora/quant4.h"
@@ -144,30 +140,12 @@ void dequant_dispatch(const uint8_t* packed, const float* absmax, int64_t blocks
   });
 }
 
-// A fresh output of ~100 MB costs more in 4 KiB page faults (each one zeroes a page) than the
-// decode itself. Asking for transparent huge pages before the first touch cuts the faults 512x
-// where the system allows THP on request ("madvise" mode); elsewhere it is a no-op.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kMin = size_t{8} << 20;
-  if (bytes < kMin) return;
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + page - 1) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(page - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
-
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                c10::string_view quant_type, int64_t numel, at::ScalarType dtype) {
   const int qt = check_quant_type(quant_type);
   check_dequantize_args(packed, absmax, blocksize, numel, dtype, at::kCPU);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
-  advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   const uint8_t* pp = p.data_ptr<uint8_t>();
