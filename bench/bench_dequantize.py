@@ -42,7 +42,9 @@ def _record(benchmark, key):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("impl", ["fastlora-cpp", "bitsandbytes", "torch-reference", "copy-fresh", "copy-reused"])
+@pytest.mark.parametrize(
+    "impl", ["fastlora-cpp", "fastlora-cpp-workspace", "bitsandbytes", "torch-reference", "copy-fresh", "copy-reused"]
+)
 def test_dequantize(benchmark, weights, impl, shape, dtype):
     w, q = weights[shape]
     out_dtype = DTYPES[dtype]
@@ -51,6 +53,11 @@ def test_dequantize(benchmark, weights, impl, shape, dtype):
         if not backends.available("cpu")["cpp"]:
             pytest.skip("compiled extension not available")
         fn = lambda: nf4.dequantize(q, out_dtype, backend="cpp")
+    elif impl == "fastlora-cpp-workspace":
+        if not backends.available("cpu")["cpp"]:
+            pytest.skip("compiled extension not available")
+        workspace = torch.empty(w.shape, dtype=out_dtype)
+        fn = lambda: nf4.dequantize(q, out=workspace, backend="cpp")
     elif impl == "torch-reference":
         if shape != SHAPES[0]:
             pytest.skip("the reference is slow; one shape is enough for its ratio")
@@ -90,10 +97,10 @@ def teardown_module(module):
     if not _results:
         return
     lines = ["", "NF4 (double quant) on this CPU, median times; ratios > 1 mean fastlora is faster",
-             f"{'op':<11}{'shape':<11}{'dtype':<6}{'fastlora ms':>12}{'vs bnb':>9}{'vs ref':>9}"
+             f"{'op':<11}{'output':<10}{'shape':<11}{'dtype':<6}{'fastlora ms':>12}{'vs bnb':>9}{'vs ref':>9}"
              f"{'GB/s':>8}{'% copy fresh':>14}{'% copy reused':>15}"]
     for (op, impl, shape, dtype), t in sorted(_results.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
-        if impl != "fastlora-cpp":
+        if not impl.startswith("fastlora-cpp"):
             continue
         def ratio(other, op=op, shape=shape, dtype=dtype, t=t):
             o = _results.get((op, other, shape, dtype))
@@ -105,6 +112,7 @@ def teardown_module(module):
             c = _results.get((op, ceiling, shape, dtype))
             return f"{100 * c / t:>12.0f}%" if c else f"{'-':>13}"
         gbs = f"{moved / t / 1e9:>8.1f}" if moved else f"{'-':>8}"
-        lines.append(f"{op:<11}{_id(shape):<11}{dtype:<6}{t * 1e3:>12.2f}{ratio('bitsandbytes')}"
+        where = "workspace" if impl.endswith("workspace") else "fresh"
+        lines.append(f"{op:<11}{where:<10}{_id(shape):<11}{dtype:<6}{t * 1e3:>12.2f}{ratio('bitsandbytes')}"
                      f"{ratio('torch-reference')}{gbs}{pct('copy-fresh'):>14}{pct('copy-reused'):>15}")
     print("\n".join(lines))

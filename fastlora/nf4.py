@@ -163,11 +163,24 @@ def quantize(
                            code=reference.code_table(quant_type, weight.device), nested=nested)
 
 
-def dequantize(qweight: QuantizedWeight, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
-    """The dense weight, shape ``qweight.shape``, in ``dtype`` (default: the original dtype);
-    bit-exact with ``bitsandbytes.functional.dequantize_4bit``."""
+def dequantize(qweight: QuantizedWeight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """The dense weight, shape ``qweight.shape``, in ``dtype`` (default: the original dtype, or
+    ``out``'s); bit-exact with ``bitsandbytes.functional.dequantize_4bit``. With ``out`` (a
+    contiguous float tensor of ``qweight.numel`` elements, e.g. a reused workspace) the result is
+    written there and ``out`` is returned viewed as ``qweight.shape`` (CPU backends)."""
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a fastlora.nf4.QuantizedWeight, got {type(qweight).__name__}")
+    if out is not None:
+        check_tensor(out, "out", FLOAT_DTYPES)
+        if dtype is not None and dtype != out.dtype:
+            raise ValueError(f"dtype={dtype} disagrees with out.dtype={out.dtype}")
+        if out.numel() != qweight.numel:
+            raise ValueError(f"out must have {qweight.numel} elements for shape {tuple(qweight.shape)}, "
+                             f"got {out.numel()}")
+        ops.dequantize_4bit_into(qweight.packed_bytes(), qweight.absmax_float(backend=backend), qweight.blocksize,
+                                 qweight.quant_type, out, backend=backend)
+        return out.view(qweight.shape)
     dtype = qweight.dtype if dtype is None else dtype
     check_float_dtype(dtype)
     absmax = qweight.absmax_float(backend=backend)

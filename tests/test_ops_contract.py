@@ -65,7 +65,7 @@ def test_torch_compile_has_no_graph_break(seed):
 def test_native_schema_matches_python_fallback_schema():
     import importlib
 
-    for name in ("dequantize_4bit", "dequantize_absmax", "quantize_4bit", "quantize_absmax"):
+    for name in ("dequantize_4bit", "dequantize_4bit_into", "dequantize_absmax", "quantize_4bit", "quantize_absmax"):
         module = importlib.import_module(f"fastlora.ops.{name}")
         schema = str(getattr(torch.ops.fastlora, name).default._schema)
         expected = torch._C.parse_schema(f"fastlora::{name}{module.SCHEMA}")
@@ -200,3 +200,27 @@ def test_unavailable_backend_is_a_clear_error():
     packed, absmax = _dequant_args()
     with pytest.raises(ValueError, match="cuda"):
         ops.dequantize_4bit(packed, absmax, 64, "nf4", 1000, torch.float32, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dequantize_into_workspace(seed, backend):
+    q = nf4.quantize(torch.randn(67, 160), 32, "fp4", True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        workspace = torch.full((67 * 160,), float("nan"), dtype=dtype)
+        got = nf4.dequantize(q, out=workspace, backend=backend)
+        assert got.data_ptr() == workspace.data_ptr() and got.shape == (67, 160)
+        assert torch.equal(got, nf4.dequantize(q, dtype, backend="reference"))
+    with pytest.raises(ValueError, match="out"):
+        nf4.dequantize(q, out=torch.empty(10), backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        nf4.dequantize(q, torch.float16, out=torch.empty(67 * 160), backend=backend)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.dequantize_4bit_into(q.packed_bytes(), q.absmax_float(), 32, "fp4",
+                                 torch.empty(160, 67 * 2)[:, ::2], backend=backend)
+
+
+@pytest.mark.parametrize("suffix", ["", "_reference"])
+def test_opcheck_dequantize_into(suffix):
+    packed, absmax = _dequant_args(numel=999)
+    op = getattr(torch.ops.fastlora, "dequantize_4bit_into" + suffix)
+    torch.library.opcheck(op, (packed, absmax, 64, "nf4", torch.empty(999, dtype=torch.bfloat16)))

@@ -140,12 +140,9 @@ void dequant_dispatch(const uint8_t* packed, const float* absmax, int64_t blocks
   });
 }
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               c10::string_view quant_type, int64_t numel, at::ScalarType dtype) {
-  const int qt = check_quant_type(quant_type);
-  check_dequantize_args(packed, absmax, blocksize, numel, dtype, at::kCPU);
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  if (numel == 0) return out;
+void dequantize_into(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int qt, int64_t numel,
+                     at::ScalarType dtype, at::Tensor& out) {
+  if (numel == 0) return;
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   const uint8_t* pp = p.data_ptr<uint8_t>();
@@ -155,7 +152,24 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
     case at::kBFloat16: dequant_dispatch<Out::BF16>(pp, ap, blocksize, qt, numel, out.data_ptr()); break;
     default: dequant_dispatch<Out::F16>(pp, ap, blocksize, qt, numel, out.data_ptr()); break;
   }
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                               c10::string_view quant_type, int64_t numel, at::ScalarType dtype) {
+  const int qt = check_quant_type(quant_type);
+  check_dequantize_args(packed, absmax, blocksize, numel, dtype, at::kCPU);
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  dequantize_into(packed, absmax, blocksize, qt, numel, dtype, out);
   return out;
+}
+
+void dequantize_4bit_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              c10::string_view quant_type, at::Tensor out) {
+  const int qt = check_quant_type(quant_type);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  check_dequantize_args(packed, absmax, blocksize, out.numel(), out.scalar_type(), at::kCPU);
+  check_device(out, "out", at::kCPU);
+  dequantize_into(packed, absmax, blocksize, qt, out.numel(), out.scalar_type(), out);
 }
 
 at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& code, const at::Tensor& absmax2,
@@ -186,6 +200,7 @@ at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& co
 
 TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit_into", &dequantize_4bit_into_cpu);
   m.impl("dequantize_absmax", &dequantize_absmax_cpu);
 }
 
