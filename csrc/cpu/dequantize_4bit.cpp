@@ -140,14 +140,15 @@ void dequant_dispatch(const uint8_t* packed, const float* absmax, int64_t blocks
   });
 }
 
-void dequantize_into(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int qt, int64_t numel,
-                     at::ScalarType dtype, at::Tensor& out) {
+// Decodes into `out` (contiguous, checked by the caller): its numel and dtype say what to produce.
+void dequantize_into(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int qt, at::Tensor& out) {
+  const int64_t numel = out.numel();
   if (numel == 0) return;
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   const uint8_t* pp = p.data_ptr<uint8_t>();
   const float* ap = a.data_ptr<float>();
-  switch (dtype) {
+  switch (out.scalar_type()) {
     case at::kFloat: dequant_dispatch<Out::F32>(pp, ap, blocksize, qt, numel, out.data_ptr()); break;
     case at::kBFloat16: dequant_dispatch<Out::BF16>(pp, ap, blocksize, qt, numel, out.data_ptr()); break;
     default: dequant_dispatch<Out::F16>(pp, ap, blocksize, qt, numel, out.data_ptr()); break;
@@ -159,7 +160,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   const int qt = check_quant_type(quant_type);
   check_dequantize_args(packed, absmax, blocksize, numel, dtype, at::kCPU);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  dequantize_into(packed, absmax, blocksize, qt, numel, dtype, out);
+  dequantize_into(packed, absmax, blocksize, qt, out);
   return out;
 }
 
@@ -169,7 +170,7 @@ void dequantize_4bit_into_cpu(const at::Tensor& packed, const at::Tensor& absmax
   TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
   check_dequantize_args(packed, absmax, blocksize, out.numel(), out.scalar_type(), at::kCPU);
   check_device(out, "out", at::kCPU);
-  dequantize_into(packed, absmax, blocksize, qt, out.numel(), out.scalar_type(), out);
+  dequantize_into(packed, absmax, blocksize, qt, out);
 }
 
 at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& code, const at::Tensor& absmax2,

@@ -61,6 +61,24 @@ def check_float_dtype(dtype, name: str = "dtype") -> None:
         raise TypeError(f"{name} must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
 
 
+def check_packed_4bit(packed, absmax, blocksize: int, quant_type, numel: int) -> None:
+    """Checks shared by the dequantize ops: dtypes of the codes and statistics, the blocksize and
+    quant_type, and that ``packed`` / ``absmax`` hold exactly what ``numel`` elements need."""
+    check_tensor(packed, "packed", (torch.uint8,))
+    check_tensor(absmax, "absmax", (torch.float32,))
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed must hold ceil(numel/2) = {(numel + 1) // 2} bytes for numel={numel}, "
+                         f"got {packed.numel()}")
+    blocks = -(-numel // blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(f"absmax must hold ceil(numel/blocksize) = {blocks} values for numel={numel}, "
+                         f"blocksize={blocksize}; got {absmax.numel()}")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -11,15 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._registry import (
-    check_blocksize,
-    check_float_dtype,
-    check_quant_type,
-    check_same_device,
-    check_tensor,
-    define_native,
-    pick,
-)
+from ._registry import check_float_dtype, check_packed_4bit, check_same_device, define_native, pick
 
 SCHEMA = "(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, ScalarType dtype) -> Tensor"
 
@@ -65,20 +57,8 @@ def dequantize_4bit(
 
     ``backend``: "auto", "cpp", "cuda", "triton" or "reference" (see fastlora.backends).
     """
-    check_tensor(packed, "packed", (torch.uint8,))
-    check_tensor(absmax, "absmax", (torch.float32,))
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
+    check_packed_4bit(packed, absmax, blocksize, quant_type, numel)
     check_float_dtype(dtype)
-    if numel < 0:
-        raise ValueError(f"numel must be >= 0, got {numel}")
-    if packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"packed must hold ceil(numel/2) = {(numel + 1) // 2} bytes for numel={numel}, "
-                         f"got {packed.numel()}")
-    blocks = -(-numel // blocksize)
-    if absmax.numel() != blocks:
-        raise ValueError(f"absmax must hold ceil(numel/blocksize) = {blocks} values for numel={numel}, "
-                         f"blocksize={blocksize}; got {absmax.numel()}")
     check_same_device(packed=packed, absmax=absmax)
     op = pick("dequantize_4bit", backend, packed.device)
     return op(packed.reshape(-1), absmax.reshape(-1), blocksize, quant_type, numel, dtype)

@@ -11,15 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._registry import (
-    FLOAT_DTYPES,
-    check_blocksize,
-    check_quant_type,
-    check_same_device,
-    check_tensor,
-    define_native,
-    pick,
-)
+from ._registry import FLOAT_DTYPES, check_packed_4bit, check_same_device, check_tensor, define_native, pick
 
 SCHEMA = "(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()"
 IMPLEMENTED = ("cpp", "reference")
@@ -51,20 +43,10 @@ def dequantize_4bit_into(
     *, backend: str = "auto",
 ) -> torch.Tensor:
     """Dequantize into ``out`` (contiguous, numel elements, float dtype); returns ``out``."""
-    check_tensor(packed, "packed", (torch.uint8,))
-    check_tensor(absmax, "absmax", (torch.float32,))
     check_tensor(out, "out", FLOAT_DTYPES)
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    numel = out.numel()
-    if packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"packed must hold ceil(numel/2) = {(numel + 1) // 2} bytes for out with {numel} elements, "
-                         f"got {packed.numel()}")
-    if absmax.numel() != -(-numel // blocksize):
-        raise ValueError(f"absmax must hold ceil(numel/blocksize) = {-(-numel // blocksize)} values, "
-                         f"got {absmax.numel()}")
+    check_packed_4bit(packed, absmax, blocksize, quant_type, out.numel())
     check_same_device(packed=packed, absmax=absmax, out=out)
     op = pick("dequantize_4bit_into", backend, packed.device, IMPLEMENTED)
     op(packed.reshape(-1), absmax.reshape(-1), blocksize, quant_type, out)
