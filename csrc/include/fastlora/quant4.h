@@ -91,14 +91,19 @@ FL_HD float nested_absmax(float code8_value, float absmax2, float offset) {
   return add_rn(mul_rn(code8_value, absmax2), offset);
 }
 
+FL_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
 // fp32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN.
 FL_HD uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-#if defined(__CUDA_ARCH__)
-  u = __float_as_uint(f);
-#else
-  std::memcpy(&u, &f, sizeof(u));
-#endif
+  uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
@@ -106,12 +111,7 @@ FL_HD uint16_t float_to_bf16_bits(float f) {
 
 // fp32 -> IEEE half bits, round to nearest even, with subnormals, overflow to inf, NaN kept.
 FL_HD uint16_t float_to_fp16_bits(float f) {
-  uint32_t u;
-#if defined(__CUDA_ARCH__)
-  u = __float_as_uint(f);
-#else
-  std::memcpy(&u, &f, sizeof(u));
-#endif
+  const uint32_t u = float_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
