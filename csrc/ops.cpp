@@ -21,6 +21,23 @@ TORCH_LIBRARY(fastlora, m) {
   m.def("quantize_4bit(Tensor weight, int blocksize, str quant_type) -> (Tensor, Tensor)");
   // values: fp32[n]; code: fp32[256] sorted. Returns (uint8[n] nearest codes, fp32 absmax per block).
   m.def("quantize_absmax(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)");
+
+  // LoRA ops (shapes, dtypes and rounding: fastlora/ops/lora_linear.py and fastlora/reference_lora.py;
+  // randomness: include/fastlora/philox.h).
+  // x: any shape, fp32/bf16/fp16. Returns round(x * scale) where Philox(seed) keeps the element, else 0.
+  m.def("lora_dropout(Tensor x, float p, int seed) -> Tensor");
+  // x (M, K); weight dense (N, K) of x's dtype when absmax is None, else uint8[ceil(N*K/2)] codes with
+  // fp32 absmax[ceil(N*K/blocksize)]; lora_A (r, K), lora_B (N, r) fp32 or x's dtype; bias (N,) or None.
+  // Returns (y (M, N) x's dtype, S = dropout(x)·Aᵀ (M, r) lora_A's dtype).
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? absmax, int blocksize, str quant_type, int out_features, "
+      "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, float dropout_p, int seed, str rounding) "
+      "-> (Tensor, Tensor)");
+  // Returns (dx (M, K), dA (r, K), dB (N, r)); an output whose need_* is false is an empty tensor.
+  m.def(
+      "lora_linear_bwd(Tensor grad_y, Tensor x, Tensor S, Tensor weight, Tensor? absmax, int blocksize, "
+      "str quant_type, int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
+      "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,0 +1,323 @@
+"""fastlora::lora_linear_fwd / lora_linear_bwd and the autograd op ``lora_linear``:
+``y = x·Wᵀ + bias + scaling · (dropout(x)·Aᵀ)·Bᵀ`` over a frozen dense or 4-bit weight W.
+
+Shapes and dtypes (M tokens, K = in_features, N = out_features, r = rank):
+  x        (M, K)   float32 / bfloat16 / float16 (float64: reference backend)
+  weight   dense (N, K) of x's dtype, or 4-bit: uint8[ceil(N*K/2)] codes with ``absmax``
+           float32[ceil(N*K/blocksize)] (resolved); decoded to x's dtype, like bitsandbytes does
+  lora_A   (r, K), lora_B (N, r): float32, or x's dtype
+  bias     (N,) of x's dtype, or None
+  returns  y (M, N) of x's dtype and S = dropout(x)·Aᵀ (M, r) of lora_A's dtype
+Rounding follows PEFT exactly (fastlora/reference_lora.py has the formulas): ``"linear"`` is
+``peft.tuners.lora.Linear``, ``"linear4bit"`` is ``peft.tuners.lora.bnb.Linear4bit``.
+
+Saved for backward, all through ``ctx.save_for_backward``: x, S, lora_A, lora_B, the weight's own
+tensors (references, no copies: dense weight, or packed codes + raw statistics) and the dropout
+seed (a CPU int64 scalar). Never the decoded weight, the dropout mask, dropout(x) or y: backward
+decodes the weight again and regenerates the mask from the seed with Philox.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference_lora
+from ._dropout_seed import consume_seed, draw_seed
+from ._registry import FLOAT_DTYPES, check_same_device, check_tensor, define_native
+from .dequantize_absmax import dequantize_absmax
+from .lora_dropout import check_dropout_p
+
+FWD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? absmax, int blocksize, str quant_type, int out_features, "
+    "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, float dropout_p, int seed, str rounding) "
+    "-> (Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_y, Tensor x, Tensor S, Tensor weight, Tensor? absmax, int blocksize, str quant_type, "
+    "int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
+    "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)"
+)
+MAX_RANK = 256
+
+define_native("lora_linear_fwd", FWD_SCHEMA, reference_lora.lora_linear_fwd)
+define_native("lora_linear_bwd", BWD_SCHEMA, reference_lora.lora_linear_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward op
+
+
+def _fake_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, dropout_p,
+              seed, rounding):
+    return x.new_empty((x.shape[0], out_features)), lora_A.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+torch.library.register_fake("fastlora::lora_linear_fwd")(_fake_fwd)
+
+
+@torch.library.custom_op("fastlora::lora_linear_fwd_reference", mutates_args=())
+def _fwd_reference(
+    x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, blocksize: int, quant_type: str,
+    out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None,
+    dropout_p: float, seed: int, rounding: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference_lora.lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B,
+                                          scaling, bias, dropout_p, seed, rounding)
+
+
+@torch.library.custom_op("fastlora::lora_linear_fwd_triton", mutates_args=())
+def _fwd_triton(
+    x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, blocksize: int, quant_type: str,
+    out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None,
+    dropout_p: float, seed: int, rounding: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import lora_linear as triton_kernels
+
+    return triton_kernels.lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B,
+                                          scaling, bias, dropout_p, seed, rounding)
+
+
+_fwd_reference.register_fake(_fake_fwd)
+_fwd_triton.register_fake(_fake_fwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward op
+
+
+def _fake_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling,
+              dropout_p, seed, need_dx, need_dA, need_dB):
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dA = lora_A.new_empty(lora_A.shape if need_dA else (0,))
+    dB = lora_B.new_empty(lora_B.shape if need_dB else (0,))
+    return dx, dA, dB
+
+
+torch.library.register_fake("fastlora::lora_linear_bwd")(_fake_bwd)
+
+
+@torch.library.custom_op("fastlora::lora_linear_bwd_reference", mutates_args=())
+def _bwd_reference(
+    grad_y: torch.Tensor, x: torch.Tensor, S: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
+    blocksize: int, quant_type: str, out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference_lora.lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_features,
+                                          lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
+
+
+@torch.library.custom_op("fastlora::lora_linear_bwd_triton", mutates_args=())
+def _bwd_triton(
+    grad_y: torch.Tensor, x: torch.Tensor, S: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
+    blocksize: int, quant_type: str, out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import lora_linear as triton_kernels
+
+    return triton_kernels.lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_features,
+                                          lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
+
+
+_bwd_reference.register_fake(_fake_bwd)
+_bwd_triton.register_fake(_fake_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+
+
+def _backends(backend: str, x: torch.Tensor, four_bit: bool) -> tuple[str, str]:
+    """(forward backend, backward backend) for a call. float64 runs on the reference backend; the
+    CUDA backend has only the small-M 4-bit forward, its backward runs on Triton."""
+    if x.dtype == torch.float64:
+        implemented = ("reference",)
+        return pick_name(backend, x, implemented), pick_name(backend, x, implemented)
+    fwd_impl = ("reference", "cpp", "triton", "cuda") if four_bit else ("reference", "cpp", "triton")
+    fwd = pick_name(backend, x, fwd_impl)
+    bwd = pick_name("auto" if backend == "cuda" else backend, x, ("reference", "cpp", "triton"))
+    return fwd, bwd
+
+
+def pick_name(backend: str, x: torch.Tensor, implemented: tuple[str, ...]) -> str:
+    from .. import backends
+
+    return backends.resolve(backend, x.device, implemented)
+
+
+_SUFFIX = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}
+
+
+def _op(name: str, backend: str):
+    return getattr(torch.ops.fastlora, name + _SUFFIX[backend]).default
+
+
+class _WeightParts:
+    """The frozen weight as the kernels take it. Holds only metadata between forward and backward:
+    the tensors themselves travel through ``ctx.save_for_backward``."""
+
+    def __init__(self, shape, dense=None, packed=None, absmax=None, nested=None, blocksize=64, quant_type="nf4"):
+        self.dense, self.packed, self.absmax, self.nested = dense, packed, absmax, nested
+        self.blocksize, self.quant_type, self.shape = blocksize, quant_type, shape
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.dense is not None:
+            return [self.dense]
+        nested = [] if self.nested is None else [self.nested.code, self.nested.absmax2, self.nested.offset]
+        return [self.packed, self.absmax, *nested]
+
+    def meta(self) -> tuple:
+        nested_blocksize = None if self.nested is None else self.nested.blocksize
+        return (self.dense is not None, nested_blocksize, self.blocksize, self.quant_type)
+
+    @staticmethod
+    def kernel_args(meta: tuple, tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, absmax) as the ops take them: absmax resolved to float32 when double-quantized."""
+        dense, nested_blocksize = meta[:2]
+        if dense:
+            return tensors[0], None
+        if nested_blocksize is None:
+            return tensors[0], tensors[1]
+        packed, qabsmax, code, absmax2, offset = tensors
+        return packed, dequantize_absmax(qabsmax, code, absmax2, offset, nested_blocksize)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, lora_A, lora_B, bias, seed_t, call_site, meta, cfg, *weight_tensors):
+        fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = cfg
+        blocksize, quant_type = meta[2:]
+        weight, absmax = _WeightParts.kernel_args(meta, weight_tensors)
+        y, S = _op("lora_linear_fwd", fwd_backend)(
+            x2d, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
+            dropout_p, int(seed_t.item()), rounding)
+        ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t, *weight_tensors)
+        ctx.meta, ctx.cfg, ctx.call_site = meta, cfg, call_site
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, S, lora_A, lora_B, seed_t, *weight_tensors = ctx.saved_tensors
+        fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = ctx.cfg
+        blocksize, quant_type = ctx.meta[2:]
+        need_dx, need_dA, need_dB, need_dbias = ctx.needs_input_grad[:4]
+        seed = int(seed_t.item())
+        dx = dA = dB = dbias = None
+        if need_dx or need_dA or need_dB:
+            weight, absmax = _WeightParts.kernel_args(ctx.meta, weight_tensors)
+            gx, gA, gB = _op("lora_linear_bwd", bwd_backend)(
+                grad_y.contiguous(), x2d, S, weight, absmax, blocksize, quant_type, out_features,
+                lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
+            dx = gx if need_dx else None
+            dA = gA if need_dA else None
+            dB = gB if need_dB else None
+        if need_dbias:
+            wide = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+            dbias = grad_y.sum(0, dtype=wide).to(grad_y.dtype)
+        if dropout_p > 0.0:
+            consume_seed(ctx.call_site, seed)
+        return dx, dA, dB, dbias, None, None, None, None, *([None] * len(weight_tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+
+
+def _weight_parts(weight, x: torch.Tensor) -> _WeightParts:
+    from .. import nf4
+
+    if hasattr(weight, "quant_state") and not isinstance(weight, nf4.QuantizedWeight):
+        weight = nf4.from_bnb(weight)  # a bitsandbytes Params4bit, viewed without copying
+    if isinstance(weight, nf4.QuantizedWeight):
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        return _WeightParts(packed=weight.packed_bytes(), absmax=weight.absmax, nested=weight.nested,
+                            blocksize=weight.blocksize, quant_type=weight.quant_type, shape=tuple(weight.shape))
+    check_tensor(weight, "weight", (*FLOAT_DTYPES, torch.float64), ndim=2)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype} (like F.linear), got {weight.dtype}")
+    return _WeightParts(dense=weight.contiguous(), shape=tuple(weight.shape))
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    rounding: str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x·Wᵀ + bias + scaling · (dropout(x)·Aᵀ)·Bᵀ`` with a backward that recomputes.
+
+    Args:
+      x: (..., in_features), float32 / bfloat16 / float16 (float64 runs the reference backend).
+      weight: frozen base weight: a dense (out_features, in_features) tensor of x's dtype, a
+        :class:`fastlora.nf4.QuantizedWeight` (nf4 / fp4, double quant or not) or a bitsandbytes
+        ``Params4bit``; a 4-bit weight is decoded to x's dtype. It never receives a gradient.
+      lora_A: (r, in_features), 1 <= r <= 256. lora_B: (out_features, r). Both float32 or both
+        x's dtype; their gradients are computed in float32 and returned in their dtype.
+      scaling: finite float, lora_alpha / r (or / sqrt(r) for rsLoRA).
+      bias: (out_features,) of x's dtype, or None.
+      dropout_p: LoRA dropout probability in [0, 1), active only when ``training``.
+      rounding: "linear" (PEFT lora.Linear) or "linear4bit" (PEFT lora.bnb.Linear4bit); None
+        picks what PEFT uses for this weight: "linear4bit" for 4-bit weights, else "linear".
+      backend: "auto", "reference", "cpp", "triton" or "cuda" (see fastlora.backends).
+
+    Returns: (..., out_features) in x's dtype.
+    """
+    check_tensor(x, "x", (*FLOAT_DTYPES, torch.float64))
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
+    in_features = x.shape[-1]
+    parts = _weight_parts(weight, x)
+    out_features, w_in = parts.shape
+    if w_in != in_features:
+        raise ValueError(f"weight has in_features={w_in} but x's last dimension is {in_features}")
+    check_tensor(lora_A, "lora_A", (torch.float32, x.dtype), ndim=2)
+    check_tensor(lora_B, "lora_B", (torch.float32, x.dtype), ndim=2)
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must have one dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    rank = lora_A.shape[0]
+    if not (1 <= rank <= MAX_RANK):
+        raise ValueError(f"lora_A must have 1 to {MAX_RANK} rows (the rank), got {rank}")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be (r, in_features={in_features}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {rank}), got {tuple(lora_B.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if bias is not None:
+        check_tensor(bias, "bias", (x.dtype,), ndim=1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have out_features={out_features} elements, got {bias.shape[0]}")
+    check_dropout_p(dropout_p)
+    if rounding is None:
+        rounding = "linear" if parts.dense is not None else "linear4bit"
+    if rounding not in reference_lora.ROUNDINGS:
+        raise ValueError(f"rounding must be None, 'linear' or 'linear4bit', got {rounding!r}")
+    devices = dict(x=x, weight=parts.tensors()[0], lora_A=lora_A, lora_B=lora_B)
+    if bias is not None:
+        devices["bias"] = bias
+    check_same_device(**devices)
+
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(lora_A) if p > 0.0 else 0
+    fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None)
+    cfg = (fwd_backend, bwd_backend, out_features, float(scaling), p, rounding)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    y = _LoraLinearFunction.apply(x2d, lora_A.contiguous(), lora_B.contiguous(), bias, seed_t, lora_A,
+                                  parts.meta(), cfg, *parts.tensors())
+    return y.reshape(*lead, out_features)
+
