@@ -7,6 +7,12 @@ import zlib
 import pytest
 import torch
 
+# The Triton backend runs on CPU tensors under Triton's interpreter. The variable must be set before
+# any Triton kernel is defined, i.e. before any test module imports fastlora.kernels; conftest is
+# imported first. On a machine with a GPU the kernels run compiled instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def seed(request) -> int:
