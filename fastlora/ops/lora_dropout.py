@@ -5,7 +5,8 @@ Input:   x      any shape, float32 / bfloat16 / float16 (float64 on the referenc
 Output:  x's shape and dtype: round(x * scale) where Philox keeps the element, else 0
          (rule and constants: csrc/include/fastlora/philox.h; element order is row-major).
 This is the mask that fastlora::lora_linear_fwd / _bwd apply inside their kernels; the op exists so
-that tests and users can see it (e.g. to feed the same mask to PEFT). No autograd.
+that tests and users can see it (e.g. to feed the same mask to PEFT). Differentiable: dropout is
+linear, so its backward applies the same mask (and scale) to the incoming gradient.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def _triton_op(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 _reference_op.register_fake(_fake)
 _triton_op.register_fake(_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.p, ctx.seed = inputs[1], inputs[2]
+
+
+def _make_backward(op_name: str):
+    def backward(ctx, grad):
+        return getattr(torch.ops.fastlora, op_name)(grad.contiguous(), ctx.p, ctx.seed), None, None
+
+    return backward
+
+
+for _name in ("lora_dropout", "lora_dropout_reference", "lora_dropout_triton"):
+    torch.library.register_autograd(f"fastlora::{_name}", _make_backward(_name), setup_context=_setup_context)
 
 
 def check_dropout_p(p) -> None:
