@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_cases import backend_params, make_weight
 from torch.utils.checkpoint import checkpoint
 
 from fastlora.ops import _dropout_seed, lora_linear
-from lora_cases import backend_params, make_weight
 
 BACKENDS = backend_params()
 MODES = [(reentrant, preserve) for reentrant in (True, False) for preserve in (True, False)]
@@ -67,7 +67,7 @@ def test_checkpoint_modes_give_identical_gradients(backend, mode, seed):
     loss0, plain = _grads(blocks, x, None)
     loss1, ckpt = _grads(blocks, x, mode)
     assert torch.equal(loss0, loss1)
-    for g0, g1 in zip(plain, ckpt):
+    for g0, g1 in zip(plain, ckpt, strict=False):
         assert torch.equal(g0, g1)
 
 
@@ -77,7 +77,7 @@ def test_save_on_cpu_gives_identical_gradients(backend, seed):
     x = torch.randn(2, 19, 24)
     _, plain = _grads(blocks, x, None)
     _, offloaded = _grads(blocks, x, None, torch.autograd.graph.save_on_cpu(pin_memory=False))
-    for g0, g1 in zip(plain, offloaded):
+    for g0, g1 in zip(plain, offloaded, strict=False):
         assert torch.equal(g0, g1)
 
 
@@ -86,7 +86,7 @@ def test_manual_seed_reproduces_and_seeds_differ(seed):
     x = torch.randn(2, 19, 24)
     loss_a, grads_a = _grads(blocks, x, None)
     loss_b, grads_b = _grads(blocks, x, None)
-    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=False))
     torch.manual_seed(99)
     y1 = blocks[0](x)
     y2 = blocks[0](x)  # the next call draws a new mask

@@ -8,13 +8,21 @@ import math
 
 import pytest
 import torch
+from lora_cases import (
+    ADAPTER_GRAD_TOL,
+    DTYPES,
+    REL_TOL,
+    WEIGHT_KINDS,
+    backend_params,
+    expected64,
+    make_adapters,
+    make_weight,
+    next_seed,
+    rel_err,
+)  # fmt: skip
 
 from fastlora import nf4, reference_lora
 from fastlora.ops import lora_dropout, lora_linear
-from lora_cases import (
-    ADAPTER_GRAD_TOL, DTYPES, REL_TOL, WEIGHT_KINDS, backend_params, expected64, make_adapters, make_weight,
-    next_seed, rel_err,
-)  # fmt: skip
 
 BACKENDS = backend_params()
 # Odd token layout of the issue: 3 x 5 x 37 tokens, in=72, out=200 (not multiples of any tile).
@@ -89,7 +97,7 @@ def test_backends_agree_with_reference_op(backend, seed):
         y = lora_linear(xs, weight, as_, bs, 1.5, dropout_p=0.3, backend=name)
         y.backward(torch.ones_like(y))
         outs[name] = (y, xs.grad, as_.grad, bs.grad)
-    for got, want in zip(outs[backend], outs["reference"]):
+    for got, want in zip(outs[backend], outs["reference"], strict=False):
         assert rel_err(got, want) < 4e-3
 
 
@@ -365,7 +373,7 @@ def test_weight_and_adapters_are_not_modified(seed):
     a, b = make_adapters(8, 50, 72)
     before = [t.clone() for t in (weight.packed, weight.absmax, a, b)]
     lora_linear(x, weight, a, b, 1.0, dropout_p=0.2).sum().backward()
-    for t, old in zip((weight.packed, weight.absmax, a, b), before):
+    for t, old in zip((weight.packed, weight.absmax, a, b), before, strict=False):
         assert torch.equal(t, old)
 
 
