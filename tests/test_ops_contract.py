@@ -20,9 +20,10 @@ def _dequant_args(seed_offset=0, numel=1000, blocksize=64):
     return packed, absmax
 
 
-@pytest.mark.parametrize("suffix", ["", "_reference"])
+@pytest.mark.parametrize("suffix", ["", "_reference", "_triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_opcheck_dequantize_4bit(suffix, dtype):
+    # Triton runs on CPU tensors under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
     packed, absmax = _dequant_args(numel=999)
     op = getattr(torch.ops.fastlora, "dequantize_4bit" + suffix)
     torch.library.opcheck(op, (packed, absmax, 64, "nf4", 999, dtype))
@@ -40,6 +41,13 @@ def test_opcheck_absmax_and_quantize_ops(seed, suffix):
                               (torch.randn(33, 65).to(dtype), 64, "fp4"))
     centred = torch.randn(777)
     torch.library.opcheck(getattr(torch.ops.fastlora, "quantize_absmax" + suffix), (centred, n.code, 256))
+
+
+def test_opcheck_dequantize_absmax_triton(seed):
+    q = nf4.quantize(torch.randn(300, 70), 64, "nf4", True)
+    n = q.nested
+    torch.library.opcheck(torch.ops.fastlora.dequantize_absmax_triton.default,
+                          (q.absmax, n.code, n.absmax2, n.offset, 256))
 
 
 def test_fake_tensor_shapes_without_data():
