@@ -77,8 +77,9 @@ def expected64(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, grad_y
         y = y + bias64
     xd = x64
     if dropout_p > 0:
-        keep = reference_lora.dropout_keep_mask(seed, tuple(x64.shape), dropout_p)
-        xd = torch.where(keep, x64 * reference_lora.dropout_scale(dropout_p), torch.zeros((), dtype=torch.float64))
+        keep = reference_lora.dropout_keep_mask(seed, tuple(x64.shape), dropout_p, x64.device)
+        zero = torch.zeros((), dtype=torch.float64, device=x64.device)
+        xd = torch.where(keep, x64 * reference_lora.dropout_scale(dropout_p), zero)
     y = y + scaling * ((xd @ a64.T) @ b64.T)
     g = grad_y.reshape(y.shape).double()
     y.backward(g)

@@ -1,0 +1,170 @@
+"""Checks that need a CUDA GPU (skipped elsewhere): the Triton and CUDA kernels compiled for the
+real device against the references, bitsandbytes' CUDA kernels against fastlora bit for bit, PEFT +
+bitsandbytes on the GPU against the fused op, and checkpointing on the GPU.
+
+On a machine without a GPU the same kernels are covered by the interpreter tests and by
+``python -m fastlora compile-check``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_cases import (
+    ADAPTER_GRAD_TOL,
+    REL_TOL,
+    expected64,
+    make_adapters,
+    make_weight,
+    next_seed,
+    rel_err,
+)  # fmt: skip
+
+from fastlora import backends, nf4, ops
+from fastlora.ops import lora_dropout, lora_linear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = "cuda"
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gpu_backends() -> list[str]:
+    have = backends.available("cuda")
+    return [name for name in ("triton", "cuda") if have[name]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit dequantization
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
+def test_dequantize_gpu_matches_cpu_bitwise(backend, quant_type, blocksize, seed):
+    if not backends.available("cuda")[backend]:
+        pytest.skip(f"{backend} backend not available")
+    for numel in (1, 63, 65, 4096 * 3 + 5, 1 << 20, 14336 * 4096):
+        packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8)
+        absmax = torch.rand(-(-numel // blocksize)) * 3
+        for dtype, view in _INT_VIEW.items():
+            want = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, numel, dtype, backend="reference")
+            got = ops.dequantize_4bit(packed.to(GPU), absmax.to(GPU), blocksize, quant_type, numel, dtype,
+                                          backend=backend).cpu()
+            assert torch.equal(got.view(view), want.view(view)), (numel, dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bitsandbytes_cuda_dequantize_matches_fastlora(quant_type, double_quant, dtype, seed):
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = (torch.randn(4096, 1000) * 0.02).to(dtype)
+    q = nf4.quantize(w, 64, quant_type, double_quant)
+    bnb_param = nf4.to_bnb(q.to(GPU))
+    want = F.dequantize_4bit(bnb_param.data, bnb_param.quant_state).view(_INT_VIEW[dtype])
+    for backend in _gpu_backends():
+        got = nf4.dequantize(q.to(GPU), dtype, backend=backend).view(_INT_VIEW[dtype])
+        assert torch.equal(got, want), backend
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 5, 4097, 1 << 20])
+def test_triton_dropout_on_gpu_is_the_reference_mask(dtype, numel, seed):
+    x = torch.randn(numel).to(dtype)
+    want = lora_dropout(x, 0.3, seed, backend="reference")
+    got = lora_dropout(x.to(GPU), 0.3, seed, backend="triton").cpu()
+    assert torch.equal(got.view(_INT_VIEW[dtype]), want.view(_INT_VIEW[dtype]))
+
+
+SHAPES = [(1, 72, 200), (16, 4096, 4096), (300, 1000, 2048), (2048, 4096, 1024)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_on_gpu_against_float64(shape, kind, dtype, p, seed):
+    m, k, n = shape
+    x = torch.randn(m, k).to(dtype).to(GPU)
+    gw = make_weight(kind, n, k, dtype).to(GPU)
+    a, b = (t.detach().to(GPU) for t in make_adapters(16, n, k))
+    bias = torch.randn(n).to(dtype).to(GPU)
+    g = torch.randn(m, n).to(dtype).to(GPU)
+    used = next_seed() if p > 0 else 0
+    y64, dx64, da64, db64, dbias64 = expected64(x, gw, a, b, 2.0, bias, p, used, g)
+    for backend in ["triton"] + (["cuda"] if kind != "dense" and m <= 16 and "cuda" in _gpu_backends() else []):
+        xs = x.clone().requires_grad_()
+        ag, bg = (t.clone().requires_grad_() for t in (a, b))
+        biasg = bias.clone().requires_grad_()
+        with torch.random.fork_rng(devices=[]):
+            y = lora_linear(xs, gw, ag, bg, 2.0, bias=biasg, dropout_p=p, backend=backend)
+        y.backward(g)
+        tol = REL_TOL[dtype]
+        assert rel_err(y, y64) < tol, backend
+        assert rel_err(xs.grad, dx64) < tol, backend
+        assert rel_err(ag.grad, da64) < 10 * ADAPTER_GRAD_TOL, backend
+        assert rel_err(bg.grad, db64) < 10 * ADAPTER_GRAD_TOL, backend
+        assert rel_err(biasg.grad, dbias64) < tol, backend
+
+
+@pytest.mark.parametrize("quant", ["nf4-dq", "fp4"])
+@pytest.mark.parametrize("m", [4, 512])
+def test_matches_peft_bnb_linear4bit_on_gpu(quant, m, seed):
+    pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from peft.tuners.lora import bnb as lora_bnb
+
+    k, n, dtype = 1024, 2048, torch.bfloat16
+    qweight = make_weight(quant, n, k, dtype).to(GPU)
+    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type=qweight.quant_type,
+                             compress_statistics=qweight.double_quant)
+    base.weight = nf4.to_bnb(qweight)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0)
+    module = lora_bnb.Linear4bit(base, "default", config, r=16, lora_alpha=32, lora_dropout=0.0).to(GPU)
+    torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    x = torch.randn(m, k, device=GPU).to(dtype)
+    xp = x.clone().requires_grad_()
+    yp = module(xp)
+    g = torch.randn_like(yp)
+    yp.backward(g)
+    peft_grads = (xp.grad, a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    xo = x.clone().requires_grad_()
+    y = lora_linear(xo, base.weight, a, b, module.scaling["default"], backend="triton")
+    y.backward(g)
+    assert rel_err(y, yp) < REL_TOL[dtype]
+    assert rel_err(xo.grad, peft_grads[0]) < REL_TOL[dtype]
+    assert rel_err(a.grad, peft_grads[1]) < REL_TOL[dtype]
+    assert rel_err(b.grad, peft_grads[2]) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("preserve", [True, False])
+def test_checkpoint_on_gpu(reentrant, preserve, seed):
+    from torch.utils.checkpoint import checkpoint
+
+    weight = make_weight("nf4-dq", 512, 256, torch.bfloat16).to(GPU)
+    a, b = (t.detach().to(GPU).requires_grad_() for t in make_adapters(16, 512, 256))
+    x = torch.randn(4, 100, 256, device=GPU).to(torch.bfloat16)
+
+    def f(h):
+        return lora_linear(h, weight, a, b, 2.0, dropout_p=0.2, backend="triton")
+
+    def grads(wrap):
+        torch.manual_seed(5)
+        xs = x.clone().requires_grad_()
+        y = checkpoint(f, xs, use_reentrant=reentrant, preserve_rng_state=preserve) if wrap else f(xs)
+        y.float().square().sum().backward()
+        out = (xs.grad, a.grad.clone(), b.grad.clone())
+        a.grad = b.grad = None
+        return out
+
+    for g0, g1 in zip(grads(False), grads(True), strict=True):
+        # The same kernels on the same inputs and mask: equal up to atomics' summation order.
+        assert rel_err(g1, g0) < 1e-6
