@@ -296,6 +296,7 @@ def dequantize_4bit(
     dtype: torch.dtype,
     *,
     config: DequantConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode ``numel`` elements of a bitsandbytes 4-bit weight.
 
@@ -306,7 +307,9 @@ def dequantize_4bit(
     quant_type: "nf4" or "fp4".
     dtype:      torch.float32, torch.bfloat16 or torch.float16.
     config:     tile to use (one of ``DEQUANT_CONFIGS``); default: ``pick_dequant_config``.
-    Returns ``dtype[numel]`` on packed's device:
+    out:        optional contiguous ``dtype`` tensor of ``numel`` elements on packed's device to
+                write into (a reused workspace) instead of a fresh allocation.
+    Returns ``dtype[numel]`` (``out`` when given) on packed's device:
     ``w[i] = dtype(fp32(TABLE[nibble(i)] * absmax[i // blocksize]))``, rounded to nearest even.
     """
     if dtype not in _OUT_DTYPES:
@@ -329,7 +332,11 @@ def dequantize_4bit(
     if absmax.numel() < n_blocks:
         raise ValueError(f"absmax holds {absmax.numel()} scales, {n_blocks} needed for {numel} elements")
     device = packed.device
-    out = torch.empty(numel, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=device)
+    elif out.dtype != dtype or out.numel() != numel or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {numel} elements on {device}, got "
+                         f"{out.dtype}, {out.numel()} elements, contiguous={out.is_contiguous()}, on {out.device}")
     if numel == 0:
         return out
     table = _device_table(quant_type, device)

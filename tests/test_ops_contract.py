@@ -227,8 +227,22 @@ def test_dequantize_into_workspace(seed, backend):
                                  torch.empty(160, 67 * 2)[:, ::2], backend=backend)
 
 
-@pytest.mark.parametrize("suffix", ["", "_reference"])
+@pytest.mark.parametrize("suffix", ["", "_reference", "_triton"])
 def test_opcheck_dequantize_into(suffix):
     packed, absmax = _dequant_args(numel=999)
     op = getattr(torch.ops.fastlora, "dequantize_4bit_into" + suffix)
     torch.library.opcheck(op, (packed, absmax, 64, "nf4", torch.empty(999, dtype=torch.bfloat16)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [1, 999, 4096 + 33])
+def test_dequantize_into_triton_matches_cpp(dtype, numel):
+    """The Triton workspace path (interpreter here, the GPU in tests/test_gpu.py) writes exactly
+    what the fresh-output op returns, bit for bit, and nothing outside ``out``."""
+    packed, absmax = _dequant_args(seed_offset=numel, numel=numel)
+    want = ops.dequantize_4bit(packed, absmax, 64, "fp4", numel, dtype, backend="cpp")
+    buf = torch.full((numel + 2,), 7.0, dtype=dtype)
+    ops.dequantize_4bit_into(packed, absmax, 64, "fp4", buf[1:-1], backend="triton")
+    view = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(buf[1:-1].view(view), want.view(view))
+    assert buf[0].item() == 7.0 and buf[-1].item() == 7.0

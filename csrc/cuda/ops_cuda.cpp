@@ -1,4 +1,4 @@
-// CUDA dispatch of fastlora::dequantize_4bit and fastlora::dequantize_absmax: argument checks,
+// CUDA dispatch of fastlora::dequantize_4bit(_into) and fastlora::dequantize_absmax: argument checks,
 // device guard, output allocation, then the plain launchers of dequantize_4bit.cu on torch's
 // current stream.
 //
@@ -53,6 +53,24 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   return out;
 }
 
+void dequantize_4bit_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                               c10::string_view quant_type, at::Tensor out) {
+  const int qt = check_quant_type(quant_type);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  const int64_t numel = out.numel();
+  check_dequantize_args(packed, absmax, blocksize, numel, out.scalar_type(), at::kCUDA);
+  check_same_device(absmax, "absmax", packed, "packed");
+  check_same_device(out, "out", packed, "packed");
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor p = packed.contiguous();
+  const at::Tensor a = absmax.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(packed.device().index()).stream();
+  check_launch(dequantize_4bit(p.data_ptr<uint8_t>(), a.data_ptr<float>(), out.data_ptr(), numel, blocksize, qt,
+                               out_dtype(out.scalar_type()), stream),
+               "dequantize_4bit_into");
+}
+
 at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& code, const at::Tensor& absmax2,
                                   const at::Tensor& offset, int64_t blocksize) {
   check_dequantize_absmax_args(qabsmax, code, absmax2, offset, blocksize, at::kCUDA);
@@ -88,6 +106,7 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& c
 
 TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+  m.impl("dequantize_4bit_into", &dequantize_4bit_into_cuda);
   m.impl("dequantize_absmax", &dequantize_absmax_cuda);
 }
 

@@ -3,7 +3,7 @@
 Inputs as dequantize_4bit; ``out`` is a contiguous tensor of ``numel`` elements in float32 /
 bfloat16 / float16 (its dtype is the output dtype), overwritten in place. Reusing one workspace per
 layer avoids the page faults of a fresh allocation, which on the CPU cost more than the decode.
-Backends: cpp (CPU) and reference (any device).
+Backends: cpp (CPU), cuda, triton and reference (any device).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .. import reference
 from ._registry import FLOAT_DTYPES, check_packed_4bit, check_same_device, check_tensor, define_native, pick
 
 SCHEMA = "(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()"
-IMPLEMENTED = ("cpp", "reference")
+IMPLEMENTED = ("cpp", "cuda", "triton", "reference")
 
 
 def _reference_into(packed, absmax, blocksize, quant_type, out):
@@ -35,7 +35,16 @@ def _reference_op(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, qu
     _reference_into(packed, absmax, blocksize, quant_type, out)
 
 
+@torch.library.custom_op("fastlora::dequantize_4bit_into_triton", mutates_args=("out",))
+def _triton_op(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+               out: torch.Tensor) -> None:
+    from ..kernels import dequantize_4bit as triton_kernels
+
+    triton_kernels.dequantize_4bit(packed, absmax, blocksize, quant_type, out.numel(), out.dtype, out=out.view(-1))
+
+
 _reference_op.register_fake(_fake)
+_triton_op.register_fake(_fake)
 
 
 def dequantize_4bit_into(
