@@ -107,7 +107,7 @@ def _skip_if(reason: str | None, key=None) -> None:
         pytest.skip(reason)
 
 
-def _measure(benchmark, request, fn, what: str) -> float:
+def _measure(benchmark, request, fn, what: str) -> float | None:
     """One cold call (warm-up, also sizes the run), then pedantic rounds within the time budget."""
     t0 = time.perf_counter()
     fn()
@@ -116,6 +116,8 @@ def _measure(benchmark, request, fn, what: str) -> float:
     rounds = max(1, min(MAX_ROUNDS, int(budget / max(first, 1e-9))))
     _say(request, f"    {what}: first call {first:.3f} s, timing {rounds} round(s)")
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
+        return None
     median = benchmark.stats.stats.median
     _say(request, f"    {what}: median {median * 1e3:.1f} ms")
     return median
@@ -146,7 +148,9 @@ def test_fwd_bwd(benchmark, request, fastlora_reason, peft_reason, shape, case):
     benchmark.group = f"fwd+bwd {shape[0]}->{shape[1]}, {TOKENS} tokens"
     benchmark.extra_info.update(impl=impl, dtype=dtype, dropout_p=p, tokens=TOKENS, rank=ls.RANK,
                                 backend=ls.resolved_backend(BACKEND) if impl == "fastlora" else None)
-    _results[key] = _measure(benchmark, request, fn, what)
+    median = _measure(benchmark, request, fn, what)
+    if median is not None:
+        _results[key] = median
 
 
 @pytest.mark.parametrize("case", SAVED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -211,6 +215,7 @@ def bench_summary() -> str:
              f"scaling {ls.SCALING:g}, nf4 double quant, fp32 adapters; fastlora backend {BACKEND} -> "
              f"{ls.resolved_backend(BACKEND)}. Median times. 'x fp32 floor' = time / (x·Wᵀ + dY·W, dense fp32 "
              "torch.mm); 'x own floor': the same GEMMs in the case's activation dtype."]
+    reasons: list[str] = []
     for shape in SHAPES:
         floor = _results.get(("floor", "fp32", 0.0, shape))
         lines.append(f"{shape[0]}->{shape[1]:<14}{'median ms':>11}{'x fp32 floor':>14}{'x own floor':>13}"
@@ -220,8 +225,13 @@ def bench_summary() -> str:
             label = _label(impl, dtype, p)
             t = _results.get(key)
             if t is None:
-                why = _skipped.get(key, "not run")
-                lines.append(f"  {label:<22}{'-':>9}  ({why[:90]})")
+                why = _skipped.get(key)
+                if why is None:
+                    lines.append(f"  {label:<22}{'-':>9}  (not timed)")
+                    continue
+                if why not in reasons:
+                    reasons.append(why)
+                lines.append(f"  {label:<22}{'-':>9}  (skipped [{reasons.index(why) + 1}])")
                 continue
             vs_floor = t / floor if floor else None
             peft_ratio, target = None, ""
@@ -237,6 +247,7 @@ def bench_summary() -> str:
             vo = f"{t / own:>13.2f}" if own else f"{'-':>13}"
             pr = f"{peft_ratio:>15.2f}" if peft_ratio is not None else f"{'':>15}"
             lines.append(f"  {label:<22}{t * 1e3:>9.1f}{vf}{vo}{pr}  {target}")
+    lines += [f"  [{i}] {why}" for i, why in enumerate(reasons, 1)]
     if _memory:
         results = [_memory[i] for i in MEMORY_IMPLS if i in _memory]
         lines += ["", lora_memory.format_table(results)]
