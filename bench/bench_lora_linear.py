@@ -217,6 +217,8 @@ def bench_summary() -> str:
              "torch.mm); 'x own floor': the same GEMMs in the case's activation dtype."]
     reasons: list[str] = []
     for shape in SHAPES:
+        if not any(k[3] == shape for k in (*_results, *_skipped)):
+            continue  # deselected
         floor = _results.get(("floor", "fp32", 0.0, shape))
         lines.append(f"{shape[0]}->{shape[1]:<14}{'median ms':>11}{'x fp32 floor':>14}{'x own floor':>13}"
                      f"{'PEFT/fastlora':>15}  target")
