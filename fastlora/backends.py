@@ -6,7 +6,8 @@ Backends:
   ``cuda``       the CUDA kernels of fastlora._C (CUDA tensors; built only where torch has CUDA)
   ``triton``     the Triton kernels in fastlora.kernels (CUDA tensors; CPU tensors too when
                  TRITON_INTERPRET=1 is set, which is how the tests run them)
-``auto`` picks triton, then cuda, then reference on a GPU, and cpp, then reference on the CPU.
+``auto`` picks, by default, triton, then cuda, then reference on a GPU, and cpp, then reference on
+the CPU; an op whose CUDA kernel measures faster passes its own GPU order (``GPU_ORDER_CUDA_FIRST``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import torch
 from . import _extension
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
+GPU_ORDER = ("triton", "cuda", "reference")
+# Bandwidth-bound 4-bit dequantization: the CUDA kernel moved 2.0-2.4 TB/s on an H100 (NF4 ->
+# bf16/fp32, 14336x4096), the Triton kernel 0.5-0.9 TB/s (bench/bench_dequantize_gpu.py).
+GPU_ORDER_CUDA_FIRST = ("cuda", "triton", "reference")
 
 
 def triton_interpret() -> bool:
@@ -48,7 +53,8 @@ def available(device_type: str = "cpu") -> dict[str, bool]:
     }
 
 
-def resolve(backend: str, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+def resolve(backend: str, device: torch.device, implemented: tuple[str, ...] = BACKENDS,
+            gpu_order: tuple[str, ...] = GPU_ORDER) -> str:
     """The backend that runs a call on ``device``: ``backend`` itself when it can, else a ValueError
     naming what is available; ``"auto"`` picks the fastest available one. ``implemented`` lists the
     backends the op has."""
@@ -59,7 +65,7 @@ def resolve(backend: str, device: torch.device, implemented: tuple[str, ...] = B
         return "reference"
     ok = {name: yes and name in implemented for name, yes in available(device_type).items()}
     if backend == "auto":
-        order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
+        order = gpu_order if device_type == "cuda" else ("cpp", "reference")
         return next(name for name in order if ok[name])
     if not ok[backend]:
         have = [name for name, yes in ok.items() if yes]

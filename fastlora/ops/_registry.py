@@ -27,9 +27,10 @@ def define_native(name: str, schema: str, reference_impl: Callable) -> None:
     torch.library.impl(f"fastlora::{name}", "default")(reference_impl)
 
 
-def pick(name: str, backend: str, device: torch.device, implemented: tuple[str, ...] = backends.BACKENDS):
+def pick(name: str, backend: str, device: torch.device, implemented: tuple[str, ...] = backends.BACKENDS,
+         gpu_order: tuple[str, ...] = backends.GPU_ORDER):
     """The OpOverload of op ``name`` for ``backend`` ("auto" resolved for ``device``)."""
-    chosen = backends.resolve(backend, device, implemented)
+    chosen = backends.resolve(backend, device, implemented, gpu_order)
     suffix = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}[chosen]
     return getattr(torch.ops.fastlora, name + suffix).default
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import backends, reference
 from ._registry import check_float_dtype, check_packed_4bit, check_same_device, define_native, pick
 
 SCHEMA = "(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, ScalarType dtype) -> Tensor"
@@ -60,5 +60,5 @@ def dequantize_4bit(
     check_packed_4bit(packed, absmax, blocksize, quant_type, numel)
     check_float_dtype(dtype)
     check_same_device(packed=packed, absmax=absmax)
-    op = pick("dequantize_4bit", backend, packed.device)
+    op = pick("dequantize_4bit", backend, packed.device, gpu_order=backends.GPU_ORDER_CUDA_FIRST)
     return op(packed.reshape(-1), absmax.reshape(-1), blocksize, quant_type, numel, dtype)

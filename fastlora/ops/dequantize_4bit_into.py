@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import backends, reference
 from ._registry import FLOAT_DTYPES, check_packed_4bit, check_same_device, check_tensor, define_native, pick
 
 SCHEMA = "(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()"
@@ -57,6 +57,6 @@ def dequantize_4bit_into(
         raise ValueError("out must be contiguous")
     check_packed_4bit(packed, absmax, blocksize, quant_type, out.numel())
     check_same_device(packed=packed, absmax=absmax, out=out)
-    op = pick("dequantize_4bit_into", backend, packed.device, IMPLEMENTED)
+    op = pick("dequantize_4bit_into", backend, packed.device, IMPLEMENTED, backends.GPU_ORDER_CUDA_FIRST)
     op(packed.reshape(-1), absmax.reshape(-1), blocksize, quant_type, out)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import backends, reference
 from ._registry import check_same_device, check_tensor, define_native, pick
 
 SCHEMA = "(Tensor qabsmax, Tensor code, Tensor absmax2, Tensor offset, int blocksize) -> Tensor"
@@ -67,5 +67,5 @@ def dequantize_absmax(
     if absmax2.numel() != blocks:
         raise ValueError(f"absmax2 must hold ceil(len(qabsmax)/blocksize) = {blocks} values, got {absmax2.numel()}")
     check_same_device(qabsmax=qabsmax, code=code, absmax2=absmax2)
-    op = pick("dequantize_absmax", backend, qabsmax.device)
+    op = pick("dequantize_absmax", backend, qabsmax.device, gpu_order=backends.GPU_ORDER_CUDA_FIRST)
     return op(qabsmax.reshape(-1), code.reshape(-1), absmax2.reshape(-1), offset.reshape(()), blocksize)
