@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import math
+import os
 import shutil
 import subprocess
 import types
@@ -205,14 +206,15 @@ def test_cuda_misaligned_inputs_take_the_generic_kernel(dtype):
         check_against_reference(case, *cuda_fwd(case, packed=packed))
 
 
+DEGENERATE = [(0, 64, 32, 4), (2, 64, 0, 4), (2, 0, 32, 4), (3, 64, 32, 0)]  # M, K, N, r: one of them 0
+
+
 @needs_cuda
 def test_cuda_empty_and_degenerate_shapes():
-    for M, K, N, r in [(0, 64, 32, 4), (2, 64, 0, 4), (2, 0, 32, 4)]:
-        case = Case(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=torch.float32)
-        y, S = cuda_fwd(case)
-        y_ref, S_ref = torch.ops.fastlora.lora_linear_fwd_reference(*case.args())
-        assert y.shape == y_ref.shape and S.shape == S_ref.shape
-        assert torch.equal(y.cpu().float(), y_ref.float()) and torch.equal(S.cpu(), S_ref)
+    for M, K, N, r in DEGENERATE:
+        for p in (0.0, 0.5):
+            case = Case(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=p)
+            check_against_reference(case, *cuda_fwd(case))
 
 
 @needs_cuda
@@ -261,6 +263,8 @@ def emu_lib(tmp_path_factory):
            "-I", str(REPO / "tests" / "cuda_emu" / "include"), "-I", str(REPO / "csrc" / "include"),
            "-I", str(REPO / "csrc" / "cuda"), str(REPO / "tests" / "cuda_emu" / "lora_linear_emu.cpp"),
            "-o", str(out)]  # fmt: skip
+    # e.g. FASTLORA_EMU_CFLAGS="-fsanitize=address" with LD_PRELOAD=$(g++ -print-file-name=libasan.so)
+    cmd[1:1] = os.environ.get("FASTLORA_EMU_CFLAGS", "").split()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lib = ctypes.CDLL(str(out))
@@ -312,6 +316,13 @@ def test_emulated_kernels_long_k(emu_lib, dtype):
         case = Case(M, 2048, 24, 16, dtype=X, adapter_dtype=torch.float32, double_quant=False, p=0.25,
                     quant_type="fp4", gen_seed=M)
         check_against_reference(case, *emu_fwd(emu_lib, case), exact_fraction=0.95)
+
+
+def test_emulated_empty_and_degenerate_shapes(emu_lib):
+    for M, K, N, r in DEGENERATE:
+        for p in (0.0, 0.5):
+            case = Case(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=p)
+            check_against_reference(case, *emu_fwd(emu_lib, case))
 
 
 def test_emulated_misaligned_x(emu_lib):
