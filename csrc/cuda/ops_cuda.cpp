@@ -1,6 +1,6 @@
-// CUDA dispatch of fastlora::dequantize_4bit(_into) and fastlora::dequantize_absmax: argument checks,
-// device guard, output allocation, then the plain launchers of dequantize_4bit.cu on torch's
-// current stream.
+// CUDA dispatch of fastlora::dequantize_4bit(_into), fastlora::dequantize_absmax and (small M, 4-bit
+// weight) fastlora::lora_linear_fwd: argument checks, device guard, output allocation, then the
+// plain launchers of dequantize_4bit.cu / lora_linear.cu on torch's current stream.
 //
 // The stream comes from c10/cuda/CUDAStream.h (at::cuda::getCurrentCUDAStream is the same
 // function): ATen/cuda/CUDAContext.h would also pull in the cuBLAS / cuSPARSE headers, which this
@@ -12,8 +12,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include <optional>
+#include <tuple>
+
 #include "dequantize_4bit.h"
 #include "fastlora/checks.h"
+#include "lora_linear.h"
 
 namespace fastlora::gpu {
 namespace {
@@ -102,12 +106,110 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& c
   return out;
 }
 
+// The CUDA kernels cover the decode regime only: a 4-bit weight and at most 16 rows of x. The Python
+// layer (fastlora/ops/lora_linear.py) sends dense weights and larger M to the Triton backend; a
+// direct call outside that range is refused here, naming the argument.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& absmax, int64_t blocksize,
+                                                        c10::string_view quant_type, int64_t out_features,
+                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                        double scaling, const std::optional<at::Tensor>& bias,
+                                                        double dropout_p, int64_t seed, c10::string_view rounding) {
+  TORCH_CHECK_VALUE(absmax.has_value(),
+                    "weight: the CUDA kernel of fastlora::lora_linear_fwd takes only 4-bit weights (codes + absmax); "
+                    "dense weights run on the Triton backend (fastlora.ops.lora_linear routes them there)");
+  const int qt = check_quant_type(quant_type);
+  check_blocksize(blocksize, "blocksize");
+  TORCH_CHECK_VALUE(rounding == "linear" || rounding == "linear4bit", "rounding must be 'linear' or 'linear4bit', got '",
+                    std::string(rounding), "'");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, in_features), got shape ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK_VALUE(M <= kLoraMaxRows, "x: the CUDA kernel of fastlora::lora_linear_fwd takes at most ", kLoraMaxRows,
+                    " rows (M, the decode regime), got M=", M, "; larger M runs on the Triton backend");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
+  const at::Tensor& am = *absmax;
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "weight (4-bit codes) must be uint8, got ", weight.scalar_type());
+  TORCH_CHECK_TYPE(am.scalar_type() == at::kFloat, "absmax must be float32 (resolved), got ", am.scalar_type());
+  const int64_t numel = N * K;
+  TORCH_CHECK_VALUE(weight.numel() == (numel + 1) / 2, "weight must hold ceil(out_features*in_features/2) = ",
+                    (numel + 1) / 2, " bytes of codes, got ", weight.numel());
+  TORCH_CHECK_VALUE(am.numel() == (numel + blocksize - 1) / blocksize,
+                    "absmax must hold ceil(out_features*in_features/blocksize) = ",
+                    (numel + blocksize - 1) / blocksize, " values, got ", am.numel());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == K, "lora_A must be (r, in_features=", K, "), got shape ",
+                    lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r,
+                    "lora_B must be (out_features, r) = (", N, ", ", r, "), got shape ", lora_B.sizes());
+  TORCH_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora_A and lora_B must have one dtype, got ",
+                   lora_A.scalar_type(), " and ", lora_B.scalar_type());
+  TORCH_CHECK_TYPE(lora_A.scalar_type() == at::kFloat || lora_A.scalar_type() == x.scalar_type(),
+                   "lora_A must be float32 or x's dtype ", x.scalar_type(), ", got ", lora_A.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be (out_features=", N, ",), got shape ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
+                     bias->scalar_type());
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  check_device(x, "x", at::kCUDA);
+  check_same_device(weight, "weight", x, "x");
+  check_same_device(am, "absmax", x, "x");
+  check_same_device(lora_A, "lora_A", x, "x");
+  check_same_device(lora_B, "lora_B", x, "x");
+  if (bias.has_value()) check_same_device(*bias, "bias", x, "x");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor S = at::empty({M, r}, lora_A.options());
+  if (M == 0) return {y, S};
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor a = am.contiguous();
+  const at::Tensor A = lora_A.contiguous();
+  const at::Tensor B = lora_B.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+  // dropout(x) in A's dtype, read by the S kernel (the mask is regenerated from the seed in backward)
+  at::Tensor xd;
+  if (dropout_p > 0.0) xd = at::empty({M, K}, lora_A.options());
+
+  LoraLinearFwdArgs args;
+  args.x = xc.data_ptr();
+  args.packed = w.data_ptr<uint8_t>();
+  args.absmax = a.data_ptr<float>();
+  args.bias = bias.has_value() ? b.data_ptr() : nullptr;
+  args.lora_A = A.data_ptr();
+  args.lora_B = B.data_ptr();
+  args.y = y.data_ptr();
+  args.S = S.data_ptr();
+  args.xd = dropout_p > 0.0 ? xd.data_ptr() : nullptr;
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.r = r;
+  args.blocksize = blocksize;
+  args.quant_type = qt;
+  args.x_dtype = out_dtype(x.scalar_type());
+  args.a_dtype = out_dtype(lora_A.scalar_type());
+  args.scaling = static_cast<float>(scaling);  // fp32, as the reference's torch.tensor(scaling, float32)
+  args.dropout_p = dropout_p;
+  args.seed = static_cast<uint64_t>(seed);
+  args.round_lora_to_x = rounding == "linear4bit";
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  check_launch(lora_linear_fwd_small_m(args, stream), "lora_linear_fwd");
+  return {y, S};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
   m.impl("dequantize_4bit_into", &dequantize_4bit_into_cuda);
   m.impl("dequantize_absmax", &dequantize_absmax_cuda);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cuda);
 }
 
 }  // namespace fastlora::gpu

@@ -40,6 +40,7 @@ BWD_SCHEMA = (
     "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)"
 )
 MAX_RANK = 256
+CUDA_MAX_ROWS = 16  # the CUDA forward kernel's M limit (csrc/cuda/lora_linear.h, kLoraMaxRows)
 
 define_native("lora_linear_fwd", FWD_SCHEMA, reference_lora.lora_linear_fwd)
 define_native("lora_linear_bwd", BWD_SCHEMA, reference_lora.lora_linear_bwd)
@@ -130,12 +131,17 @@ _bwd_triton.register_fake(_fake_bwd)
 
 def _backends(backend: str, x: torch.Tensor, four_bit: bool) -> tuple[str, str]:
     """(forward backend, backward backend) for a call. float64 runs on the reference backend; the
-    CUDA backend has only the small-M 4-bit forward, its backward runs on Triton."""
+    CUDA backend has only the small-M 4-bit forward (M <= CUDA_MAX_ROWS rows of x): backend "cuda"
+    runs a dense weight's or a larger M's forward on Triton, and every backward on Triton."""
     if x.dtype == torch.float64:
         implemented = ("reference",)
         return pick_name(backend, x, implemented), pick_name(backend, x, implemented)
-    fwd_impl = ("reference", "cpp", "triton", "cuda") if four_bit else ("reference", "cpp", "triton")
-    fwd = pick_name(backend, x, fwd_impl)
+    rows = math.prod(x.shape[:-1])
+    if backend == "cuda" and x.is_cuda and (not four_bit or rows > CUDA_MAX_ROWS):
+        fwd = pick_name("triton", x, ("reference", "cpp", "triton"))
+    else:
+        fwd_impl = ("reference", "cpp", "triton", "cuda") if four_bit else ("reference", "cpp", "triton")
+        fwd = pick_name(backend, x, fwd_impl)
     bwd = pick_name("auto" if backend == "cuda" else backend, x, ("reference", "cpp", "triton"))
     return fwd, bwd
 
