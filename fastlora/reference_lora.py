@@ -137,8 +137,8 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     g = grad_y.to(ct)
     scale = torch.tensor(scaling, dtype=torch.float32).to(ct)
     d_s = (g @ lora_B.to(ct)) * scale
-    empty = x.new_empty((0,))
-    dx = dA = dB = empty
+    # Fresh empty tensors: torch.library rejects outputs that alias each other.
+    dx, dA, dB = x.new_empty((0,)), lora_A.new_empty((0,)), lora_B.new_empty((0,))
     if need_dx:
         w = dense_weight(weight, absmax, blocksize, quant_type, out_features, x.shape[1], x.dtype).to(ct)
         dxd = d_s @ lora_A.to(ct)
