@@ -81,7 +81,7 @@ _XDTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 # (x dtype, adapter dtype): adapters are float32 or x's dtype.
 _DTYPE_PAIRS = [(x, a) for x in _XDTYPES for a in dict.fromkeys((torch.float32, x))]
 MAX_RANK = 256
-_RANK_CHUNK = 16  # ranks per tensor-core step of the fwd epilogue (16-bit adapters)
+_RANK_CHUNK = tl.constexpr(16)  # ranks per tensor-core step of the fwd epilogue (16-bit adapters)
 _W4_MAX_TILE = 64  # widest weight tile (columns of W) of the fused-decode GEMMs; the smallest blocksize they take
 
 
@@ -212,7 +212,7 @@ def _lora_fwd_kernel(
 
     if has_bias != 0:
         acc += to_f32(tl.load(bias_ptr + rn, mask=n_ok, other=0.0), INTERP)[None, :]
-    base = to_f32(round_to(acc, xdt, INTERP), INTERP)
+    base = round_to(acc, xdt, INTERP)  # kept in x's dtype (half the registers of fp32 for 16-bit x)
 
     # LoRA up-projection of this tile: S[rows, :]·B[rn, :]ᵀ.
     s_ptr += row0 * R
@@ -235,7 +235,7 @@ def _lora_fwd_kernel(
     lora = to_f32(round_to(mul_rn(lora, scaling, INTERP), adt, INTERP), INTERP)  # not fused with the add below
     if linear4bit != 0:
         lora = to_f32(round_to(lora, xdt, INTERP), INTERP)
-    y = round_to(base + lora, xdt, INTERP)
+    y = round_to(to_f32(base, INTERP) + lora, xdt, INTERP)
     y_ptr += row0 * N
     tl.store(y_ptr + rows[:, None] * N + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -309,6 +309,8 @@ def _lora_bwd_dx_kernel(
     c_ok = rc < K
 
     # LoRA term dS·A (fp32 FMAs as rank-1 updates), masked and scaled; the GEMM then accumulates onto it.
+    # (The mask first: Philox's temporaries and the accumulator are never live together.)
+    keep = _keep_tile(row0, rows, col0, K, mask_ptr, seed_lo, seed_hi, threshold, dropout_mode, BLOCK_M, BLOCK_N)
     ds_ptr += row0 * R
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for r in range(0, R):
@@ -316,7 +318,6 @@ def _lora_bwd_dx_kernel(
         a = to_f32(tl.load(a_ptr + r * K + rc, mask=c_ok, other=0.0), INTERP)
         acc += d[:, None] * a[None, :]
     if dropout_mode != 0:
-        keep = _keep_tile(row0, rows, col0, K, mask_ptr, seed_lo, seed_hi, threshold, dropout_mode, BLOCK_M, BLOCK_N)
         acc = tl.where(keep != 0, acc * scale, 0.0)
 
     rk = tl.arange(0, BLOCK_K)
@@ -402,10 +403,11 @@ class GemmConfig:
 # FMAs, whose dot operands live in registers: short reduction steps. The fused-decode ("w4") tiles
 # span at most _W4_MAX_TILE columns of W (fwd: BLOCK_K, dx: BLOCK_N).
 GEMM_CONFIGS: dict[tuple[str, str], tuple[GemmConfig, ...]] = {
+    # (128x128 tiles spill once the LoRA epilogue / prologue is fused: 128x64 and 64x128 do not.)
     ("dense", "16bit"): (
-        GemmConfig(128, 128, 64, 8, 3),
-        GemmConfig(64, 128, 64, 4, 4),
-        GemmConfig(64, 64, 64, 4, 4),
+        GemmConfig(128, 64, 64, 4, 4),
+        GemmConfig(64, 128, 64, 8, 3),
+        GemmConfig(64, 64, 64, 4, 3),
     ),
     ("dense", "fp32"): (
         GemmConfig(64, 64, 16, 4, 3),
@@ -416,8 +418,8 @@ GEMM_CONFIGS: dict[tuple[str, str], tuple[GemmConfig, ...]] = {
         GemmConfig(64, 64, 64, 4, 3),
     ),
     ("w4", "fp32"): (
-        GemmConfig(16, 64, 16, 4, 4),
-        GemmConfig(64, 64, 16, 4, 3),
+        GemmConfig(16, 64, 16, 4, 3),
+        GemmConfig(32, 64, 16, 4, 3),
     ),
 }
 assert all(c.block_k <= _W4_MAX_TILE and c.block_n <= _W4_MAX_TILE for w in ("16bit", "fp32")
@@ -444,7 +446,7 @@ S_CONFIGS = {
 }  # fmt: skip
 DS_CONFIGS = {
     (16, "16bit"): SmallConfig(64, 64, 4), (64, "16bit"): SmallConfig(64, 64, 4),
-    (256, "16bit"): SmallConfig(64, 32, 8),
+    (256, "16bit"): SmallConfig(32, 32, 8),
     (16, "fp32"): SmallConfig(32, 16, 4), (64, "fp32"): SmallConfig(32, 16, 4), (256, "fp32"): SmallConfig(16, 16, 8),
 }  # fmt: skip
 DA_CONFIGS = {16: SmallConfig(16, 64, 4), 64: SmallConfig(16, 64, 4)}  # fp32 FMA dots (dS is fp32)
