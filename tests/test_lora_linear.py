@@ -425,3 +425,27 @@ def test_bad_input_4bit_shape_and_device():
         args = _good() | dict(lora_A=torch.randn(4, 72, device="meta"))
         with pytest.raises(ValueError, match="one device"):
             lora_linear(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", ["x", "adapters", "A", "bias"])
+def test_only_the_needed_gradients(backend, needs, seed):
+    """A frozen first layer (x without grad), frozen adapters, ...: each combination backpropagates
+    and gives the same gradients as the full computation."""
+    lead, k, n = _small_for(backend)
+    x = torch.randn(*lead, k)
+    weight = make_weight("nf4-dq", n, k, torch.float32)
+    a, b = make_adapters(8, n, k)
+    bias = torch.randn(n, requires_grad=True)
+    full = [t.detach().clone().requires_grad_() for t in (x, a, b, bias)]
+    torch.manual_seed(seed)
+    lora_linear(full[0], weight, full[1], full[2], 1.5, bias=full[3], dropout_p=0.2, backend=backend).sum().backward()
+    wanted = {"x": [0], "adapters": [1, 2], "A": [1], "bias": [3]}[needs]
+    part = [t.detach().clone().requires_grad_(i in wanted) for i, t in enumerate((x, a, b, bias))]
+    torch.manual_seed(seed)
+    lora_linear(part[0], weight, part[1], part[2], 1.5, bias=part[3], dropout_p=0.2, backend=backend).sum().backward()
+    for i, (f, p) in enumerate(zip(full, part, strict=True)):
+        if i in wanted:
+            assert torch.equal(p.grad, f.grad), i
+        else:
+            assert p.grad is None
