@@ -62,6 +62,7 @@ __all__ = [
     "GEMM_CONFIGS",
     "SMALL_M",
     "GemmConfig",
+    "LARGE_M_GEMM",
     "compile_specs",
     "lora_linear_bwd",
     "lora_linear_fwd",
@@ -76,6 +77,13 @@ __all__ = [
 SMALL_M: int = int(os.environ.get("FASTLORA_SMALL_M", "64"))
 # FASTLORA_TRITON_AUTOTUNE=0: use the first configuration of each list instead of benchmarking them.
 AUTOTUNE: bool = os.environ.get("FASTLORA_TRITON_AUTOTUNE", "1") != "0"
+# GEMM of the workspace path (dense weights, and 4-bit weights above SMALL_M): "torch" multiplies
+# with torch (cuBLAS on a GPU) and adds the LoRA term with torch ops, "triton" runs the fused Triton
+# GEMMs, "auto" is "torch" on a GPU and "triton" under the interpreter (so the CPU tests check the
+# Triton GEMMs). Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, 4096 tokens, nf4 double
+# quant, bf16) the untuned fused Triton GEMMs took 3.7x cuBLAS' x·Wᵀ for the forward, 2.3x the unfused
+# dequantize + cuBLAS + addmm path. Override with FASTLORA_LARGE_M_GEMM or by assigning this attribute.
+LARGE_M_GEMM: str = os.environ.get("FASTLORA_LARGE_M_GEMM", "auto")
 
 _XDTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # (x dtype, adapter dtype): adapters are float32 or x's dtype.
@@ -652,8 +660,46 @@ def _weight_args(x, weight, absmax, blocksize, quant_type, n, fused: bool):
     packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)
     absmax = absmax.reshape(-1).contiguous()
     if not fused:
-        return dequantize_4bit(packed, absmax, blocksize, quant_type, n * k, x.dtype).view(n, k), x, x, 0, False
+        return _dequantize_workspace(packed, absmax, blocksize, quant_type, n, k, x.dtype), x, x, 0, False
     return packed, absmax, _table(quant_type, x.device), blocksize.bit_length() - 1, True
+
+
+def _dequantize_workspace(packed, absmax, blocksize: int, quant_type: str, n: int, k: int, dtype) -> torch.Tensor:
+    """The (n, k) weight decoded once into ``dtype``: with fastlora's CUDA kernel where the extension
+    has it (2.5-4x this module's Triton kernel on an H100, bench/bench_dequantize_gpu.py), else Triton."""
+    from .. import backends
+
+    if packed.is_cuda and backends.available("cuda")["cuda"]:
+        return torch.ops.fastlora.dequantize_4bit(packed, absmax, blocksize, quant_type, n * k, dtype).view(n, k)
+    return dequantize_4bit(packed, absmax, blocksize, quant_type, n * k, dtype).view(n, k)
+
+
+def _torch_gemms(interp: bool) -> bool:
+    if LARGE_M_GEMM not in ("auto", "torch", "triton"):
+        raise ValueError(f"LARGE_M_GEMM must be 'auto', 'torch' or 'triton', got {LARGE_M_GEMM!r}")
+    return LARGE_M_GEMM == "torch" or (LARGE_M_GEMM == "auto" and not interp)
+
+
+def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str) -> torch.Tensor:
+    """y with PEFT's roundings (reference_lora.py) from a torch (cuBLAS) base GEMM: base = rnd_X(x·Wᵀ + b),
+    L = rnd_D(rnd_D(S·Bᵀ)·scaling), y = rnd_X(base + L) or rnd_X(base + rnd_X(L))."""
+    base = torch.nn.functional.linear(x, w, bias)
+    lora = torch.mm(s, lora_B.t())
+    lora = (lora * torch.tensor(scaling, dtype=torch.float32, device=x.device)).to(lora.dtype)
+    if rounding == "linear4bit":
+        lora = lora.to(x.dtype)
+    return torch.add(base, lora).to(x.dtype)  # one rounding of the fp32 (or 16-bit) sum
+
+
+def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: int) -> torch.Tensor:
+    """dx = rnd_X(rnd_X(G·W) + keep·scale·(dS·A)): the base term from torch (rounded to x's dtype as
+    PEFT's autograd does), the LoRA term in fp32 with the Philox mask of the forward."""
+    from .lora_dropout import lora_dropout
+
+    dxd = torch.mm(ds, lora_A.float())
+    if dropout_p > 0.0:
+        dxd = lora_dropout(dxd, dropout_p, seed)
+    return torch.add(torch.mm(grad_y, w), dxd).to(grad_y.dtype)
 
 
 def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
@@ -690,6 +736,8 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
 
     fused = absmax is not None and uses_fused_4bit(m, k, blocksize)
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
+    if not w4 and _torch_gemms(interp):
+        return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding), s
     args = (x, w, amax, table, bias.contiguous() if bias is not None else y, s, lora_B, y, m, n, k, r, log2_bs,
             float(scaling), int(bias is not None), int(rounding == "linear4bit"), _m_bucket(m))  # fmt: skip
     _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype), lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(n, bn),
@@ -741,10 +789,14 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
         if need_dx:
             fused = absmax is not None and uses_fused_4bit(m, k, blocksize)
             w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
-            args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed_lo, seed_hi,
-                    threshold, scale, mode, _m_bucket(m))  # fmt: skip
-            _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype),
-                         lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(k, bn), args, {"W4": w4, "INTERP": interp})
+            if not w4 and _torch_gemms(interp):
+                dx = _dx_torch(grad_y, w, ds, lora_A, float(dropout_p), seed)
+            else:
+                args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed_lo, seed_hi,
+                        threshold, scale, mode, _m_bucket(m))  # fmt: skip
+                _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype),
+                             lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(k, bn), args,
+                             {"W4": w4, "INTERP": interp})  # fmt: skip
         if need_dA:
             block_r = _s_block_r(r)
             ac = _INTERP_SMALL if interp else DA_CONFIGS[block_r]

@@ -220,8 +220,9 @@ _RUNNERS = {
 
 def _worker(case_ids: list[str]) -> dict[str, str]:
     assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must run under TRITON_INTERPRET=1"
-    import fastlora._C  # noqa: F401  (registers torch.ops.fastlora.*)
     import torch
+
+    import fastlora._C  # noqa: F401  (registers torch.ops.fastlora.*)
     from fastlora.kernels import dequantize_4bit as K
 
     results = {}
