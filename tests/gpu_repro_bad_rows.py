@@ -8,8 +8,9 @@ import torch
 
 sys.path.insert(0, "tests")
 faulthandler.enable()
-import fastlora  # noqa: E402,F401
 from test_cuda_lora import Case, cuda_fwd  # noqa: E402
+
+import fastlora  # noqa: E402,F401
 
 for rows in (16, 17, 64):
     case = Case(rows, 64, 32, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
