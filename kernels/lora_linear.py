@@ -222,8 +222,19 @@ def _lora_fwd_kernel(
         acc += to_f32(tl.load(bias_ptr + rn, mask=n_ok, other=0.0), INTERP)[None, :]
     base = round_to(acc, xdt, INTERP)  # kept in x's dtype (half the registers of fp32 for 16-bit x)
 
-    # LoRA up-projection of this tile: S[rows, :]·B[rn, :]ᵀ.
-    s_ptr += row0 * R
+    y = _lora_epilogue(base, s_ptr + row0 * R, b_ptr, rows, rn, m_ok, n_ok, R, scaling, linear4bit, xdt, adt,
+                       BLOCK_M, BLOCK_N, INTERP)  # fmt: skip
+    y_ptr += row0 * N
+    tl.store(y_ptr + rows[:, None] * N + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _lora_epilogue(
+    base, s_ptr, b_ptr, rows, rn, m_ok, n_ok, R, scaling, linear4bit,
+    xdt: tl.constexpr, adt: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """y tile (x's dtype) = base + the LoRA up-projection S[rows, :]·B[rn, :]ᵀ with PEFT's roundings;
+    ``base`` is the rounded x-dtype tile, ``s_ptr`` points at S's first row of the tile."""
     lora = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if adt == tl.float32:
         # fp32 FMAs as rank-1 updates: a full-fp32 dot over r without the register cost of an FMA tl.dot.
@@ -243,9 +254,33 @@ def _lora_fwd_kernel(
     lora = to_f32(round_to(mul_rn(lora, scaling, INTERP), adt, INTERP), INTERP)  # not fused with the add below
     if linear4bit != 0:
         lora = to_f32(round_to(lora, xdt, INTERP), INTERP)
-    y = round_to(to_f32(base, INTERP) + lora, xdt, INTERP)
-    y_ptr += row0 * N
-    tl.store(y_ptr + rows[:, None] * N + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+    return round_to(to_f32(base, INTERP) + lora, xdt, INTERP)
+
+
+@triton.jit
+def _lora_add_kernel(
+    base_ptr,  # *X (M, N) rnd_X(x·Wᵀ + bias) from another GEMM (cuBLAS); may be y_ptr itself
+    s_ptr,  # *D (M, R)
+    b_ptr,  # *D (N, R)
+    y_ptr,  # *X (M, N) out
+    M, N, R,
+    scaling,  # fp32
+    linear4bit,  # 0 / 1
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    # The epilogue of _lora_fwd_kernel on its own, for a base computed by torch's GEMM.
+    xdt: tl.constexpr = y_ptr.dtype.element_ty
+    adt: tl.constexpr = s_ptr.dtype.element_ty
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    m_ok = rows < M - row0
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    offs = row0 * N + rows[:, None] * N + rn[None, :]
+    base = tl.load(base_ptr + offs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    y = _lora_epilogue(base, s_ptr + row0 * R, b_ptr, rows, rn, m_ok, n_ok, R, scaling, linear4bit, xdt, adt,
+                       BLOCK_M, BLOCK_N, INTERP)  # fmt: skip
+    tl.store(y_ptr + offs, y, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -558,6 +593,14 @@ def compile_specs() -> list[CompileSpec]:
                 constexprs={"BLOCK_M": c.block_m, "BLOCK_K": c.block_c, "BLOCK_R": block_r, "INTERP": False},
                 aligned=("x_ptr", "ds_ptr", "da_ptr", "mask_ptr", "a_ptr", "K"), num_warps=c.num_warps,
             ))  # fmt: skip
+        specs.append(CompileSpec(
+            kernel="lora_add", config=f"{pair} {ADD_CONFIG[0]}x{ADD_CONFIG[1]} w4", fn=_lora_add_kernel,
+            signature={"base_ptr": f"*{x}", "s_ptr": f"*{a}", "b_ptr": f"*{a}", "y_ptr": f"*{x}", "M": "i32",
+                       "N": "i32", "R": "i32", "scaling": "fp32", "linear4bit": "i32", "BLOCK_M": _C, "BLOCK_N": _C,
+                       "INTERP": _C},
+            constexprs={"BLOCK_M": ADD_CONFIG[0], "BLOCK_N": ADD_CONFIG[1], "INTERP": False},
+            aligned=("base_ptr", "s_ptr", "b_ptr", "y_ptr", "N"), num_warps=4,
+        ))  # fmt: skip
         for kind in ("dense", "w4"):
             w = "*u8" if kind == "w4" else f"*{x}"
             for cfg in GEMM_CONFIGS[kind, _width(xdt)]:
@@ -680,15 +723,22 @@ def _torch_gemms(interp: bool) -> bool:
     return LARGE_M_GEMM == "torch" or (LARGE_M_GEMM == "auto" and not interp)
 
 
-def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str) -> torch.Tensor:
-    """y with PEFT's roundings (reference_lora.py) from a torch (cuBLAS) base GEMM: base = rnd_X(x·Wᵀ + b),
-    L = rnd_D(rnd_D(S·Bᵀ)·scaling), y = rnd_X(base + L) or rnd_X(base + rnd_X(L))."""
-    base = torch.nn.functional.linear(x, w, bias)
-    lora = torch.mm(s, lora_B.t())
-    lora = (lora * torch.tensor(scaling, dtype=torch.float32, device=x.device)).to(lora.dtype)
-    if rounding == "linear4bit":
-        lora = lora.to(x.dtype)
-    return torch.add(base, lora).to(x.dtype)  # one rounding of the fp32 (or 16-bit) sum
+ADD_CONFIG = (64, 64)  # (BLOCK_M, BLOCK_N) of _lora_add_kernel, 4 warps (64x128 spills with fp32 adapters)
+
+
+def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str, interp: bool) -> torch.Tensor:
+    """y with PEFT's roundings (reference_lora.py) from a torch (cuBLAS) base GEMM, base = rnd_X(x·Wᵀ + b),
+    and the LoRA term added in place by _lora_add_kernel (one pass over base: on an H100 the same
+    epilogue as four torch ops took 199 us at 4096x4096, longer than the dequantization)."""
+    y = torch.nn.functional.linear(x, w, bias)
+    m, n = y.shape
+    r = s.shape[1]
+    block_m, block_n = (16, 32) if interp else ADD_CONFIG
+    _lora_add_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        y, s, lora_B, y, m, n, r, float(scaling), int(rounding == "linear4bit"),
+        BLOCK_M=block_m, BLOCK_N=block_n, INTERP=interp, num_warps=4,
+    )  # fmt: skip
+    return y
 
 
 def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: int) -> torch.Tensor:
@@ -737,7 +787,7 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     fused = absmax is not None and uses_fused_4bit(m, k, blocksize)
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
     if not w4 and _torch_gemms(interp):
-        return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding), s
+        return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding, interp), s
     args = (x, w, amax, table, bias.contiguous() if bias is not None else y, s, lora_B, y, m, n, k, r, log2_bs,
             float(scaling), int(bias is not None), int(rounding == "linear4bit"), _m_bucket(m))  # fmt: skip
     _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype), lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(n, bn),
