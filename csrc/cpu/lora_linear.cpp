@@ -6,7 +6,13 @@
 // tiles of input columns of W; each tile is decoded (or widened) into a cache-sized fp32 buffer,
 // multiplied, and its slice of the output is finished right away by a fused epilogue (bias, the
 // LoRA branch, the rounding, and in backward the dropout mask regenerated with Philox, shared by
-// dx and by dropout(x) for dA). A dense fp32 weight is used in place by one at::mm.
+// dx and by dropout(x) for dA). A dense fp32 weight is not copied: its tiles are views.
+//
+// Threads take whole tiles (one parallel region per op, MKL single-threaded inside it). Measured
+// on 2 cores, 1024 x 4096 -> 4096: this beats one 2-thread MKL GEMM per tile (a barrier per tile,
+// thin GEMMs split two ways) and, with 8 MiB tiles, matches one full-size 2-thread torch.mm; each
+// MKL call repacks the whole activation operand, so tiles much smaller than ~512 weight rows cost
+// up to 10% more GEMM time (2 MiB tiles: +7% fwd+bwd).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -51,7 +57,8 @@ void dispatch_xa(DT x, DT a, F&& f) {
 
 constexpr int64_t elem_size(DT d) { return d == DT::F32 ? 4 : 2; }
 
-// fp32 bytes a decoded weight tile may take (FASTLORA_CPU_TILE_BYTES overrides, for benchmarks).
+// fp32 bytes a decoded weight tile may take, per thread (FASTLORA_CPU_TILE_BYTES overrides, for
+// benchmarks and tests). 8 MiB = 512 rows of K = 4096: see the file comment.
 int64_t tile_budget_bytes() {
   const char* env = std::getenv("FASTLORA_CPU_TILE_BYTES");
   if (env != nullptr && env[0] != '\0') {
@@ -313,43 +320,35 @@ void fwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& x32, con
               bool avx2) {
   const int64_t M = pr.M, K = pr.K, N = pr.N;
   const bool dense_f32 = pr.w.kind == WKind::DenseF32;
-  // Output columns per tile: a decoded weight tile is (nt, K); for a dense fp32 weight the tile is
-  // only the epilogue's (M, nt) LoRA buffer.
-  const int64_t nt_max = dense_f32 ? tile_extent_threads(N, M) : tile_extent_threads(N, K);
+  // Output rows of W per tile: (nt, K) fp32, decoded into a buffer or a view of a dense fp32 W.
+  const int64_t nt_max = tile_extent_threads(N, K);
   const int64_t tiles = (N + nt_max - 1) / nt_max;
   const auto f32 = x.options().dtype(at::kFloat);
-  if (dense_f32) at::mm_out(y, x32, pr.w.dense.t());  // y is fp32: the base product lands in place
   const float* bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   char* yp = static_cast<char*>(y.data_ptr());
   const at::ThreadLocalState tls;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     at::ThreadLocalStateGuard tls_guard(tls);
     at::Tensor lora = at::empty({M * nt_max}, f32);
-    at::Tensor wbuf, ybuf;
-    if (!dense_f32) {
-      wbuf = at::empty({nt_max * K}, f32);
-      ybuf = at::empty({M * nt_max}, f32);
-    }
+    at::Tensor ybuf = at::empty({M * nt_max}, f32);
+    at::Tensor wbuf = dense_f32 ? at::Tensor() : at::empty({nt_max * K}, f32);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * nt_max, nt = std::min(nt_max, N - n0);
-      const float* base;
-      int64_t ld;
+      at::Tensor wt;
       if (dense_f32) {
-        base = y.data_ptr<float>() + n0;
-        ld = N;
+        wt = pr.w.dense.narrow(0, n0, nt);
       } else {
-        at::Tensor wt = front(wbuf, nt, K);
+        wt = front(wbuf, nt, K);
         weight_rows<X>(pr.w, n0, nt, K, wt, avx2);
-        at::Tensor yt = front(ybuf, M, nt);
-        at::mm_out(yt, x32, wt.t());
-        base = yt.data_ptr<float>();
-        ld = nt;
       }
+      at::Tensor yt = front(ybuf, M, nt);
+      at::mm_out(yt, x32, wt.t());
       at::Tensor lt = front(lora, M, nt);
       at::mm_out(lt, S32, B32.narrow(0, n0, nt).t());
+      const float* base = yt.data_ptr<float>();
       const float* lp = lt.data_ptr<float>();
       for (int64_t m = 0; m < M; ++m) {
-        fwd_epilogue<X, A>(base + m * ld, lp + m * nt, bias != nullptr ? bias + n0 : nullptr, scaling, linear4bit,
+        fwd_epilogue<X, A>(base + m * nt, lp + m * nt, bias != nullptr ? bias + n0 : nullptr, scaling, linear4bit,
                            yp + (m * N + n0) * elem_size(X), nt, avx2);
       }
     }
@@ -417,11 +416,10 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
   const bool dense_f32 = pr.w.kind == WKind::DenseF32;
   const bool decode = need_dx && !dense_f32;
   const auto f32 = x.options().dtype(at::kFloat);
-  // Input columns per tile: a decoded weight tile is (N, kt); otherwise the tile is only the
-  // epilogue's (M, kt) buffers.
-  const int64_t kt_max = decode ? tile_extent_threads(K, N) : tile_extent_threads(K, M);
+  // Input columns of W per tile: (N, kt) fp32, decoded into a buffer or a strided view of a dense
+  // fp32 W; without dx the tile is only the (M, kt) dropout(x) buffer.
+  const int64_t kt_max = need_dx ? tile_extent_threads(K, N) : tile_extent_threads(K, M);
   const int64_t tiles = (K + kt_max - 1) / kt_max;
-  if (need_dx && dense_f32) at::mm_out(dx, G32, pr.w.dense);  // dx is fp32: G·W lands in place
   const bool dropout = p > 0.0;
   const uint32_t threshold = dropout ? dropout_threshold(p) : 0;
   const float scale = dropout ? dropout_scale(p) : 1.0f;
@@ -431,11 +429,11 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     at::ThreadLocalStateGuard tls_guard(tls);
     at::Tensor wbuf, gbuf, dxd, xd, da_tile;
-    if (need_dx) dxd = at::empty({M * kt_max}, f32);
-    if (decode) {
-      wbuf = at::empty({N * kt_max}, f32);
+    if (need_dx) {
+      dxd = at::empty({M * kt_max}, f32);
       gbuf = at::empty({M * kt_max}, f32);
     }
+    if (decode) wbuf = at::empty({N * kt_max}, f32);
     if (need_dA) {
       xd = at::empty({M * kt_max}, f32);
       da_tile = at::empty({r * kt_max}, f32);
@@ -444,21 +442,19 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
     const uint32_t* mask = dropout ? mask_buf : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kt_max, kt = std::min(kt_max, K - k0);
-      const float* base = nullptr;
-      int64_t ld = 0;
-      const float* dxdp = nullptr;
+      const float* base = nullptr;  // (M, kt) G·W tile
+      const float* dxdp = nullptr;  // (M, kt) dS·A tile
       if (need_dx) {
+        at::Tensor wt;
         if (dense_f32) {
-          base = dx.data_ptr<float>() + k0;
-          ld = K;
+          wt = pr.w.dense.narrow(1, k0, kt);
         } else {
-          at::Tensor wt = front(wbuf, N, kt);
+          wt = front(wbuf, N, kt);
           weight_cols<X>(pr.w, k0, kt, N, K, wt, avx2);
-          at::Tensor gt = front(gbuf, M, kt);
-          at::mm_out(gt, G32, wt);
-          base = gt.data_ptr<float>();
-          ld = kt;
         }
+        at::Tensor gt = front(gbuf, M, kt);
+        at::mm_out(gt, G32, wt);
+        base = gt.data_ptr<float>();
         at::Tensor dt = front(dxd, M, kt);
         at::mm_out(dt, dS, A32.narrow(1, k0, kt));
         dxdp = dt.data_ptr<float>();
@@ -469,7 +465,7 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
           const int64_t n = std::min(kMaskChunk, kt - j);
           const int64_t e = m * K + k0 + j;  // row-major index of element (m, k0 + j) of x and dx
           if (dropout) dropout_mask(seed, threshold, e, n, mask_buf, avx2);
-          if (need_dx) dx_epilogue<X>(base + m * ld + j, dxdp + m * kt + j, mask, scale, dxp + e * elem_size(X), n, avx2);
+          if (need_dx) dx_epilogue<X>(base + m * kt + j, dxdp + m * kt + j, mask, scale, dxp + e * elem_size(X), n, avx2);
           if (need_dA) dropout_apply<X, A, DT::F32>(xp + e * elem_size(X), xdp + m * kt + j, mask, scale, n, avx2);
         }
       }
