@@ -68,7 +68,7 @@ def test_dropout_bitwise(seed, dtype, shape):
 
 def test_dropout_extreme_seeds_and_probabilities(seed):
     x = torch.randn(999)
-    for s in (0, 1, 2**32 - 1, 2**32, 2**63 - 1, seed):
+    for s in (0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**63), seed):
         for p in (1e-9, 2.0**-24, 0.5, 1 - 2.0**-25):
             assert torch.equal(_bits(OPS.lora_dropout(x, p, s)), _bits(OPS.lora_dropout_reference(x, p, s))), (s, p)
     assert torch.equal(OPS.lora_dropout(x, 1 - 2.0**-25, 3), torch.zeros_like(x))
@@ -184,6 +184,35 @@ def test_empty_batch(seed, kind):
         for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             assert torch.equal(a, b), name  # dA and dB are zeros
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_degenerate_sizes(seed, kind):
+    """K = 0, N = 0 and r = 0 give what the reference gives (zeros / empty), no crash."""
+    for M, K, N, rank in ((5, 0, 7, 3), (5, 64, 0, 3), (5, 64, 7, 0)):
+        case = make_case(kind, torch.float32, torch.float32, M, K, N, 64, rank, True)
+        got, want = run_both(*case, scaling=1.0, p=0.1, seed=seed, rounding="linear")
+        for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype, (name, M, K, N, rank)
+            assert_matches(a, b, name)
+
+
+def test_noncontiguous_inputs(seed):
+    """Inputs are taken in their logical (row-major) order whatever their strides."""
+    x, weight, absmax, bs, qt, A, B, bias = make_case("dense", torch.bfloat16, torch.float32, 40, 72, 30, 64, 8, True)
+    g = torch.randn(40, 30).to(torch.bfloat16)
+    nc = [t.t().contiguous().t() for t in (x, weight, A, B, g)]
+    assert not any(t.is_contiguous() for t in nc)
+    fwd = OPS.lora_linear_fwd(nc[0], nc[1], None, bs, qt, 30, nc[2], nc[3], 1.0, bias[::1], 0.3, seed, "linear")
+    want = OPS.lora_linear_fwd(x, weight, None, bs, qt, 30, A, B, 1.0, bias, 0.3, seed, "linear")
+    for a, b in zip(fwd, want, strict=True):
+        assert torch.equal(a, b)
+    S = want[1]
+    got = OPS.lora_linear_bwd(nc[4], nc[0], S.t().contiguous().t(), nc[1], None, bs, qt, 30, nc[2], nc[3], 1.0, 0.3,
+                              seed, True, True, True)
+    want = OPS.lora_linear_bwd(g, x, S, weight, None, bs, qt, 30, A, B, 1.0, 0.3, seed, True, True, True)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
