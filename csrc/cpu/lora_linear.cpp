@@ -3,16 +3,18 @@
 //
 // The big GEMMs (x·Wᵀ forward, G·W backward) run in MKL through at::mm. A 4-bit (or bf16/fp16
 // dense) weight is never materialised in full: forward walks tiles of output rows of W, backward
-// tiles of input columns of W; each tile is decoded (or widened) into a cache-sized fp32 buffer,
-// multiplied, and its slice of the output is finished right away by a fused epilogue (bias, the
-// LoRA branch, the rounding, and in backward the dropout mask regenerated with Philox, shared by
-// dx and by dropout(x) for dA). A dense fp32 weight is not copied: its tiles are views.
+// tiles of input columns of W; each tile is decoded (or widened) into an fp32 buffer of at most
+// 8 MiB per thread (L3-resident), multiplied, and its slice of the output is finished right away
+// by a fused epilogue (bias, the LoRA branch, the rounding, and in backward the dropout mask
+// regenerated with Philox, shared by dx and by dropout(x) for dA). A dense fp32 weight is not
+// copied: its tiles are views.
 //
 // Threads take whole tiles (one parallel region per op, MKL single-threaded inside it). Measured
 // on 2 cores, 1024 x 4096 -> 4096: this beats one 2-thread MKL GEMM per tile (a barrier per tile,
 // thin GEMMs split two ways) and, with 8 MiB tiles, matches one full-size 2-thread torch.mm; each
 // MKL call repacks the whole activation operand, so tiles much smaller than ~512 weight rows cost
-// up to 10% more GEMM time (2 MiB tiles: +7% fwd+bwd).
+// up to 10% more GEMM time (2 MiB tiles: +7% fwd+bwd). Transients per thread: the weight tile,
+// and two to three (M, tile) fp32 buffers; bf16/fp16 x and grad_y are widened to fp32 once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
