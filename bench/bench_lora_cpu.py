@@ -2,7 +2,7 @@
 x·Wᵀ and dY·W alone (torch.mm on a dense fp32 W). Targets (ISSUE: C++ CPU backend of the LoRA ops):
 nf4 + double quant, fp32 x within 1.05x of the floor, bf16 x within 1.15x.
 
-    python bench/bench_lora_cpu.py [--rounds 6] [--tokens 1024] [--dim 4096] [--rank 16]
+    python bench/bench_lora_cpu.py [--rounds 6] [--tokens 1024] [--dim 4096] [--rank 16] [--threads N]
 
 The machine may be shared: a round runs only when the CPUs look idle, and the table shows the
 minimum over rounds; each configuration is timed back to back with its floor.
@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ops = torch.ops.fastlora
     M, K, N, r = args.tokens, args.dim, args.dim, args.rank
