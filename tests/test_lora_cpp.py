@@ -1,0 +1,349 @@
+"""The C++ CPU kernels of the LoRA ops (torch.ops.fastlora.lora_dropout / lora_linear_fwd /
+lora_linear_bwd) against the torch reference ops (``*_reference``).
+
+Tolerances (reference = fastlora/reference_lora.py, fp32 compute in both):
+  * lora_dropout: bitwise, every dtype.
+  * fp32 results: |got - want| <= 1e-5 * |want| + 1e-6 * max|want| elementwise (GEMM summation order
+    is the only difference), and max|got - want| / max|want| <= 2e-6.
+  * bf16 / fp16 results: at most one rounding step apart, i.e. |got - want| <= rtol * |want| +
+    atol * max|want| with rtol = atol = 2^-7 (bf16) or 2^-10 (fp16) -- one ulp of the dtype relative
+    to the value, or to the largest value where an fp32 sum cancels -- and at most 2% of the elements
+    differ at all.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastlora import backends, nf4
+
+pytestmark = pytest.mark.skipif(not backends.available("cpu")["cpp"], reason="compiled extension not available")
+
+OPS = torch.ops.fastlora
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ULP = {torch.float32: None, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str = ""):
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype, want.dtype)
+    if want.numel() == 0:
+        return
+    g, w = got.double(), want.double()
+    scale = w.abs().max().item()
+    if want.dtype == torch.float32:
+        tol = 1e-5 * w.abs() + 1e-6 * scale
+        assert bool(((g - w).abs() <= tol).all()), f"{what}: max err {(g - w).abs().max().item():.3g} (scale {scale})"
+        assert (g - w).abs().max().item() <= 2e-6 * max(scale, 1e-30), what
+    else:
+        u = ULP[want.dtype]
+        tol = u * w.abs() + u * scale
+        err = (g - w).abs()
+        assert bool((err <= tol).all()), f"{what}: max err {err.max().item():.3g} (scale {scale})"
+        assert (got != want).float().mean().item() <= 0.02, f"{what}: {(got != want).float().mean().item():.3%} differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_dropout
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3,), (5,), (31,), (4097,), (37, 111), (2, 3, 1029)])
+def test_dropout_bitwise(seed, dtype, shape):
+    x = torch.randn(shape).to(dtype)
+    flat = x.view(-1)
+    flat[:: max(1, flat.numel() // 3)] = -0.0
+    if flat.numel() > 4:
+        flat[1], flat[2] = float("inf"), -float("inf")
+    for p in (0.0, 0.1, 0.5, 0.97):
+        s = seed * 7919 + int(p * 100)
+        got, want = OPS.lora_dropout(x, p, s), OPS.lora_dropout_reference(x, p, s)
+        assert got.shape == x.shape and got.dtype == dtype
+        assert torch.equal(_bits(got), _bits(want)), (p, s)
+
+
+def test_dropout_extreme_seeds_and_probabilities(seed):
+    x = torch.randn(999)
+    for s in (0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**63), seed):
+        for p in (1e-9, 2.0**-24, 0.5, 1 - 2.0**-25):
+            assert torch.equal(_bits(OPS.lora_dropout(x, p, s)), _bits(OPS.lora_dropout_reference(x, p, s))), (s, p)
+    assert torch.equal(OPS.lora_dropout(x, 1 - 2.0**-25, 3), torch.zeros_like(x))
+
+
+def test_dropout_nan_and_noncontiguous(seed):
+    x = torch.randn(64, 48)
+    x[3, 5] = float("nan")
+    y = x.t()  # non-contiguous: element order is the logical row-major order
+    for p in (0.0, 0.3):
+        got, want = OPS.lora_dropout(y, p, seed), OPS.lora_dropout_reference(y, p, seed)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dropout_keeps_the_right_fraction(seed):
+    x = torch.ones(1 << 16)
+    for p in (0.1, 0.5):
+        kept = (OPS.lora_dropout(x, p, seed) != 0).float().mean().item()
+        assert abs(kept - (1 - p)) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_linear_fwd / lora_linear_bwd
+
+
+WEIGHTS = ["dense", "nf4", "nf4-dq", "fp4", "fp4-dq"]
+# (M, K, N, blocksize, rank, bias, rounding, dropout_p): K*N is not a multiple of the blocksize in
+# all but the first (blocks straddle rows), and 37x73x201 has an odd number of codes.
+CONFIGS = [
+    (111, 72, 200, 64, 8, True, "linear", 0.0),
+    (111, 72, 200, 128, 64, False, "linear4bit", 0.3),
+    (37, 73, 201, 64, 1, True, "linear4bit", 0.1),
+    (37, 73, 201, 128, 8, False, "linear", 0.5),
+]
+
+
+def make_weight(kind: str, N: int, K: int, blocksize: int, dtype: torch.dtype):
+    """(weight, absmax, blocksize, quant_type) as the ops take them."""
+    w = torch.randn(N, K) / math.sqrt(K)
+    if kind == "dense":
+        return w.to(dtype), None, 64, "nf4"
+    qt, dq = kind[:3], kind.endswith("-dq")
+    q = nf4.quantize(w.to(dtype), blocksize, qt, dq)
+    return q.packed_bytes(), q.absmax_float(), blocksize, qt
+
+
+def make_case(kind, x_dtype, a_dtype, M, K, N, blocksize, rank, has_bias):
+    x = torch.randn(M, K).to(x_dtype)
+    weight, absmax, bs, qt = make_weight(kind, N, K, blocksize, x_dtype)
+    A = (torch.randn(rank, K) / math.sqrt(K)).to(a_dtype)
+    B = (torch.randn(N, rank) / math.sqrt(rank)).to(a_dtype)
+    bias = torch.randn(N).to(x_dtype) if has_bias else None
+    return x, weight, absmax, bs, qt, A, B, bias
+
+
+def run_both(x, weight, absmax, bs, qt, A, B, bias, scaling, p, seed, rounding, needs=(True, True, True), g=None):
+    N = B.shape[0]
+    fwd_args = (x, weight, absmax, bs, qt, N, A, B, scaling, bias, p, seed, rounding)
+    y, S = OPS.lora_linear_fwd(*fwd_args)
+    y_ref, S_ref = OPS.lora_linear_fwd_reference(*fwd_args)
+    if g is None:
+        g = torch.randn(x.shape[0], N).to(x.dtype)
+    # Backward from the reference S so that a 1-ulp difference in S does not propagate into dB.
+    bwd_args = (g, x, S_ref, weight, absmax, bs, qt, N, A, B, scaling, p, seed, *needs)
+    return (y, S, *OPS.lora_linear_bwd(*bwd_args)), (y_ref, S_ref, *OPS.lora_linear_bwd_reference(*bwd_args))
+
+
+@pytest.mark.parametrize("kind", WEIGHTS)
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("adapters", ["fp32", "x"])
+def test_fwd_bwd_match_reference(seed, kind, x_dtype, adapters):
+    a_dtype = torch.float32 if adapters == "fp32" else x_dtype
+    for i, (M, K, N, bs, rank, has_bias, rounding, p) in enumerate(CONFIGS):
+        case = make_case(kind, x_dtype, a_dtype, M, K, N, bs, rank, has_bias)
+        got, want = run_both(*case, scaling=2.0 / rank**0.5, p=p, seed=seed + i, rounding=rounding)
+        for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+            assert_matches(a, b, f"{name} config {i}")
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_tiling_edges(seed, monkeypatch, kind, x_dtype):
+    """Tiny tiles (16 rows / columns of the weight per tile, ragged last tile) give the same results;
+    K = 73 puts every row's dropout mask at a different Philox word offset."""
+    monkeypatch.setenv("FASTLORA_CPU_TILE_BYTES", "4096")
+    case = make_case(kind, x_dtype, torch.float32, 45, 73, 83, 64, 4, True)
+    got, want = run_both(*case, scaling=0.5, p=0.2, seed=seed, rounding="linear4bit")
+    for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+        assert_matches(a, b, name)
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+def test_portable_path_matches_avx2_bitwise(seed, monkeypatch, x_dtype):
+    """FASTLORA_DISABLE_AVX2 forces the portable C++ path (read on every call): same bits."""
+    x = torch.randn(3, 1001).to(x_dtype)
+    case = make_case("fp4-dq", x_dtype, torch.float32, 29, 75, 66, 64, 8, True)
+    outs = []
+    for disable in ("0", "1"):
+        monkeypatch.setenv("FASTLORA_DISABLE_AVX2", disable)
+        torch.manual_seed(seed)
+        g = torch.randn(29, 66).to(x_dtype)
+        got, _ = run_both(*case, scaling=1.5, p=0.25, seed=seed, rounding="linear", g=g)
+        outs.append([OPS.lora_dropout(x, 0.3, seed), *got])
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_empty_batch(seed, kind):
+    for x_dtype in (torch.float32, torch.bfloat16):
+        case = make_case(kind, x_dtype, torch.float32, 0, 72, 40, 64, 8, True)
+        got, want = run_both(*case, scaling=1.0, p=0.1, seed=seed, rounding="linear")
+        for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            assert torch.equal(a, b), name  # dA and dB are zeros
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_degenerate_sizes(seed, kind):
+    """K = 0, N = 0 and r = 0 give what the reference gives (zeros / empty), no crash."""
+    for M, K, N, rank in ((5, 0, 7, 3), (5, 64, 0, 3), (5, 64, 7, 0)):
+        case = make_case(kind, torch.float32, torch.float32, M, K, N, 64, rank, True)
+        got, want = run_both(*case, scaling=1.0, p=0.1, seed=seed, rounding="linear")
+        for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype, (name, M, K, N, rank)
+            assert_matches(a, b, name)
+
+
+def test_noncontiguous_inputs(seed):
+    """Inputs are taken in their logical (row-major) order whatever their strides."""
+    x, weight, absmax, bs, qt, A, B, bias = make_case("dense", torch.bfloat16, torch.float32, 40, 72, 30, 64, 8, True)
+    g = torch.randn(40, 30).to(torch.bfloat16)
+    nc = [t.t().contiguous().t() for t in (x, weight, A, B, g)]
+    assert not any(t.is_contiguous() for t in nc)
+    fwd = OPS.lora_linear_fwd(nc[0], nc[1], None, bs, qt, 30, nc[2], nc[3], 1.0, bias[::1], 0.3, seed, "linear")
+    want = OPS.lora_linear_fwd(x, weight, None, bs, qt, 30, A, B, 1.0, bias, 0.3, seed, "linear")
+    for a, b in zip(fwd, want, strict=True):
+        assert torch.equal(a, b)
+    S = want[1]
+    got = OPS.lora_linear_bwd(nc[4], nc[0], S.t().contiguous().t(), nc[1], None, bs, qt, 30, nc[2], nc[3], 1.0, 0.3,
+                              seed, True, True, True)
+    want = OPS.lora_linear_bwd(g, x, S, weight, None, bs, qt, 30, A, B, 1.0, 0.3, seed, True, True, True)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_need_flags(seed, kind):
+    x, weight, absmax, bs, qt, A, B, bias = make_case(kind, torch.bfloat16, torch.float32, 50, 72, 40, 64, 8, False)
+    N = B.shape[0]
+    g = torch.randn(50, N).to(torch.bfloat16)
+    y, S = OPS.lora_linear_fwd(x, weight, absmax, bs, qt, N, A, B, 1.0, None, 0.2, seed, "linear4bit")
+    full = OPS.lora_linear_bwd(g, x, S, weight, absmax, bs, qt, N, A, B, 1.0, 0.2, seed, True, True, True)
+    for needs in [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)]:
+        out = OPS.lora_linear_bwd(g, x, S, weight, absmax, bs, qt, N, A, B, 1.0, 0.2, seed, *needs)
+        for need, got, want, like in zip(needs, out, full, (x, A, B), strict=True):
+            if need:
+                assert torch.equal(got, want)
+            else:
+                assert got.shape == (0,) and got.dtype == like.dtype
+    # p = 0: dA alone takes a shortcut (dropout(x) is x)
+    out = OPS.lora_linear_bwd(g, x, S, weight, absmax, bs, qt, N, A, B, 1.0, 0.0, seed, False, True, False)
+    want = OPS.lora_linear_bwd_reference(g, x, S, weight, absmax, bs, qt, N, A, B, 1.0, 0.0, seed, True, True, True)
+    assert_matches(out[1], want[1], "dA")
+
+
+def test_autograd_op_on_cpp_backend(seed):
+    from fastlora import ops
+
+    q = nf4.quantize(torch.randn(48, 40), 64, "nf4", True)
+    x = torch.randn(2, 5, 40, requires_grad=True)
+    grads = []
+    for backend in ("cpp", "reference"):
+        A = (torch.randn(4, 40) * 0.1).requires_grad_()
+        B = (torch.randn(48, 4) * 0.1).requires_grad_()
+        torch.manual_seed(seed)
+        A.data.normal_(0, 0.1)
+        B.data.normal_(0, 0.1)
+        x.grad = None
+        y = ops.lora_linear(x, q, A, B, 2.0, dropout_p=0.0, backend=backend)
+        y.square().sum().backward()
+        grads.append((y.detach(), x.grad.clone(), A.grad, B.grad))
+    for a, b in zip(*grads, strict=True):
+        assert_matches(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and bad input
+
+
+def test_opcheck_lora_ops(seed):
+    torch.library.opcheck(OPS.lora_dropout, (torch.randn(7, 33).to(torch.bfloat16), 0.25, seed))
+    torch.library.opcheck(OPS.lora_dropout, (torch.randn(10), 0.0, seed))
+    for kind, dtype, p in (("dense", torch.float32, 0.0), ("nf4-dq", torch.bfloat16, 0.2)):
+        x, weight, absmax, bs, qt, A, B, bias = make_case(kind, dtype, torch.float32, 9, 72, 20, 64, 4, True)
+        fwd = (x, weight, absmax, bs, qt, 20, A, B, 0.5, bias, p, seed, "linear")
+        torch.library.opcheck(OPS.lora_linear_fwd, fwd)
+        S = OPS.lora_linear_fwd(*fwd)[1]
+        g = torch.randn(9, 20).to(dtype)
+        for needs in ((True, True, True), (False, True, False)):
+            torch.library.opcheck(OPS.lora_linear_bwd, (g, x, S, weight, absmax, bs, qt, 20, A, B, 0.5, p, seed,
+                                                        *needs))
+
+
+def _fwd_args(**change):
+    x = torch.randn(6, 64)
+    q = nf4.quantize(torch.randn(10, 64), 64, "nf4", False)
+    args = dict(x=x, weight=q.packed_bytes(), absmax=q.absmax, blocksize=64, quant_type="nf4", out_features=10,
+                lora_A=torch.randn(4, 64), lora_B=torch.randn(10, 4), scaling=1.0, bias=None, dropout_p=0.0, seed=1,
+                rounding="linear")
+    args.update(change)
+    return args
+
+
+BAD_FWD = [
+    (dict(x=torch.randn(6, 64, dtype=torch.float64)), TypeError, "x"),
+    (dict(x=torch.zeros(6, 64, dtype=torch.int32)), TypeError, "x"),
+    (dict(x=torch.randn(6, 2, 32)), ValueError, "x"),
+    (dict(x=torch.randn(6, 63)), ValueError, "weight"),
+    (dict(weight=torch.zeros(319, dtype=torch.uint8)), ValueError, "weight"),
+    (dict(weight=torch.zeros(320, dtype=torch.int8)), TypeError, "weight"),
+    (dict(absmax=torch.ones(10, dtype=torch.float16)), TypeError, "absmax"),
+    (dict(absmax=torch.ones(11)), ValueError, "absmax"),
+    (dict(blocksize=48), ValueError, "blocksize"),
+    (dict(quant_type="int4"), ValueError, "quant_type"),
+    (dict(out_features=-1), ValueError, "out_features"),
+    (dict(absmax=None, weight=torch.randn(10, 64, dtype=torch.bfloat16)), TypeError, "weight"),
+    (dict(absmax=None, weight=torch.randn(10, 65)), ValueError, "weight"),
+    (dict(lora_A=torch.randn(4, 63)), ValueError, "lora_A"),
+    (dict(lora_A=torch.zeros(4, 64, dtype=torch.int64)), TypeError, "lora_A"),
+    (dict(lora_A=torch.randn(4, 64, dtype=torch.float16)), TypeError, "lora_A"),
+    (dict(lora_B=torch.randn(10, 5)), ValueError, "lora_B"),
+    (dict(lora_B=torch.randn(10, 4, dtype=torch.float64)), TypeError, "lora_B"),
+    (dict(bias=torch.randn(11)), ValueError, "bias"),
+    (dict(bias=torch.zeros(10, dtype=torch.int32)), TypeError, "bias"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(dropout_p=float("nan")), ValueError, "dropout_p"),
+    (dict(rounding="peft"), ValueError, "rounding"),
+]
+
+
+@pytest.mark.parametrize("change,exc,word", BAD_FWD)
+def test_bad_fwd_input_raises_named_error(change, exc, word):
+    with pytest.raises(exc, match=word):
+        OPS.lora_linear_fwd(*_fwd_args(**change).values())
+
+
+BAD_BWD = [
+    (dict(grad_y=torch.randn(6, 11)), ValueError, "grad_y"),
+    (dict(grad_y=torch.zeros(6, 10, dtype=torch.int32)), TypeError, "grad_y"),
+    (dict(S=torch.randn(6, 5)), ValueError, "S"),
+    (dict(S=torch.randn(6, 4, dtype=torch.float64)), TypeError, "S"),
+    (dict(x=torch.randn(5, 64)), ValueError, "grad_y"),
+    (dict(lora_B=torch.randn(9, 4)), ValueError, "lora_B"),
+    (dict(dropout_p=2.0), ValueError, "dropout_p"),
+]
+
+
+@pytest.mark.parametrize("change,exc,word", BAD_BWD)
+def test_bad_bwd_input_raises_named_error(change, exc, word):
+    a = _fwd_args()
+    args = dict(grad_y=torch.randn(6, 10), x=a["x"], S=torch.randn(6, 4), weight=a["weight"], absmax=a["absmax"],
+                blocksize=64, quant_type="nf4", out_features=10, lora_A=a["lora_A"], lora_B=a["lora_B"], scaling=1.0,
+                dropout_p=0.0, seed=1, need_dx=True, need_dA=True, need_dB=True)
+    args.update(change)
+    with pytest.raises(exc, match=word):
+        OPS.lora_linear_bwd(*args.values())
+
+
+def test_bad_dropout_input_raises_named_error():
+    with pytest.raises(TypeError, match="x"):
+        OPS.lora_dropout(torch.zeros(4, dtype=torch.int32), 0.1, 1)
+    with pytest.raises(TypeError, match="x"):
+        OPS.lora_dropout(torch.zeros(4, dtype=torch.float64), 0.1, 1)
+    for p in (1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="p"):
+            OPS.lora_dropout(torch.zeros(4), p, 1)
