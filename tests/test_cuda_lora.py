@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -221,19 +222,12 @@ def test_cuda_empty_and_degenerate_shapes():
 
 @needs_cuda
 def test_cuda_bad_inputs_name_the_argument():
-    case = Case(4, 64, 32, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
-    args = list(case.args("cuda"))
-    dense = list(args)
-    dense[1], dense[2] = torch.randn(32, 64, dtype=torch.bfloat16, device="cuda"), None
-    with pytest.raises(ValueError, match="weight"):
-        torch.ops.fastlora.lora_linear_fwd(*dense)
-    big = Case(17, 64, 32, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
-    with pytest.raises(ValueError, match="M=17"):
-        cuda_fwd(big)
-    wrong = list(args)
-    wrong[7] = wrong[7][:, :3]  # lora_B (N, r-1)
-    with pytest.raises(ValueError, match="lora_B"):
-        torch.ops.fastlora.lora_linear_fwd(*wrong)
+    # In a subprocess: on an H100 (2026-11-26) one of these calls crashed the process (SIGSEGV inside
+    # fastlora::lora_linear_fwd's CUDA wrapper, cause not found yet); the suite must survive to report it.
+    script = Path(__file__).with_name("gpu_repro_bad_rows.py")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         cwd=script.parent.parent)  # fmt: skip
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
 
 
 @needs_cuda
