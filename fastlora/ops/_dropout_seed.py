@@ -38,6 +38,7 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@torch.compiler.disable  # eager draw: under torch.compile the same generator gives the same masks as eager
 def draw_seed(call_site: torch.Tensor) -> int:
     """The dropout seed of one forward call of the adapter ``call_site`` (its lora_A)."""
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
