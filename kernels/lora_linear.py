@@ -62,7 +62,7 @@ __all__ = [
     "GEMM_CONFIGS",
     "SMALL_M",
     "GemmConfig",
-    "LARGE_M_GEMM",
+    "GEMMS",
     "compile_specs",
     "lora_linear_bwd",
     "lora_linear_fwd",
@@ -77,13 +77,16 @@ __all__ = [
 SMALL_M: int = int(os.environ.get("FASTLORA_SMALL_M", "64"))
 # FASTLORA_TRITON_AUTOTUNE=0: use the first configuration of each list instead of benchmarking them.
 AUTOTUNE: bool = os.environ.get("FASTLORA_TRITON_AUTOTUNE", "1") != "0"
-# GEMM of the workspace path (dense weights, and 4-bit weights above SMALL_M): "torch" multiplies
-# with torch (cuBLAS on a GPU) and adds the LoRA term with torch ops, "triton" runs the fused Triton
-# GEMMs, "auto" is "torch" on a GPU and "triton" under the interpreter (so the CPU tests check the
-# Triton GEMMs). Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, 4096 tokens, nf4 double
-# quant, bf16) the untuned fused Triton GEMMs took 3.7x cuBLAS' x·Wᵀ for the forward, 2.3x the unfused
-# dequantize + cuBLAS + addmm path. Override with FASTLORA_LARGE_M_GEMM or by assigning this attribute.
-LARGE_M_GEMM: str = os.environ.get("FASTLORA_LARGE_M_GEMM", "auto")
+# Which GEMMs run: "triton" = the fused Triton GEMMs (in-loop 4-bit decode up to SMALL_M tokens, the
+# LoRA term in the GEMM epilogue) and the one-pass dS/dB kernel; "torch" = the weight decoded once into
+# an x-dtype workspace, torch's GEMMs (cuBLAS) for x·Wᵀ, G·W, G·B and Gᵀ·S, the LoRA term added by
+# _lora_add_kernel; the S, dx-LoRA, dA and dropout kernels are Triton in both. "auto" (default) is
+# "torch" on a GPU and "triton" under the interpreter, so the CPU tests check the Triton GEMMs.
+# Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, nf4 double quant, bf16, r=16) the
+# untuned Triton GEMMs took 3.7x cuBLAS' x·Wᵀ at 4096 tokens, the in-loop decode 585-925 us at 1-16
+# tokens (dequantize + cuBLAS: ~45 us), and the dS/dB kernel, one program per 64 rows, serialises
+# over N for small M. Override with FASTLORA_GEMMS or by assigning this attribute.
+GEMMS: str = os.environ.get("FASTLORA_GEMMS", "auto")
 
 _XDTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # (x dtype, adapter dtype): adapters are float32 or x's dtype.
@@ -718,9 +721,9 @@ def _dequantize_workspace(packed, absmax, blocksize: int, quant_type: str, n: in
 
 
 def _torch_gemms(interp: bool) -> bool:
-    if LARGE_M_GEMM not in ("auto", "torch", "triton"):
-        raise ValueError(f"LARGE_M_GEMM must be 'auto', 'torch' or 'triton', got {LARGE_M_GEMM!r}")
-    return LARGE_M_GEMM == "torch" or (LARGE_M_GEMM == "auto" and not interp)
+    if GEMMS not in ("auto", "torch", "triton"):
+        raise ValueError(f"fastlora.kernels.lora_linear.GEMMS must be 'auto', 'torch' or 'triton', got {GEMMS!r}")
+    return GEMMS == "torch" or (GEMMS == "auto" and not interp)
 
 
 ADD_CONFIG = (64, 64)  # (BLOCK_M, BLOCK_N) of _lora_add_kernel, 4 warps (64x128 spills with fp32 adapters)
@@ -739,6 +742,16 @@ def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str, interp: boo
         BLOCK_M=block_m, BLOCK_N=block_n, INTERP=interp, num_warps=4,
     )  # fmt: skip
     return y
+
+
+def _ds_db_torch(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool):
+    """(dS = scaling·(G·B) fp32 (M, r), Gᵀ·S fp32 (N, r)) with torch's GEMMs, in fp32 (G's 16-bit values
+    are exact in fp32; the backward launcher scales and rounds dB as for the Triton kernel)."""
+    g = grad_y.float()
+    ds = torch.mm(g, lora_B.float()).mul_(torch.tensor(scaling, dtype=torch.float32, device=g.device)) \
+        if need_ds else None
+    db = torch.mm(S.float().t(), g).t() if need_db else None
+    return ds, db
 
 
 def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: int) -> torch.Tensor:
@@ -784,9 +797,10 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     if n == 0:
         return y, s
 
-    fused = absmax is not None and uses_fused_4bit(m, k, blocksize)
+    torch_gemms = _torch_gemms(interp)
+    fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
-    if not w4 and _torch_gemms(interp):
+    if torch_gemms:
         return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding, interp), s
     args = (x, w, amax, table, bias.contiguous() if bias is not None else y, s, lora_B, y, m, n, k, r, log2_bs,
             float(scaling), int(bias is not None), int(rounding == "linear4bit"), _m_bucket(m))  # fmt: skip
@@ -827,19 +841,24 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     if m > 0 and (need_ds or need_dB):
         grad_y, x, S = grad_y.contiguous(), x.contiguous(), S.contiguous()
         lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
-        ds = torch.empty((m, r), dtype=torch.float32, device=dev) if need_ds else db_ws
-        block_r = _ds_block_r(r)
-        dc = _INTERP_SMALL if interp else DS_CONFIGS[block_r, _width(adt)]
-        _lora_bwd_ds_kernel[(triton.cdiv(m, dc.block_m),)](
-            grad_y, lora_B, S, ds, db_ws if need_dB else ds, m, n, r, float(scaling), int(need_ds), int(need_dB),
-            BLOCK_M=dc.block_m, BLOCK_N=dc.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=dc.num_warps,
-        )  # fmt: skip
+        torch_gemms = _torch_gemms(interp)
+        if torch_gemms:
+            ds, db_ws = _ds_db_torch(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
+        else:
+            ds = torch.empty((m, r), dtype=torch.float32, device=dev) if need_ds else db_ws
+            block_r = _ds_block_r(r)
+            dc = _INTERP_SMALL if interp else DS_CONFIGS[block_r, _width(adt)]
+            _lora_bwd_ds_kernel[(triton.cdiv(m, dc.block_m),)](
+                grad_y, lora_B, S, ds, db_ws if need_dB else ds, m, n, r, float(scaling), int(need_ds),
+                int(need_dB), BLOCK_M=dc.block_m, BLOCK_N=dc.block_c, BLOCK_R=block_r, INTERP=interp,
+                num_warps=dc.num_warps,
+            )  # fmt: skip
         if need_ds:
             keep_mask, seed_lo, seed_hi, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
         if need_dx:
-            fused = absmax is not None and uses_fused_4bit(m, k, blocksize)
+            fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
             w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
-            if not w4 and _torch_gemms(interp):
+            if torch_gemms:
                 dx = _dx_torch(grad_y, w, ds, lora_A, float(dropout_p), seed)
             else:
                 args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed_lo, seed_hi,

@@ -250,17 +250,17 @@ def test_bad_arguments():
 @pytest.mark.parametrize("quant", [None, "nf4"])
 @pytest.mark.parametrize(("xdt", "adt"), [(F32, F32), (BF16, F32), (F16, F16)], ids=["f32", "bf16-f32", "f16"])
 @pytest.mark.parametrize("rounding", ["linear", "linear4bit"])
-def test_torch_gemm_path(seed, monkeypatch, quant, xdt, adt, rounding):
-    """The workspace path with torch's GEMMs (the default on a GPU, LARGE_M_GEMM="auto") around the
-    Triton S / dS / dA / dropout kernels, against the reference like the fused Triton GEMMs."""
-    monkeypatch.setattr(tl_lora, "LARGE_M_GEMM", "torch")
-    monkeypatch.setattr(tl_lora, "SMALL_M", 0)
-    _run_case(37, 72, 200, 8, xdt, adt, quant=quant, double_quant=True, blocksize=64, rounding=rounding, p=0.2,
+@pytest.mark.parametrize("m", [5, 37])
+def test_torch_gemm_path(seed, monkeypatch, quant, xdt, adt, rounding, m):
+    """GEMMS="torch" (the default on a GPU): the workspace path for every M, torch's GEMMs for x·Wᵀ,
+    G·W, G·B and Gᵀ·S around the Triton S / add / dA / dropout kernels, against the reference."""
+    monkeypatch.setattr(tl_lora, "GEMMS", "torch")
+    _run_case(m, 128, 200, 8, xdt, adt, quant=quant, double_quant=True, blocksize=64, rounding=rounding, p=0.2,
               seed=seed)  # fmt: skip
 
 
 def test_large_m_gemm_setting_is_checked(monkeypatch):
-    monkeypatch.setattr(tl_lora, "LARGE_M_GEMM", "cutlass")
+    monkeypatch.setattr(tl_lora, "GEMMS", "cutlass")
     x, weight, absmax, a, b, bias_t, _ = _inputs(20, 64, 40, 4, F32, F32, None, True)
-    with pytest.raises(ValueError, match="LARGE_M_GEMM"):
+    with pytest.raises(ValueError, match="GEMMS"):
         OPS.lora_linear_fwd_triton(x, weight, absmax, 64, "nf4", 40, a, b, 1.0, bias_t, 0.0, 0, "linear")
