@@ -1,0 +1,173 @@
+"""The Triton NEFTune embedding kernel (fastlora/kernels/neftune_embedding.py) against the contract, bit for bit.
+
+Runs on CPU tensors under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when CUDA is absent)
+or compiled on a GPU. The contract is written out here in torch (``contract``), independent of the op layer:
+
+    out[t, j] = round_to(weight.dtype, float(weight[ids[t], j]) + fp32(u(i) * mag[t])),  i = t * d + j
+    u(i) = float((int32)(word(i) >> 8) - 2^23) * 2^-23,  word(i): Philox4x32-10 stream 1, word i & 3 of block i >> 2
+    rows with mag[t] == 0 are exactly weight[ids[t]]
+
+Where the other backends exist (after the merge with the op layer: torch.ops.fastlora.neftune_embedding_reference
+and the C++ CPU kernel of torch.ops.fastlora.neftune_embedding) the kernel is compared with them as well; those
+cases skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora.ops  # noqa: F401  (registers the fastlora::*_reference ops where they exist)
+from fastlora.reference_lora import philox_words
+
+kernels = pytest.importorskip("fastlora.kernels.neftune_embedding")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+SEEDS = [0, 1, 0x1234_5678_9ABC_DEF0, 2**63 - 1]
+
+
+def contract(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
+    """The NEFTune embedding rule in plain torch (CPU, fp32 arithmetic: each op rounds once, no FMA)."""
+    ids, weight, mag = ids.cpu(), weight.cpu(), mag.cpu()
+    T, d = ids.numel(), weight.shape[1]
+    words = philox_words(seed, T * d, stream=1).view(T, d)
+    u = ((words >> 8) - 8388608).to(torch.float32) * (2.0**-23)  # exact
+    noise = u * mag[:, None]  # one fp32 rounding
+    rows = weight[ids]
+    v = (rows.to(torch.float32) + noise).to(weight.dtype)  # one fp32 add, one RNE rounding
+    return torch.where((mag == 0)[:, None], rows, v)
+
+
+def assert_bitwise(out: torch.Tensor, expected: torch.Tensor) -> None:
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    a, b = out.cpu().view(_BITS[out.dtype]), expected.cpu().view(_BITS[out.dtype])
+    if not torch.equal(a, b):
+        bad = (a != b).nonzero()
+        t, j = bad[0].tolist()
+        raise AssertionError(
+            f"{len(bad)} of {a.numel()} elements differ; first at [{t}, {j}]: {out[t, j].item()!r} "
+            f"(bits {a[t, j].item():#x}) vs {expected[t, j].item()!r} (bits {b[t, j].item():#x})"
+        )
+
+
+def make_inputs(T: int, V: int, d: int, dtype: torch.dtype, *, gen_seed: int = 0, zero_rows=(), scale=0.3):
+    g = torch.Generator().manual_seed(gen_seed)
+    weight = torch.randn(V, d, generator=g).to(dtype)
+    weight[0, : min(d, 3)] = -0.0  # signed zeros must survive mag == 0 rows
+    ids = torch.randint(0, V, (T,), generator=g)
+    ids[0] = 0
+    mag = torch.rand(T, generator=g) * scale
+    for t in zero_rows:
+        mag[t] = 0.0
+    return ids.to(DEVICE), weight.to(DEVICE), mag.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize(
+    "T,V,d",
+    [(1, 7, 64), (5, 11, 37), (9, 13, 48), (4, 9, 516), (3, 6, 1024), (2, 5, 4099), (33, 40, 20)],
+)
+def test_matches_contract(dtype, T, V, d):
+    ids, weight, mag = make_inputs(T, V, d, dtype, gen_seed=T * 1000 + d, zero_rows=(0,) if T > 1 else ())
+    for seed in SEEDS[:2] if d > 1000 else SEEDS:
+        out = kernels.neftune_embedding(ids, weight, mag, seed)
+        assert_bitwise(out, contract(ids, weight, mag, seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_zero_mag_rows_are_the_lookup(dtype):
+    ids, weight, mag = make_inputs(12, 10, 40, dtype, gen_seed=3, zero_rows=(0, 3, 4, 11))
+    out = kernels.neftune_embedding(ids, weight, mag, 2**63 - 1)
+    lookup = torch.nn.functional.embedding(ids, weight)
+    zero = (mag == 0).cpu()
+    assert_bitwise(out[zero], lookup[zero].contiguous())
+    assert not torch.equal(out[~zero], lookup[~zero])  # the others got noise
+    assert_bitwise(kernels.neftune_embedding(ids, weight, torch.zeros_like(mag), 5), lookup)
+
+
+def test_noise_bounds_and_seeds():
+    ids, weight, mag = make_inputs(16, 16, 64, torch.float32, gen_seed=4, scale=1.0)
+    a = kernels.neftune_embedding(ids, weight, mag, 123)
+    b = kernels.neftune_embedding(ids, weight, mag, 123)
+    c = kernels.neftune_embedding(ids, weight, mag, 124)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    noise = (a - weight[ids]).cpu()
+    assert (noise.abs() <= mag.cpu()[:, None] * (1 + 2**-20)).all()
+
+
+def test_empty_and_noncontiguous():
+    ids, weight, mag = make_inputs(6, 8, 32, torch.bfloat16, gen_seed=5)
+    out = kernels.neftune_embedding(ids[:0], weight, mag[:0], 1)
+    assert out.shape == (0, 32) and out.dtype == torch.bfloat16
+    ids2 = torch.stack([ids, ids]).t()[:, 0]  # strided view
+    w2 = weight.t().contiguous().t()  # column-major copy
+    assert_bitwise(kernels.neftune_embedding(ids2, w2, mag, 9), contract(ids, weight, mag, 9))
+
+
+def _bad(**kw):
+    ids, weight, mag = make_inputs(4, 8, 16, torch.float32)
+    args = {"ids": ids, "weight": weight, "mag": mag, "seed": 1} | kw
+    return args
+
+
+@pytest.mark.parametrize(
+    "kw,exc,word",
+    [
+        (lambda a: {"ids": a["ids"].to(torch.int32)}, TypeError, "ids"),
+        (lambda a: {"ids": a["ids"].float()}, TypeError, "ids"),
+        (lambda a: {"weight": a["weight"].double()}, TypeError, "weight"),
+        (lambda a: {"weight": a["weight"].to(torch.int64)}, TypeError, "weight"),
+        (lambda a: {"mag": a["mag"].half()}, TypeError, "mag"),
+        (lambda a: {"seed": 1.5}, TypeError, "seed"),
+        (lambda a: {"seed": -1}, ValueError, "seed"),
+        (lambda a: {"seed": 2**63}, ValueError, "seed"),
+        (lambda a: {"ids": a["ids"].view(2, 2)}, ValueError, "ids"),
+        (lambda a: {"weight": a["weight"].flatten()}, ValueError, "weight"),
+        (lambda a: {"mag": a["mag"][:3]}, ValueError, "mag"),
+        (lambda a: {"ids": torch.tensor([0, 1, 8, 2], device=DEVICE)}, ValueError, "ids"),
+        (lambda a: {"ids": torch.tensor([0, -1, 3, 2], device=DEVICE)}, ValueError, "ids"),
+    ],
+    ids=["ids-int32", "ids-float", "weight-f64", "weight-int", "mag-f16", "seed-float", "seed-neg", "seed-2^63",
+         "ids-2d", "weight-1d", "mag-shape", "ids-too-big", "ids-negative"],
+)
+def test_bad_input(kw, exc, word):
+    args = _bad()
+    args |= kw(args)
+    with pytest.raises(exc, match=word):
+        kernels.neftune_embedding(**args)
+
+
+def test_bad_device():
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter-only device check is for CPU runs")
+    ids, weight, mag = make_inputs(4, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="mag"):
+        kernels.neftune_embedding(ids, weight, mag.to("meta"), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the other backends of fastlora::neftune_embedding (present after the merge with the op layer)
+# --------------------------------------------------------------------------------------------------
+
+
+def _op(name: str):
+    try:
+        return getattr(torch.ops.fastlora, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("which", ["neftune_embedding_reference", "neftune_embedding"])
+def test_matches_other_backends(dtype, which):
+    op = _op(which)
+    if op is None:
+        pytest.skip(f"torch.ops.fastlora.{which} is not defined in this tree (the op layer comes with the merge)")
+    for T, V, d in [(1, 5, 64), (7, 9, 37), (3, 4, 4099)]:
+        ids, weight, mag = make_inputs(T, V, d, dtype, gen_seed=d, zero_rows=(0,))
+        for seed in (0, 2**63 - 1):
+            expected = op(ids.cpu(), weight.cpu(), mag.cpu(), seed)  # the torch reference / the C++ CPU kernel
+            assert_bitwise(expected, contract(ids, weight, mag, seed))
+            assert_bitwise(kernels.neftune_embedding(ids, weight, mag, seed), expected)
