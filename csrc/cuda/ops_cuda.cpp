@@ -1,6 +1,6 @@
-// CUDA dispatch of fastlora::dequantize_4bit(_into), fastlora::dequantize_absmax and (small M, 4-bit
-// weight) fastlora::lora_linear_fwd: argument checks, device guard, output allocation, then the
-// plain launchers of dequantize_4bit.cu / lora_linear.cu on torch's current stream.
+// CUDA dispatch of fastlora::dequantize_4bit(_into), fastlora::dequantize_absmax, (small M, 4-bit weight)
+// fastlora::lora_linear_fwd and fastlora::neftune_embedding: argument checks, device guard, output allocation,
+// then the plain launchers of dequantize_4bit.cu / lora_linear.cu / neftune_embedding.cu on torch's current stream.
 //
 // The stream comes from c10/cuda/CUDAStream.h (at::cuda::getCurrentCUDAStream is the same
 // function): ATen/cuda/CUDAContext.h would also pull in the cuBLAS / cuSPARSE headers, which this
@@ -18,6 +18,7 @@
 #include "dequantize_4bit.h"
 #include "fastlora/checks.h"
 #include "lora_linear.h"
+#include "neftune_embedding.h"
 
 namespace fastlora::gpu {
 namespace {
@@ -203,6 +204,42 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
   return {y, S};
 }
 
+// ids out of range are found on the host with one aminmax (a device sync) before the launch, so a bad id is a
+// ValueError, never a device-side fault; the kernel does not dereference such ids either way.
+at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& mag,
+                                  int64_t seed) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
+                       weight.scalar_type() == at::kHalf,
+                   "weight must be float32, bfloat16 or float16, got ", weight.scalar_type());
+  TORCH_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must have the shape of ids (", ids.size(0),
+                    ",), got shape ", mag.sizes());
+  TORCH_CHECK_VALUE(seed >= 0, "seed must be in [0, 2^63), got ", seed);
+  check_device(weight, "weight", at::kCUDA);
+  check_same_device(ids, "ids", weight, "weight");
+  check_same_device(mag, "mag", weight, "weight");
+  const int64_t T = ids.size(0), V = weight.size(0), d = weight.size(1);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor out = at::empty({T, d}, weight.options());
+  if (T == 0 || d == 0) return out;
+  TORCH_CHECK_VALUE(V > 0, "ids: out of range for an empty weight (V = 0)");
+  const auto [lo, hi] = at::aminmax(ids);
+  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < V, "ids must be in [0, ", V, ") (the rows of weight), got ",
+                    lo_v < 0 ? lo_v : hi_v);
+  const at::Tensor i = ids.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor m = mag.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
+  check_launch(neftune_embedding(i.data_ptr<int64_t>(), w.data_ptr(), m.data_ptr<float>(), out.data_ptr(), T, V, d,
+                                 static_cast<uint64_t>(seed), out_dtype(weight.scalar_type()), stream),
+               "neftune_embedding");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
@@ -210,6 +247,7 @@ TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
   m.impl("dequantize_4bit_into", &dequantize_4bit_into_cuda);
   m.impl("dequantize_absmax", &dequantize_absmax_cuda);
   m.impl("lora_linear_fwd", &lora_linear_fwd_cuda);
+  m.impl("neftune_embedding", &neftune_embedding_cuda);
 }
 
 }  // namespace fastlora::gpu
