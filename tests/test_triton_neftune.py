@@ -1,7 +1,8 @@
 """The Triton NEFTune embedding kernel (fastlora/kernels/neftune_embedding.py) against the contract, bit for bit.
 
 Runs on CPU tensors under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when CUDA is absent)
-or compiled on a GPU. The contract is written out here in torch (``contract``), independent of the op layer:
+or compiled on a GPU. The contract is written out in torch in tests/neftune_contract.py, independent of the op
+layer:
 
     out[t, j] = round_to(weight.dtype, float(weight[ids[t], j]) + fp32(u(i) * mag[t])),  i = t * d + j
     u(i) = float((int32)(word(i) >> 8) - 2^23) * 2^-23,  word(i): Philox4x32-10 stream 1, word i & 3 of block i >> 2
@@ -16,52 +17,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from neftune_contract import assert_bitwise, contract
+from neftune_contract import make_inputs as _make_inputs
 
 import fastlora.ops  # noqa: F401  (registers the fastlora::*_reference ops where they exist)
-from fastlora.reference_lora import philox_words
 
 kernels = pytest.importorskip("fastlora.kernels.neftune_embedding")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 SEEDS = [0, 1, 0x1234_5678_9ABC_DEF0, 2**63 - 1]
 
 
-def contract(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
-    """The NEFTune embedding rule in plain torch (CPU, fp32 arithmetic: each op rounds once, no FMA)."""
-    ids, weight, mag = ids.cpu(), weight.cpu(), mag.cpu()
-    T, d = ids.numel(), weight.shape[1]
-    words = philox_words(seed, T * d, stream=1).view(T, d)
-    u = ((words >> 8) - 8388608).to(torch.float32) * (2.0**-23)  # exact
-    noise = u * mag[:, None]  # one fp32 rounding
-    rows = weight[ids]
-    v = (rows.to(torch.float32) + noise).to(weight.dtype)  # one fp32 add, one RNE rounding
-    return torch.where((mag == 0)[:, None], rows, v)
-
-
-def assert_bitwise(out: torch.Tensor, expected: torch.Tensor) -> None:
-    assert out.dtype == expected.dtype and out.shape == expected.shape
-    a, b = out.cpu().view(_BITS[out.dtype]), expected.cpu().view(_BITS[out.dtype])
-    if not torch.equal(a, b):
-        bad = (a != b).nonzero()
-        t, j = bad[0].tolist()
-        raise AssertionError(
-            f"{len(bad)} of {a.numel()} elements differ; first at [{t}, {j}]: {out[t, j].item()!r} "
-            f"(bits {a[t, j].item():#x}) vs {expected[t, j].item()!r} (bits {b[t, j].item():#x})"
-        )
-
-
-def make_inputs(T: int, V: int, d: int, dtype: torch.dtype, *, gen_seed: int = 0, zero_rows=(), scale=0.3):
-    g = torch.Generator().manual_seed(gen_seed)
-    weight = torch.randn(V, d, generator=g).to(dtype)
-    weight[0, : min(d, 3)] = -0.0  # signed zeros must survive mag == 0 rows
-    ids = torch.randint(0, V, (T,), generator=g)
-    ids[0] = 0
-    mag = torch.rand(T, generator=g) * scale
-    for t in zero_rows:
-        mag[t] = 0.0
-    return ids.to(DEVICE), weight.to(DEVICE), mag.to(DEVICE)
+def make_inputs(T, V, d, dtype, **kw):
+    return _make_inputs(T, V, d, dtype, device=DEVICE, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
