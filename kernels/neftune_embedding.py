@@ -175,13 +175,16 @@ def _check_args(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed
     return T
 
 
-def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
+def neftune_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int, *, check_ids: bool = True
+) -> torch.Tensor:
     """``weight[ids] + noise`` (T, d) in weight's dtype: see the module docstring for the exact rule.
 
     ids: int64 (T,) with 0 <= id < V; weight: (V, d) float32 / bfloat16 / float16; mag: float32 (T,) per-token
     noise magnitude (0: the row is the plain lookup); seed in [0, 2^63). All on one device (CUDA, or CPU under
     TRITON_INTERPRET=1). Raises TypeError / ValueError naming the argument on bad input; out-of-range ids are
-    found with one ``aminmax`` on the device (a host sync) before the launch."""
+    found with one ``aminmax`` on the device (a host sync) before the launch; ``check_ids=False`` skips it for
+    callers that validated the ids already (the kernel still never reads outside weight: bad ids give NaN rows)."""
     T = _check_args(ids, weight, mag, seed)
     fn = _neftune_embedding_kernel
     check_device(fn, ids.device, ids=ids, weight=weight, mag=mag)
@@ -191,10 +194,11 @@ def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor
         return out
     if V == 0:
         raise ValueError("ids: out of range for an empty weight (V = 0)")
-    lo, hi = (int(v) for v in torch.aminmax(ids))
-    if lo < 0 or hi >= V:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"ids must be in [0, {V}) (the rows of weight), got {bad}")
+    if check_ids:
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"ids must be in [0, {V}) (the rows of weight), got {bad}")
     w = weight.contiguous()
     ids_c = ids.contiguous()
     mag_c = mag.contiguous()

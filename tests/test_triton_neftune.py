@@ -140,3 +140,15 @@ def test_matches_other_backends(dtype, which):
             expected = op(ids.cpu(), weight.cpu(), mag.cpu(), seed)  # the torch reference / the C++ CPU kernel
             assert_bitwise(expected, contract(ids, weight, mag, seed))
             assert_bitwise(kernels.neftune_embedding(ids, weight, mag, seed), expected)
+
+
+def test_unchecked_bad_ids_give_nan_rows():
+    # check_ids=False skips the host check; the kernel masks the bad ids (no out-of-bounds read), NaN rows.
+    ids, weight, mag = make_inputs(4, 8, 36, torch.float32, gen_seed=6)
+    ids[1], ids[3] = 8, -5
+    out = kernels.neftune_embedding(ids, weight, mag, 3, check_ids=False)
+    assert out[[1, 3]].isnan().all()
+    fixed = ids.clone()
+    fixed[[1, 3]] = 0
+    good = torch.tensor([0, 2], device=DEVICE)
+    assert_bitwise(out[good], contract(fixed, weight, mag, 3)[good.cpu()])
