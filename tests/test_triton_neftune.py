@@ -152,3 +152,15 @@ def test_unchecked_bad_ids_give_nan_rows():
     fixed[[1, 3]] = 0
     good = torch.tensor([0, 2], device=DEVICE)
     assert_bitwise(out[good], contract(fixed, weight, mag, 3)[good.cpu()])
+
+
+def test_compile_specs_cover_the_launches():
+    # Every (dtype, config, GROUPS) the launcher can pick is compiled by `python -m fastlora compile-check`.
+    specs = kernels.compile_specs()
+    seen = {(s.signature["w_ptr"], s.constexprs["BLOCK_T"], s.constexprs["BLOCK_D"], s.constexprs["GROUPS"])
+            for s in specs}  # fmt: skip
+    for name in ("*fp32", "*bf16", "*fp16"):
+        for d in (20, 37, 512, 4096, 4099):
+            cfg = kernels.neftune_config(d)
+            assert (name, cfg.block_t, cfg.block_d, d % 4 == 0) in seen
+    assert all(s.options.get("enable_fp_fusion") is False and s.forbid_ptx for s in specs)
