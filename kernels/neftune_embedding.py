@@ -195,7 +195,7 @@ def neftune_embedding(
     if V == 0:
         raise ValueError("ids: out of range for an empty weight (V = 0)")
     if check_ids:
-        lo, hi = (int(v) for v in torch.aminmax(ids))
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device -> host copy
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise ValueError(f"ids must be in [0, {V}) (the rows of weight), got {bad}")
