@@ -401,8 +401,9 @@ def _call(**kw):
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(input_ids=torch.tensor([[1, 10]])), ValueError, "input_ids"),
-    (dict(input_ids=torch.tensor([[-1, 2]])), ValueError, "input_ids"),
+    (dict(input_ids=torch.tensor([[1, 10]])), ValueError, "ids must be in"),
+    (dict(input_ids=torch.tensor([[-1, 2]]), backend="reference"), ValueError, "ids must be in"),
+    (dict(input_ids=torch.tensor([[1, 10]]), mode="per_sequence"), ValueError, "ids must be in"),
     (dict(input_ids=torch.tensor([[-1, 2]]), training=False), ValueError, "input_ids"),
     (dict(input_ids=torch.tensor([[1.0, 2.0]])), TypeError, "input_ids"),
     (dict(input_ids=torch.tensor([[True, False]])), TypeError, "input_ids"),

@@ -194,7 +194,6 @@ def neftune_embedding(
     vocab, dim = weight.shape
     padding_idx = _check_padding_idx(padding_idx, vocab)
     check_same_device(input_ids=input_ids, weight=weight)
-    reference_neftune.check_ids_in_range(input_ids, vocab, "input_ids")
     if attention_mask is not None:
         _check_like_ids(attention_mask, "attention_mask", input_ids, integer=False)
         check_same_device(input_ids=input_ids, attention_mask=attention_mask)
@@ -207,8 +206,11 @@ def neftune_embedding(
         _check_cu_seqlens(cu_seqlens, input_ids.numel())
 
     if not training or alpha == 0.0:
+        # a ValueError, not F.embedding's IndexError (CPU) or device-side assert (CUDA)
+        reference_neftune.check_ids_in_range(input_ids, vocab, "input_ids")
         return F.embedding(input_ids, weight, padding_idx)
 
+    # Every backend's op checks the ids itself (ValueError naming ids, one aminmax on a GPU): not repeated here.
     op = pick("neftune_embedding", backend, weight.device)
     ids = input_ids.reshape(-1).to(torch.int64).contiguous()
     mag = reference_neftune.noise_magnitudes(input_ids, dim, alpha, mode=mode, attention_mask=attention_mask,
