@@ -470,3 +470,15 @@ def test_torch_compile_matches_eager(seed):
         outs.append(out.detach())
         grads.append(w.grad)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_int32_ids_and_noncontiguous_weight(seed):
+    weight = torch.randn(24, 40)
+    ids = torch.randint(0, 20, (3, 8))
+    torch.manual_seed(9)
+    a = neftune_embedding(ids, weight, 5.0)
+    torch.manual_seed(9)
+    b = neftune_embedding(ids.int(), weight.t().contiguous().t(), 5.0)
+    torch.manual_seed(9)
+    c = neftune_embedding(ids.t().contiguous().t(), weight, 5.0)
+    assert torch.equal(a, b) and torch.equal(a, c)
