@@ -482,3 +482,35 @@ def test_int32_ids_and_noncontiguous_weight(seed):
     torch.manual_seed(9)
     c = neftune_embedding(ids.t().contiguous().t(), weight, 5.0)
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("train_embedding", [True, False])
+@pytest.mark.parametrize("ckpt", [(r, p) for r in (True, False) for p in (True, False)],
+                         ids=lambda m: f"reentrant={m[0]}-preserve={m[1]}")
+def test_checkpoint_two_regions_share_the_weight(seed, train_embedding, ckpt):
+    """One embedding used in two checkpointed regions: backward recomputes them in reverse order,
+    each must get its own seed back (the frozen weight's seed is consumed at recompute)."""
+    emb = torch.nn.Parameter(torch.randn(30, 16), requires_grad=train_embedding)
+    proj = torch.nn.Linear(16, 16)
+    ids = torch.randint(0, 30, (2, 9))
+
+    def region(h, ids):
+        return h + F.gelu(proj(neftune_embedding(ids, emb, 5.0)))
+
+    def run(mode):
+        torch.manual_seed(77)
+        h = torch.zeros(2, 9, 16, requires_grad=True)
+        for _ in range(2):
+            h = region(h, ids) if mode is None else checkpoint(region, h, ids, use_reentrant=mode[0],
+                                                               preserve_rng_state=mode[1])
+        (h * h).sum().backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in (emb, *proj.parameters())]
+        emb.grad = None
+        proj.zero_grad(set_to_none=True)
+        return h.detach(), grads
+
+    h0, g0 = run(None)
+    h1, g1 = run(ckpt)
+    assert torch.equal(h0, h1)
+    for a, b in zip(g0, g1, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
