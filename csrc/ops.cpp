@@ -38,6 +38,11 @@ TORCH_LIBRARY(fastlora, m) {
       "lora_linear_bwd(Tensor grad_y, Tensor x, Tensor S, Tensor weight, Tensor? absmax, int blocksize, "
       "str quant_type, int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
       "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+
+  // NEFTune (fastlora/ops/neftune_embedding.py, fastlora/reference_neftune.py; randomness: philox.h stream 1).
+  // ids int64 (T,) in [0, V); weight (V, d) fp32/bf16/fp16; mag fp32 (T,) per-token noise magnitude.
+  // Returns (T, d) weight's dtype: round(weight[ids[t], j] + u(t*d + j) * mag[t]), u in [-1, 1); mag 0 rows copied.
+  m.def("neftune_embedding(Tensor ids, Tensor weight, Tensor mag, int seed) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,0 +1,101 @@
+"""Torch reference of NEFTune (fastlora::neftune_embedding) and the noise magnitudes per token.
+
+The op (bit for bit what the C++, Triton and CUDA kernels compute), for T tokens and rows of d:
+    i      = t*d + j                                     row-major element index
+    word   = Philox4x32-10 word of element i, stream 1    (csrc/include/fastlora/philox.h)
+    u      = float((int32)(word >> 8) - 2^23) * 2^-23     exact, in [-1, 1)
+    noise  = rnd_f32(u * mag[t])                          (no FMA: multiply and add round separately)
+    out    = rnd_W(rnd_f32(float(weight[ids[t], j]) + noise))
+and where mag[t] == 0 the row is a plain copy of weight[ids[t]] (so -0.0 and NaN payloads survive).
+
+Noise magnitudes (DESIGN.md §4): mag = alpha / sqrt(L·d) as an fp32 value computed exactly like
+transformers' ``neftune_post_forward_hook`` (``alpha / torch.sqrt(torch.tensor(L * d))``), where L is
+  "padded":        the padded length ids.shape[-1] (the Trainer's ``neftune_noise_alpha``);
+  "per_sequence":  each sequence's real length: rows of ids, split at ``position_ids`` restarts or at
+                   ``cu_seqlens`` boundaries for packed batches, counting only tokens whose
+                   ``attention_mask`` is nonzero; masked tokens get mag 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference_lora import STREAM_NEFTUNE, philox_words
+
+MODES = ("padded", "per_sequence")
+
+
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """fp32 u in [-1, 1) (multiples of 2^-23) from int64 Philox words (values < 2^32)."""
+    return ((words >> 8) - 8388608).to(torch.float32) * (2.0 ** -23)
+
+
+def neftune_uniform(seed: int, shape: tuple[int, int], device=None) -> torch.Tensor:
+    """fp32 (T, d): u of every element of the op's output (before scaling by mag)."""
+    t, d = shape
+    return uniform_from_words(philox_words(seed, t * d, STREAM_NEFTUNE, device)).reshape(t, d)
+
+
+def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "ids") -> None:
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} must be in [0, {vocab}) (the weight's rows), got {bad}")
+
+
+def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
+    """The op on flat ``ids`` (T,) int64, ``weight`` (V, d), fp32 ``mag`` (T,); returns (T, d) in weight's dtype."""
+    check_ids_in_range(ids, weight.shape[0])
+    rows = weight[ids]
+    t, d = rows.shape
+    if t == 0 or d == 0:
+        return rows.clone()
+    u = neftune_uniform(seed, (t, d), weight.device)
+    noise = u * mag.to(torch.float32)[:, None]  # one fp32 multiply (rounded)
+    noisy = (rows.to(torch.float32) + noise).to(weight.dtype)  # one fp32 add, one rounding to W
+    return torch.where((mag == 0)[:, None], rows, noisy)
+
+
+def hook_magnitude(alpha: float, length: int, dim: int) -> torch.Tensor:
+    """The fp32 scalar transformers' NEFTune hook uses: ``alpha / torch.sqrt(torch.tensor(L * d))``."""
+    return alpha / torch.sqrt(torch.tensor(length * dim))
+
+
+def _magnitude_of(alpha: float, lengths: torch.Tensor, dim: int) -> torch.Tensor:
+    """Elementwise ``alpha / sqrt(L*d)`` over int64 lengths with the hook's dtypes and roundings
+    (int64 L*d -> fp32 sqrt -> fp32 division of the Python float alpha)."""
+    return alpha / torch.sqrt(lengths.to(torch.int64) * dim)
+
+
+def noise_magnitudes(input_ids: torch.Tensor, dim: int, alpha: float, *, mode: str = "padded",
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 (T,) noise magnitude of every token of ``input_ids`` (flattened row-major); inputs are
+    assumed valid (fastlora.ops.neftune_embedding checks them)."""
+    device = input_ids.device
+    numel = input_ids.numel()
+    if mode == "padded":
+        length = input_ids.shape[-1] if input_ids.dim() > 0 else 1
+        return hook_magnitude(float(alpha), length, dim).to(device).expand(numel).contiguous()
+    if mode != "per_sequence":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    valid = (torch.ones(numel, dtype=torch.bool, device=device) if attention_mask is None
+             else attention_mask.reshape(-1) != 0)
+    width = input_ids.shape[-1] if input_ids.dim() > 0 else 1
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.to(device=device, dtype=torch.int64)
+        segment = torch.searchsorted(bounds[1:], torch.arange(numel, device=device), right=True)
+    else:
+        starts = torch.arange(numel, device=device) % width == 0  # every row starts a sequence
+        if position_ids is not None:
+            starts |= position_ids.reshape(-1).to(device) == 0
+        segment = torch.cumsum(starts.to(torch.int64), 0) - 1
+    lengths = torch.zeros(numel, dtype=torch.int64, device=device)  # segment ids are < numel: no sync
+    lengths.index_add_(0, segment, valid.to(torch.int64))
+    mag = _magnitude_of(float(alpha), lengths, dim)[segment]
+    return torch.where(valid, mag, torch.zeros((), dtype=torch.float32, device=device))
