@@ -80,9 +80,10 @@ int64_t tile_budget_bytes() {
   return int64_t{8} << 20;
 }
 
-// How many rows of `row_len` fp32 values fit the tile budget (a multiple of 16, at least 16).
-int64_t tile_extent(int64_t total, int64_t row_len) {
-  int64_t t = tile_budget_bytes() / (4 * std::max<int64_t>(row_len, 1));
+// How many rows of `row_len` values of `elem` bytes (fp32; bf16 tiles in the bf16 GEMM mode) fit
+// the tile budget (a multiple of 16, at least 16).
+int64_t tile_extent(int64_t total, int64_t row_len, int64_t elem = 4) {
+  int64_t t = tile_budget_bytes() / (elem * std::max<int64_t>(row_len, 1));
   t = std::max<int64_t>(16, t / 16 * 16);
   return std::min(t, total);
 }
@@ -329,10 +330,10 @@ void lora_down_dropout(const at::Tensor& x, const at::Tensor& A32, double p, uin
 
 // Tile extent for `total` rows (or columns) of `row_len` fp32 values each: the tile budget, but
 // small enough that every thread gets at least one tile.
-int64_t tile_extent_threads(int64_t total, int64_t row_len) {
+int64_t tile_extent_threads(int64_t total, int64_t row_len, int64_t elem = 4) {
   const int64_t threads = at::get_num_threads();
   const int64_t per_thread = ((total + threads - 1) / threads + 15) / 16 * 16;
-  return std::min(tile_extent(total, row_len), std::max<int64_t>(per_thread, 16));
+  return std::min(tile_extent(total, row_len, elem), std::max<int64_t>(per_thread, 16));
 }
 
 // The threads take whole tiles (one parallel region per op; MKL runs single-threaded inside it):
@@ -390,7 +391,7 @@ void fwd_impl_bf16(const Problem& pr, const at::Tensor& x, const at::Tensor& S32
   constexpr DT X = DT::BF16;
   const int64_t M = pr.M, K = pr.K, N = pr.N;
   const bool dense = pr.w.kind != WKind::FourBit;  // a dense W has x's dtype: its tiles are views
-  const int64_t nt_max = tile_extent_threads(N, K);
+  const int64_t nt_max = tile_extent_threads(N, K, 2);  // bf16 tiles: twice the rows of fp32 ones
   const int64_t tiles = (N + nt_max - 1) / nt_max;
   const auto f32 = x.options().dtype(at::kFloat);
   const float* bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
@@ -510,7 +511,7 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
   const auto gemm_opts = bf16_gemm ? G16.options() : f32;
   // Input columns of W per tile: (N, kt) fp32, decoded into a buffer or a strided view of a dense
   // fp32 W; without dx the tile is only the (M, kt) dropout(x) buffer.
-  const int64_t kt_max = need_dx ? tile_extent_threads(K, N) : tile_extent_threads(K, M);
+  const int64_t kt_max = need_dx ? tile_extent_threads(K, N, bf16_gemm ? 2 : 4) : tile_extent_threads(K, M);
   const int64_t tiles = (K + kt_max - 1) / kt_max;
   const bool dropout = p > 0.0;
   const uint32_t threshold = dropout ? dropout_threshold(p) : 0;
@@ -580,6 +581,38 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
   });
 }
 
+// bf16 GEMM mode: dS = G·B and Sᵀ·G (for dB) in fp32 from a bf16 G that is never widened whole (a
+// (M, N) fp32 copy costs more than these two thin GEMMs): row blocks of ~2 MiB are widened into a
+// per-thread buffer and used at once; each thread sums its own (r, N) part of Sᵀ·G, and the parts
+// are added in thread order.
+void ds_stg_bf16(const at::Tensor& G16, const at::Tensor& B32, const at::Tensor& S32, bool need_stg, at::Tensor& dS,
+                 at::Tensor& StG, bool avx2) {
+  const int64_t M = G16.size(0), N = G16.size(1), r = B32.size(1);
+  const int64_t threads = at::get_num_threads();
+  const int64_t mb =
+      std::max<int64_t>(1, std::min<int64_t>((M + threads - 1) / threads, (int64_t{1} << 19) / std::max<int64_t>(N, 1)));
+  const int64_t blocks = (M + mb - 1) / mb;
+  const auto f32 = G16.options().dtype(at::kFloat);
+  dS = at::empty({M, r}, f32);
+  at::Tensor parts = need_stg ? at::zeros({threads, r, N}, f32) : at::Tensor();
+  const char* gp = static_cast<const char*>(G16.data_ptr());
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard tls_guard(tls);
+    at::Tensor buf = at::empty({mb * N}, f32);
+    at::Tensor part = need_stg ? parts[at::get_thread_num()] : at::Tensor();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * mb, rows = std::min(mb, M - m0);
+      dropout_apply<DT::BF16, DT::F32, DT::F32>(gp + m0 * N * 2, buf.data_ptr<float>(), nullptr, 1.0f, rows * N, avx2);
+      const at::Tensor g = front(buf, rows, N);
+      at::Tensor ds = dS.narrow(0, m0, rows);
+      at::mm_out(ds, g, B32);
+      if (need_stg) part.addmm_(S32.narrow(0, m0, rows).t(), g);
+    }
+  });
+  if (need_stg) StG = parts.sum(0);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& S, const at::Tensor& weight,
     const std::optional<at::Tensor>& absmax, int64_t blocksize, c10::string_view quant_type, int64_t out_features,
@@ -599,10 +632,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   check_device(S, "S", at::kCPU);
   const bool avx2 = has_avx2_fma_f16c();
   const at::Tensor x = x_in.detach().contiguous();
-  const at::Tensor G32 = to_f32(grad_y);
   // bf16 GEMM mode for dx: bf16 x and bf16 grad_y (PEFT's case) on a CPU with native bf16.
   const bool bf16_gemm = need_dx && pr.x_dt == DT::BF16 && grad_y.scalar_type() == at::kBFloat16 && use_bf16_gemm();
   const at::Tensor G16 = bf16_gemm ? grad_y.detach().contiguous() : at::Tensor();
+  const at::Tensor G32 = bf16_gemm ? at::Tensor() : to_f32(grad_y);
   const at::Tensor A32 = to_f32(lora_A);
   const at::Tensor B32 = to_f32(lora_B);
   const float scale_f = static_cast<float>(scaling);
@@ -610,10 +643,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   at::Tensor dx = at::empty({0}, x.options()), dA = at::empty({0}, lora_A.options()),
              dB = at::empty({0}, lora_B.options());
   // dB = scaling·Gᵀ·S, computed as (Sᵀ·G)ᵀ: MKL reads G row-major (1.6x faster than Gᵀ·S on one core).
-  if (need_dB) dB = at::mm(to_f32(S).t(), G32).t().mul(scale_f).to(lora_B.scalar_type()).contiguous();
-  if (!need_dx && !need_dA) return {dx, dA, dB};
-
-  const at::Tensor dS = at::mm(G32, B32).mul_(scale_f);  // (M, r), fp32, not rounded
+  at::Tensor dS;  // scaling·G·B, (M, r), fp32, not rounded
+  if (bf16_gemm) {
+    at::Tensor StG;
+    ds_stg_bf16(G16, B32, to_f32(S), need_dB && M > 0, dS, StG, avx2);
+    dS.mul_(scale_f);
+    if (need_dB) {
+      if (M == 0) StG = at::zeros({r, N}, B32.options());
+      dB = StG.t().mul(scale_f).to(lora_B.scalar_type()).contiguous();
+    }
+  } else {
+    if (need_dB) dB = at::mm(to_f32(S).t(), G32).t().mul(scale_f).to(lora_B.scalar_type()).contiguous();
+    if (!need_dx && !need_dA) return {dx, dA, dB};
+    dS = at::mm(G32, B32).mul_(scale_f);
+  }
   at::Tensor dA32;
   if (need_dx) dx = at::empty({M, K}, x.options());
   if (need_dA) dA32 = at::empty({r, K}, x.options().dtype(at::kFloat));
