@@ -9,6 +9,12 @@ Tolerances (reference = fastlora/reference_lora.py, fp32 compute in both):
     atol * max|want| with rtol = atol = 2^-7 (bf16) or 2^-10 (fp16) -- one ulp of the dtype relative
     to the value, or to the largest value where an fp32 sum cancels -- and at most 2% of the elements
     differ at all.
+  * bf16 GEMM mode (bf16 x; FASTLORA_CPU_BF16_GEMM=1 forces it on, =0 off; the autouse fixture below
+    turns it off unless a test asks for it, so that no test depends on the machine): the same bf16
+    tolerance, against the reference for y, S, dA, dB, and for dx against rnd(rnd(G·W) + LoRA term),
+    the rounding of that mode (PEFT's sum of two bf16 gradients). The 2% bound on differing elements
+    is what catches a wrong rounding: dx rounded once (the fp32 mode) differs from it in 13-30% of
+    the elements here (more than 5% asserted).
 """
 
 import math
@@ -23,6 +29,12 @@ pytestmark = pytest.mark.skipif(not backends.available("cpu")["cpp"], reason="co
 OPS = torch.ops.fastlora
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ULP = {torch.float32: None, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.fixture(autouse=True)
+def _bf16_gemm_off(monkeypatch):
+    """fp32 GEMMs unless a test forces the bf16 GEMM mode itself (the default depends on the CPU)."""
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "0")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -347,3 +359,117 @@ def test_bad_dropout_input_raises_named_error():
     for p in (1.0, -0.5, float("nan")):
         with pytest.raises(ValueError, match="p"):
             OPS.lora_dropout(torch.zeros(4), p, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 GEMM mode (bf16 x): forced on with FASTLORA_CPU_BF16_GEMM=1, whatever the CPU
+
+
+def dx_bf16_gemm(g, x, weight, absmax, bs, qt, A, B, scaling, p, seed):
+    """dx of the bf16 GEMM mode: rnd(rnd(G·W) + keep·scale·(dS·A)), W decoded to bf16, sums in fp32."""
+    from fastlora import reference_lora
+
+    N, K = B.shape[0], x.shape[1]
+    w = reference_lora.dense_weight(weight, absmax, bs, qt, N, K, torch.bfloat16).float()
+    scale = torch.tensor(scaling, dtype=torch.float32)
+    d_s = (g.float() @ B.float()) * scale
+    gw = (g.float() @ w).to(torch.bfloat16).float()
+    return (gw + reference_lora.lora_dropout(d_s @ A.float(), p, seed)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", WEIGHTS)
+@pytest.mark.parametrize("adapters", ["fp32", "bf16"])
+def test_bf16_gemm_mode_matches_reference(seed, monkeypatch, kind, adapters):
+    a_dtype = torch.float32 if adapters == "fp32" else torch.bfloat16
+    for i, (M, K, N, bs, rank, has_bias, rounding, p) in enumerate(CONFIGS):
+        case = make_case(kind, torch.bfloat16, a_dtype, M, K, N, bs, rank, has_bias)
+        x, weight, absmax, bs_, qt, A, B, bias = case
+        scaling = 2.0 / rank**0.5
+        g = torch.randn(M, N).to(torch.bfloat16)
+        outs = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", mode)
+            outs[mode] = run_both(*case, scaling=scaling, p=p, seed=seed + i, rounding=rounding, g=g)
+        got, want = outs["1"]
+        for name, a, b in zip(("y", "S", "dA", "dB"), got[:2] + got[3:], want[:2] + want[3:], strict=True):
+            assert_matches(a, b, f"{name} config {i}")
+        dx_want = dx_bf16_gemm(g, x, weight, absmax, bs_, qt, A, B, scaling, p, seed + i)
+        assert_matches(got[2], dx_want, f"dx config {i}")
+        # The two modes differ in dx's rounding only: a check that the bound above catches the
+        # single rounding of the fp32 mode, and that the switch took effect.
+        dx_fp32_mode = outs["0"][0][2]
+        assert_matches(dx_fp32_mode, want[2], f"dx fp32 mode config {i}")
+        assert (dx_fp32_mode != dx_want).float().mean().item() > 0.05, f"config {i}"
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+def test_bf16_gemm_mode_tiling_edges(seed, monkeypatch, kind):
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "1")
+    monkeypatch.setenv("FASTLORA_CPU_TILE_BYTES", "4096")
+    case = make_case(kind, torch.bfloat16, torch.float32, 45, 73, 83, 64, 4, True)
+    g = torch.randn(45, 83).to(torch.bfloat16)
+    got, want = run_both(*case, scaling=0.5, p=0.2, seed=seed, rounding="linear4bit", g=g)
+    x, weight, absmax, bs, qt, A, B, _ = case
+    want = list(want)
+    want[2] = dx_bf16_gemm(g, x, weight, absmax, bs, qt, A, B, 0.5, 0.2, seed)
+    for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+        assert_matches(a, b, name)
+
+
+def test_bf16_gemm_mode_portable_matches_avx2_bitwise(seed, monkeypatch):
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "1")
+    case = make_case("fp4-dq", torch.bfloat16, torch.float32, 29, 75, 66, 64, 8, True)
+    g = torch.randn(29, 66).to(torch.bfloat16)
+    outs = []
+    for disable in ("0", "1"):
+        monkeypatch.setenv("FASTLORA_DISABLE_AVX2", disable)
+        outs.append(run_both(*case, scaling=1.5, p=0.25, seed=seed, rounding="linear", g=g)[0])
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def test_bf16_gemm_mode_fp32_bias(seed, monkeypatch):
+    """A float32 bias cannot enter the bf16 GEMM: y = rnd(rnd(rnd(x·Wᵀ) + bias) + l), one rounding
+    more than the reference, so only the elementwise bound holds (documented in lora_linear.cpp)."""
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "1")
+    x, weight, absmax, bs, qt, A, B, bias = make_case("nf4", torch.bfloat16, torch.float32, 50, 72, 40, 64, 8, True)
+    args = (x, weight, absmax, bs, qt, 40, A, B, 1.0, bias.float() * 1.001, 0.0, seed, "linear")
+    y, _ = OPS.lora_linear_fwd(*args)
+    y_ref, _ = OPS.lora_linear_fwd_reference(*args)
+    err, scale = (y.double() - y_ref.double()).abs(), y_ref.double().abs().max().item()
+    assert bool((err <= 2 * ULP[torch.bfloat16] * (y_ref.double().abs() + scale)).all())
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_bf16_gemm_mode_need_flags(seed, monkeypatch, kind):
+    """Without dx the bf16 mode changes nothing; with it, dA and dB (fp32, summed in another order)
+    match and dx is rounded differently."""
+    x, weight, absmax, bs, qt, A, B, _ = make_case(kind, torch.bfloat16, torch.float32, 50, 72, 40, 64, 8, False)
+    g = torch.randn(50, 40).to(torch.bfloat16)
+    S = OPS.lora_linear_fwd(x, weight, absmax, bs, qt, 40, A, B, 1.0, None, 0.2, seed, "linear4bit")[1]
+    res = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", mode)
+        res[mode] = [OPS.lora_linear_bwd(g, x, S, weight, absmax, bs, qt, 40, A, B, 1.0, 0.2, seed, *needs)
+                     for needs in ((False, True, True), (False, False, True), (True, True, True), (True, False, True))]
+    for i in range(2):
+        for a, b in zip(res["0"][i], res["1"][i], strict=True):
+            assert torch.equal(a, b)
+    for i in range(2, 4):
+        assert not torch.equal(res["0"][i][0], res["1"][i][0])
+        for a, b in zip(res["0"][i][1:], res["1"][i][1:], strict=True):
+            assert_matches(b, a)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+def test_bf16_gemm_mode_large(seed, monkeypatch, kind):
+    """Shapes large enough for torch's bf16 GEMM to take its oneDNN path (tiny ones may not)."""
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "1")
+    case = make_case(kind, torch.bfloat16, torch.float32, 256, 1024, 768, 64, 16, True)
+    g = torch.randn(256, 768).to(torch.bfloat16)
+    got, want = run_both(*case, scaling=0.5, p=0.1, seed=seed, rounding="linear4bit", g=g)
+    x, weight, absmax, bs, qt, A, B, _ = case
+    want = list(want)
+    want[2] = dx_bf16_gemm(g, x, weight, absmax, bs, qt, A, B, 0.5, 0.1, seed)
+    for name, a, b in zip(("y", "S", "dx", "dA", "dB"), got, want, strict=True):
+        assert_matches(a, b, name)

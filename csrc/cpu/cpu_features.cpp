@@ -17,6 +17,21 @@ bool has_avx2_fma_f16c() {
 #endif
 }
 
+bool has_native_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx512bf16") != 0 || __builtin_cpu_supports("amx-bf16") != 0;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool use_bf16_gemm() {
+  const char* env = std::getenv("FASTLORA_CPU_BF16_GEMM");
+  if (env != nullptr && env[0] != '\0') return env[0] != '0';
+  return has_native_bf16();
+}
+
 std::vector<std::string> cpu_features() {
   std::vector<std::string> out;
   if (has_avx2_fma_f16c()) {
@@ -26,6 +41,8 @@ std::vector<std::string> cpu_features() {
   } else {
     out.emplace_back("portable");
   }
+  if (has_native_bf16()) out.emplace_back("native-bf16");
+  if (use_bf16_gemm()) out.emplace_back("bf16-gemm");
 #ifdef _OPENMP
   out.emplace_back("openmp");
 #endif

@@ -15,6 +15,16 @@
 // MKL call repacks the whole activation operand, so tiles much smaller than ~512 weight rows cost
 // up to 10% more GEMM time (2 MiB tiles: +7% fwd+bwd). Transients per thread: the weight tile,
 // and two to three (M, tile) fp32 buffers; bf16/fp16 x and grad_y are widened to fp32 once.
+//
+// bf16 GEMM mode (bf16 x on a CPU with native bf16 -- AVX512-BF16 / AMX -- or forced with
+// FASTLORA_CPU_BF16_GEMM=1; =0 forces it off; cpu_features.h): the two big GEMMs run in bf16 in
+// torch (oneDNN, fp32 accumulation; ~4x the fp32 GEMM on an AVX512-BF16 EPYC), on tiles of W decoded
+// to bf16 (the same rnd_bf16(code * absmax) values): forward rnd(x·Wᵀ + bias) comes rounded out of
+// the GEMM (a bf16 bias inside it, as F.linear), then the epilogue adds the LoRA branch as before --
+// the reference's rounding; backward dx = rnd(rnd(G·W) + keep·scale·(dS·A)), one rounding more than
+// the reference: PEFT's autograd sums the base layer's bf16 gradient and the LoRA branch's (PEFT
+// also rounds the LoRA branch's gradient to bf16 before that sum; here it stays fp32). S, dA, dB
+// are unchanged (fp32). fp32 / fp16 x always use the fp32 GEMMs (MKL).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -70,9 +80,10 @@ int64_t tile_budget_bytes() {
   return int64_t{8} << 20;
 }
 
-// How many rows of `row_len` fp32 values fit the tile budget (a multiple of 16, at least 16).
-int64_t tile_extent(int64_t total, int64_t row_len) {
-  int64_t t = tile_budget_bytes() / (4 * std::max<int64_t>(row_len, 1));
+// How many rows of `row_len` values of `elem` bytes (fp32; bf16 tiles in the bf16 GEMM mode) fit
+// the tile budget (a multiple of 16, at least 16).
+int64_t tile_extent(int64_t total, int64_t row_len, int64_t elem = 4) {
+  int64_t t = tile_budget_bytes() / (elem * std::max<int64_t>(row_len, 1));
   t = std::max<int64_t>(16, t / 16 * 16);
   return std::min(t, total);
 }
@@ -93,16 +104,17 @@ struct Weight {
   float table[16] = {};
 };
 
-// 4-bit decode of flat elements [e0, e0 + len) into out[0, len): round_X(code * absmax) in fp32.
-template <DT X>
-void decode_range_portable(const Weight& w, int64_t e0, int64_t len, float* out) {
+// 4-bit decode of flat elements [e0, e0 + len) into out[0, len): round_X(code * absmax), stored as
+// Out (fp32, or bf16 for the bf16 GEMMs: exact, the value is already a bf16 value then).
+template <DT X, DT Out>
+void decode_range_portable(const Weight& w, int64_t e0, int64_t len, void* out) {
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
   const float* absmax = w.absmax.data_ptr<float>();
   for (int64_t i = 0; i < len; ++i) {
     const int64_t e = e0 + i;
     const uint32_t byte = packed[e >> 1];
     const uint32_t q = (e & 1) ? (byte & 0xfu) : (byte >> 4);
-    out[i] = round1<X>(w.table[q] * absmax[e >> w.lg_blocksize]);
+    store1<Out>(out, i, round1<X>(w.table[q] * absmax[e >> w.lg_blocksize]));
   }
 }
 
@@ -113,8 +125,8 @@ FL_AVX2 inline __m256 lookup16(__m256 table_lo, __m256 table_hi, __m256i idx) {
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-template <DT X>
-FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, float* out) {
+template <DT X, DT Out>
+FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, void* out) {
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
   const float* absmax = w.absmax.data_ptr<float>();
   const int lg = w.lg_blocksize;
@@ -128,7 +140,7 @@ FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, float* 
     const int64_t seg_end = std::min(len, ((b + 1) << lg) - e0);
     const float s = absmax[b];
     if ((e0 + i) & 1) {
-      out[i] = round1<X>(w.table[packed[(e0 + i) >> 1] & 0xfu] * s);
+      store1<Out>(out, i, round1<X>(w.table[packed[(e0 + i) >> 1] & 0xfu] * s));
       ++i;
     }
     const __m256 scale = _mm256_set1_ps(s);
@@ -142,49 +154,49 @@ FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, float* 
       const __m256i q1 = _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8));
       const __m256i q2 = _mm256_cvtepu8_epi32(second);
       const __m256i q3 = _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8));
-      _mm256_storeu_ps(out + i, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q0), scale)));
-      _mm256_storeu_ps(out + i + 8, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q1), scale)));
-      _mm256_storeu_ps(out + i + 16, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q2), scale)));
-      _mm256_storeu_ps(out + i + 24, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q3), scale)));
+      store8<Out>(out, i, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q0), scale)));
+      store8<Out>(out, i + 8, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q1), scale)));
+      store8<Out>(out, i + 16, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q2), scale)));
+      store8<Out>(out, i + 24, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q3), scale)));
     }
     for (; i < seg_end; ++i) {
       const int64_t e = e0 + i;
       const uint32_t byte = packed[e >> 1];
-      out[i] = round1<X>(w.table[(e & 1) ? (byte & 0xfu) : (byte >> 4)] * s);
+      store1<Out>(out, i, round1<X>(w.table[(e & 1) ? (byte & 0xfu) : (byte >> 4)] * s));
     }
   }
 }
 #endif
 
-template <DT X>
-void decode_range(const Weight& w, int64_t e0, int64_t len, float* out, bool avx2) {
+template <DT X, DT Out>
+void decode_range(const Weight& w, int64_t e0, int64_t len, void* out, bool avx2) {
 #if defined(__x86_64__)
-  if (avx2) return decode_range_avx2<X>(w, e0, len, out);
+  if (avx2) return decode_range_avx2<X, Out>(w, e0, len, out);
 #endif
-  decode_range_portable<X>(w, e0, len, out);
+  decode_range_portable<X, Out>(w, e0, len, out);
 }
 
-// Rows [n0, n0 + nt) of W (all K columns) as fp32 into buf (nt, K).
-template <DT X>
+// Rows [n0, n0 + nt) of W (all K columns) as Out (buf's dtype) into buf (nt, K).
+template <DT X, DT Out = DT::F32>
 void weight_rows(const Weight& w, int64_t n0, int64_t nt, int64_t K, at::Tensor& buf, bool avx2) {
   if (w.kind == WKind::Dense16) {
     buf.copy_(w.dense.narrow(0, n0, nt));
     return;
   }
-  float* out = buf.data_ptr<float>();
+  char* out = static_cast<char*>(buf.data_ptr());
   at::parallel_for(0, nt, row_grain(K), [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) decode_range<X>(w, (n0 + n) * K, K, out + n * K, avx2);
+    for (int64_t n = a; n < b; ++n) decode_range<X, Out>(w, (n0 + n) * K, K, out + n * K * elem_size(Out), avx2);
   });
 }
 
-// Columns [k0, k0 + kt) of W (all N rows) as fp32 into buf (N, kt).
-template <DT X>
+// Columns [k0, k0 + kt) of W (all N rows) as Out (buf's dtype) into buf (N, kt).
+template <DT X, DT Out = DT::F32>
 void weight_cols(const Weight& w, int64_t k0, int64_t kt, int64_t N, int64_t K, at::Tensor& buf, bool avx2) {
   if (w.kind == WKind::Dense16) {
     buf.copy_(w.dense.narrow(1, k0, kt));
     return;
   }
-  float* out = buf.data_ptr<float>();
+  char* out = static_cast<char*>(buf.data_ptr());
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
   const int64_t row_bytes = (kt + 1) / 2 + 1;
   at::parallel_for(0, N, row_grain(kt), [&](int64_t a, int64_t b) {
@@ -195,7 +207,7 @@ void weight_cols(const Weight& w, int64_t k0, int64_t kt, int64_t N, int64_t K, 
         const uint8_t* ahead = packed + (((n + 4) * K + k0) >> 1);
         for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
       }
-      decode_range<X>(w, n * K + k0, kt, out + n * kt, avx2);
+      decode_range<X, Out>(w, n * K + k0, kt, out + n * kt * elem_size(Out), avx2);
     }
   });
 }
@@ -318,10 +330,10 @@ void lora_down_dropout(const at::Tensor& x, const at::Tensor& A32, double p, uin
 
 // Tile extent for `total` rows (or columns) of `row_len` fp32 values each: the tile budget, but
 // small enough that every thread gets at least one tile.
-int64_t tile_extent_threads(int64_t total, int64_t row_len) {
+int64_t tile_extent_threads(int64_t total, int64_t row_len, int64_t elem = 4) {
   const int64_t threads = at::get_num_threads();
   const int64_t per_thread = ((total + threads - 1) / threads + 15) / 16 * 16;
-  return std::min(tile_extent(total, row_len), std::max<int64_t>(per_thread, 16));
+  return std::min(tile_extent(total, row_len, elem), std::max<int64_t>(per_thread, 16));
 }
 
 // The threads take whole tiles (one parallel region per op; MKL runs single-threaded inside it):
@@ -367,6 +379,56 @@ void fwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& x32, con
   });
 }
 
+// bf16 GEMM mode (bf16 x, use_bf16_gemm()): each tile of W is decoded to bf16 -- the values
+// bitsandbytes dequantizes to, rnd_bf16(code * absmax) -- or is a view of a dense bf16 W, and
+// x·Wᵀ [+ bias] runs as one bf16 GEMM in torch (oneDNN: fp32 accumulation, one rounding to bf16 --
+// PEFT's base layer F.linear). A bias that is not bf16 cannot enter that GEMM: it is added to the
+// rounded base in the epilogue, rnd(rnd(x·Wᵀ) + bias), one rounding more than the reference.
+template <DT A>
+void fwd_impl_bf16(const Problem& pr, const at::Tensor& x, const at::Tensor& S32, const at::Tensor& B32,
+                   const at::Tensor& bias16, const at::Tensor& bias32, float scaling, bool linear4bit, at::Tensor& y,
+                   bool avx2) {
+  constexpr DT X = DT::BF16;
+  const int64_t M = pr.M, K = pr.K, N = pr.N;
+  const bool dense = pr.w.kind != WKind::FourBit;  // a dense W has x's dtype: its tiles are views
+  const int64_t nt_max = tile_extent_threads(N, K, 2);  // bf16 tiles: twice the rows of fp32 ones
+  const int64_t tiles = (N + nt_max - 1) / nt_max;
+  const auto f32 = x.options().dtype(at::kFloat);
+  const float* bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  char* yp = static_cast<char*>(y.data_ptr());
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard tls_guard(tls);
+    at::Tensor lora = at::empty({M * nt_max}, f32);
+    at::Tensor ybuf = at::empty({M * nt_max}, x.options());
+    at::Tensor wbuf = dense ? at::Tensor() : at::empty({nt_max * K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * nt_max, nt = std::min(nt_max, N - n0);
+      at::Tensor wt;
+      if (dense) {
+        wt = pr.w.dense.narrow(0, n0, nt);
+      } else {
+        wt = front(wbuf, nt, K);
+        weight_rows<X, DT::BF16>(pr.w, n0, nt, K, wt, avx2);
+      }
+      at::Tensor yt = front(ybuf, M, nt);
+      if (bias16.defined()) {
+        at::addmm_out(yt, bias16.narrow(0, n0, nt), x, wt.t());
+      } else {
+        at::mm_out(yt, x, wt.t());
+      }
+      at::Tensor lt = front(lora, M, nt);
+      at::mm_out(lt, S32, B32.narrow(0, n0, nt).t());
+      const char* base = static_cast<const char*>(yt.data_ptr());
+      const float* lp = lt.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) {
+        fwd_epilogue<X, A, DT::BF16>(base + m * nt * elem_size(X), lp + m * nt, bias != nullptr ? bias + n0 : nullptr,
+                                     scaling, linear4bit, yp + (m * N + n0) * elem_size(X), nt, avx2);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& absmax, int64_t blocksize,
                                                        c10::string_view quant_type, int64_t out_features,
@@ -379,13 +441,18 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, c
   const Problem pr = check_problem(x_in, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B);
   const bool linear4bit = check_rounding(rounding);
   check_dropout_p(dropout_p, "dropout_p");
-  at::Tensor bias32;
+  const bool bf16_gemm = pr.x_dt == DT::BF16 && use_bf16_gemm();
+  at::Tensor bias32, bias16;  // bias16: a bf16 bias that enters the bf16 GEMM
   if (bias.has_value()) {
     check_float_tensor(*bias, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == pr.N, "bias must be (out_features=", pr.N,
                       ",), got shape ", bias->sizes());
     check_device(*bias, "bias", at::kCPU);
-    bias32 = to_f32(*bias);
+    if (bf16_gemm && bias->scalar_type() == at::kBFloat16) {
+      bias16 = bias->detach().contiguous();
+    } else {
+      bias32 = to_f32(*bias);
+    }
   }
   const int64_t M = pr.M, K = pr.K, N = pr.N;
   const bool avx2 = has_avx2_fma_f16c();
@@ -411,6 +478,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, c
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return {y, S};
   const float scale_f = static_cast<float>(scaling);
+  if (bf16_gemm) {
+    if (pr.a_dt == DT::F32) {
+      fwd_impl_bf16<DT::F32>(pr, x, S32, B32, bias16, bias32, scale_f, linear4bit, y, avx2);
+    } else {
+      fwd_impl_bf16<DT::BF16>(pr, x, S32, B32, bias16, bias32, scale_f, linear4bit, y, avx2);
+    }
+    return {y, S};
+  }
   dispatch_xa(pr.x_dt, pr.a_dt, [&](auto xt, auto at_) {
     fwd_impl<decltype(xt)::value, decltype(at_)::value>(pr, x, x32, S32, B32, bias32, scale_f, linear4bit, y, avx2);
   });
@@ -420,17 +495,23 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, c
 // ---------------------------------------------------------------------------------------------
 // Backward
 
+// G16 defined: bf16 GEMM mode (bf16 x, use_bf16_gemm()): G·W runs as a bf16 GEMM on G16 (grad_y)
+// and tiles of W decoded to bf16, rounded to bf16 by the GEMM; dx = rnd(rnd(G·W) + lora term) as
+// PEFT's autograd sums the base layer's bf16 gradient and the LoRA branch's.
 template <DT X, DT A>
-void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, const at::Tensor& dS,
+void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, const at::Tensor& G16, const at::Tensor& dS,
               const at::Tensor& A32, double p, uint64_t seed, bool need_dx, bool need_dA, at::Tensor& dx,
               at::Tensor& dA32, bool avx2) {
   const int64_t M = pr.M, K = pr.K, N = pr.N, r = pr.r;
+  const bool bf16_gemm = G16.defined();
   const bool dense_f32 = pr.w.kind == WKind::DenseF32;
-  const bool decode = need_dx && !dense_f32;
+  const bool view = dense_f32 || (bf16_gemm && pr.w.kind == WKind::Dense16);  // tiles of W are views
+  const bool decode = need_dx && !view;
   const auto f32 = x.options().dtype(at::kFloat);
+  const auto gemm_opts = bf16_gemm ? G16.options() : f32;
   // Input columns of W per tile: (N, kt) fp32, decoded into a buffer or a strided view of a dense
   // fp32 W; without dx the tile is only the (M, kt) dropout(x) buffer.
-  const int64_t kt_max = need_dx ? tile_extent_threads(K, N) : tile_extent_threads(K, M);
+  const int64_t kt_max = need_dx ? tile_extent_threads(K, N, bf16_gemm ? 2 : 4) : tile_extent_threads(K, M);
   const int64_t tiles = (K + kt_max - 1) / kt_max;
   const bool dropout = p > 0.0;
   const uint32_t threshold = dropout ? dropout_threshold(p) : 0;
@@ -443,9 +524,9 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
     at::Tensor wbuf, gbuf, dxd, xd, da_tile;
     if (need_dx) {
       dxd = at::empty({M * kt_max}, f32);
-      gbuf = at::empty({M * kt_max}, f32);
+      gbuf = at::empty({M * kt_max}, gemm_opts);
     }
-    if (decode) wbuf = at::empty({N * kt_max}, f32);
+    if (decode) wbuf = at::empty({N * kt_max}, gemm_opts);
     if (need_dA) {
       xd = at::empty({M * kt_max}, f32);
       da_tile = at::empty({r * kt_max}, f32);
@@ -454,19 +535,22 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
     const uint32_t* mask = dropout ? mask_buf : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kt_max, kt = std::min(kt_max, K - k0);
-      const float* base = nullptr;  // (M, kt) G·W tile
+      const char* base = nullptr;   // (M, kt) G·W tile, fp32 (bf16 in bf16 GEMM mode)
       const float* dxdp = nullptr;  // (M, kt) dS·A tile
       if (need_dx) {
         at::Tensor wt;
-        if (dense_f32) {
+        if (view) {
           wt = pr.w.dense.narrow(1, k0, kt);
+        } else if (bf16_gemm) {
+          wt = front(wbuf, N, kt);
+          weight_cols<X, DT::BF16>(pr.w, k0, kt, N, K, wt, avx2);
         } else {
           wt = front(wbuf, N, kt);
           weight_cols<X>(pr.w, k0, kt, N, K, wt, avx2);
         }
         at::Tensor gt = front(gbuf, M, kt);
-        at::mm_out(gt, G32, wt);
-        base = gt.data_ptr<float>();
+        at::mm_out(gt, bf16_gemm ? G16 : G32, wt);
+        base = static_cast<const char*>(gt.data_ptr());
         at::Tensor dt = front(dxd, M, kt);
         at::mm_out(dt, dS, A32.narrow(1, k0, kt));
         dxdp = dt.data_ptr<float>();
@@ -477,7 +561,14 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
           const int64_t n = std::min(kMaskChunk, kt - j);
           const int64_t e = m * K + k0 + j;  // row-major index of element (m, k0 + j) of x and dx
           if (dropout) dropout_mask(seed, threshold, e, n, mask_buf, avx2);
-          if (need_dx) dx_epilogue<X>(base + m * kt + j, dxdp + m * kt + j, mask, scale, dxp + e * elem_size(X), n, avx2);
+          if (need_dx) {
+            if (bf16_gemm) {
+              dx_epilogue<X, DT::BF16>(base + (m * kt + j) * 2, dxdp + m * kt + j, mask, scale, dxp + e * elem_size(X), n,
+                                       avx2);
+            } else {
+              dx_epilogue<X>(base + (m * kt + j) * 4, dxdp + m * kt + j, mask, scale, dxp + e * elem_size(X), n, avx2);
+            }
+          }
           if (need_dA) dropout_apply<X, A, DT::F32>(xp + e * elem_size(X), xdp + m * kt + j, mask, scale, n, avx2);
         }
       }
@@ -488,6 +579,38 @@ void bwd_impl(const Problem& pr, const at::Tensor& x, const at::Tensor& G32, con
       }
     }
   });
+}
+
+// bf16 GEMM mode: dS = G·B and Sᵀ·G (for dB) in fp32 from a bf16 G that is never widened whole (a
+// (M, N) fp32 copy costs more than these two thin GEMMs): row blocks of ~2 MiB are widened into a
+// per-thread buffer and used at once; each thread sums its own (r, N) part of Sᵀ·G, and the parts
+// are added in thread order.
+void ds_stg_bf16(const at::Tensor& G16, const at::Tensor& B32, const at::Tensor& S32, bool need_stg, at::Tensor& dS,
+                 at::Tensor& StG, bool avx2) {
+  const int64_t M = G16.size(0), N = G16.size(1), r = B32.size(1);
+  const int64_t threads = at::get_num_threads();
+  const int64_t mb =
+      std::max<int64_t>(1, std::min<int64_t>((M + threads - 1) / threads, (int64_t{1} << 19) / std::max<int64_t>(N, 1)));
+  const int64_t blocks = (M + mb - 1) / mb;
+  const auto f32 = G16.options().dtype(at::kFloat);
+  dS = at::empty({M, r}, f32);
+  at::Tensor parts = need_stg ? at::zeros({threads, r, N}, f32) : at::Tensor();
+  const char* gp = static_cast<const char*>(G16.data_ptr());
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard tls_guard(tls);
+    at::Tensor buf = at::empty({mb * N}, f32);
+    at::Tensor part = need_stg ? parts[at::get_thread_num()] : at::Tensor();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * mb, rows = std::min(mb, M - m0);
+      dropout_apply<DT::BF16, DT::F32, DT::F32>(gp + m0 * N * 2, buf.data_ptr<float>(), nullptr, 1.0f, rows * N, avx2);
+      const at::Tensor g = front(buf, rows, N);
+      at::Tensor ds = dS.narrow(0, m0, rows);
+      at::mm_out(ds, g, B32);
+      if (need_stg) part.addmm_(S32.narrow(0, m0, rows).t(), g);
+    }
+  });
+  if (need_stg) StG = parts.sum(0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
@@ -509,7 +632,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   check_device(S, "S", at::kCPU);
   const bool avx2 = has_avx2_fma_f16c();
   const at::Tensor x = x_in.detach().contiguous();
-  const at::Tensor G32 = to_f32(grad_y);
+  // bf16 GEMM mode for dx: bf16 x and bf16 grad_y (PEFT's case) on a CPU with native bf16.
+  const bool bf16_gemm = need_dx && pr.x_dt == DT::BF16 && grad_y.scalar_type() == at::kBFloat16 && use_bf16_gemm();
+  const at::Tensor G16 = bf16_gemm ? grad_y.detach().contiguous() : at::Tensor();
+  const at::Tensor G32 = bf16_gemm ? at::Tensor() : to_f32(grad_y);
   const at::Tensor A32 = to_f32(lora_A);
   const at::Tensor B32 = to_f32(lora_B);
   const float scale_f = static_cast<float>(scaling);
@@ -517,10 +643,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   at::Tensor dx = at::empty({0}, x.options()), dA = at::empty({0}, lora_A.options()),
              dB = at::empty({0}, lora_B.options());
   // dB = scaling·Gᵀ·S, computed as (Sᵀ·G)ᵀ: MKL reads G row-major (1.6x faster than Gᵀ·S on one core).
-  if (need_dB) dB = at::mm(to_f32(S).t(), G32).t().mul(scale_f).to(lora_B.scalar_type()).contiguous();
-  if (!need_dx && !need_dA) return {dx, dA, dB};
-
-  const at::Tensor dS = at::mm(G32, B32).mul_(scale_f);  // (M, r), fp32, not rounded
+  at::Tensor dS;  // scaling·G·B, (M, r), fp32, not rounded
+  if (bf16_gemm) {
+    at::Tensor StG;
+    ds_stg_bf16(G16, B32, to_f32(S), need_dB && M > 0, dS, StG, avx2);
+    dS.mul_(scale_f);
+    if (need_dB) {
+      if (M == 0) StG = at::zeros({r, N}, B32.options());
+      dB = StG.t().mul(scale_f).to(lora_B.scalar_type()).contiguous();
+    }
+  } else {
+    if (need_dB) dB = at::mm(to_f32(S).t(), G32).t().mul(scale_f).to(lora_B.scalar_type()).contiguous();
+    if (!need_dx && !need_dA) return {dx, dA, dB};
+    dS = at::mm(G32, B32).mul_(scale_f);
+  }
   at::Tensor dA32;
   if (need_dx) dx = at::empty({M, K}, x.options());
   if (need_dA) dA32 = at::empty({r, K}, x.options().dtype(at::kFloat));
@@ -530,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     at::mm_out(dA32, dS.t(), to_f32(x));  // dropout(x) with p = 0 is x itself
   } else {
     dispatch_xa(pr.x_dt, pr.a_dt, [&](auto xt, auto at_) {
-      bwd_impl<decltype(xt)::value, decltype(at_)::value>(pr, x, G32, dS, A32, dropout_p, static_cast<uint64_t>(seed),
+      bwd_impl<decltype(xt)::value, decltype(at_)::value>(pr, x, G32, G16, dS, A32, dropout_p, static_cast<uint64_t>(seed),
                                                           need_dx, need_dA, dx, dA32, avx2);
     });
   }
