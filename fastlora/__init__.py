@@ -1,7 +1,8 @@
 """fastlora: fused LoRA / QLoRA kernels with bitsandbytes-compatible 4-bit weights.
 
-Layers (imports go downwards only): ``fastlora.nf4`` (4-bit weights) -> ``fastlora.ops`` (custom
-ops: schema, fake implementation, backend choice) -> backends (``fastlora._C`` C++/CUDA kernels,
+Layers (imports go downwards only): ``fastlora.patch`` (model surgery, PEFT LoRA layers) ->
+``fastlora.nf4`` (4-bit weights) -> ``fastlora.ops`` (custom ops: schema, fake implementation,
+backend choice) -> backends (``fastlora._C`` C++/CUDA kernels,
 ``fastlora.kernels`` Triton kernels, ``fastlora.reference`` torch).
 """
 
@@ -12,5 +13,6 @@ from . import _extension
 _extension.load()
 
 from . import backends, nf4, ops, reference  # noqa: E402
+from .patch import PatchHandle, patch, unpatch  # noqa: E402
 
-__all__ = ["__version__", "backends", "nf4", "ops", "reference"]
+__all__ = ["PatchHandle", "__version__", "backends", "nf4", "ops", "patch", "reference", "unpatch"]

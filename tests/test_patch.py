@@ -1,0 +1,300 @@
+"""fastlora.patch (first slice of issue 5) on tiny random Hugging Face models with PEFT LoRA: loss and
+gradients match the unpatched model (dense fp32 and nf4 double-quant bitsandbytes bases, with and
+without gradient checkpointing), unpatch is bit-exact, state_dict and parameters are untouched, two
+models live side by side, unsupported layers are reported, bad input errors and PEFT save/load works."""
+
+import copy
+import sys
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import nf4
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILIES = ["llama", "qwen2"]
+VOCAB = 96
+# fp32: PEFT's three GEMMs (x·Wᵀ, x·Aᵀ, S·Bᵀ) and fastlora's fused ones sum in other orders.
+RTOL = 1e-5
+
+
+def _base(family: str):
+    # in_features multiples of 64: bitsandbytes 0.50's CPU dequantize_4bit decodes its own nf4 codes
+    # wrongly for e.g. 32x32 and 64x96 weights (fastlora's decode matches the float weight there).
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))  # q/k/v have a bias
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    return model
+
+
+def _to_4bit(model):
+    """Every targeted projection becomes a bitsandbytes Linear4bit (nf4, double quant) holding
+    fastlora.nf4.quantize'd weights, the way a load_in_4bit model would hold them."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and type(child) is torch.nn.Linear:
+                q = nf4.quantize(child.weight.detach(), 64, "nf4", True)
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                new.weight = nf4.to_bnb(q)
+                if child.bias is not None:
+                    new.bias = torch.nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(module, child_name, new)
+    # What from_pretrained(load_in_4bit=True) reports; PEFT picks lora.bnb.Linear4bit only when it is set.
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def _peft_model(family="llama", dropout=0.0, four_bit=False, use_dora=False):
+    model = _base(family)
+    if four_bit:
+        _to_4bit(model)
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, use_dora=use_dora)
+    pm = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:  # B is zero-initialised by PEFT: make the LoRA branch matter
+            torch.nn.init.normal_(p, std=0.05)
+    return pm.train()
+
+
+def _ids():
+    return torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+
+
+def _loss_grads(model, ids):
+    torch.manual_seed(77)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _assert_close(got, want, rtol=RTOL):
+    loss_g, grads_g = got
+    loss_w, grads_w = want
+    assert _rel(loss_g, loss_w) < rtol, (loss_g, loss_w)
+    assert grads_g.keys() == grads_w.keys() and len(grads_w) > 0
+    for name in grads_w:
+        assert _rel(grads_g[name], grads_w[name]) < rtol, name
+
+
+def _lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_fp32_matches_peft(family):
+    pm = _peft_model(family)
+    ids = _ids()
+    want = _loss_grads(pm, ids)
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 2 * 7 and not handle.skipped
+    got = _loss_grads(pm, ids)
+    _assert_close(got, want)
+    assert len(got[1]) == 2 * 7 * 2
+    assert handle.report()["fallback_calls"] == {}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nf4_bnb_matches_peft(family):
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import bnb as lora_bnb
+
+    pm = _peft_model(family, four_bit=True)
+    layers = _lora_layers(pm)
+    assert len(layers) == 14 and all(type(m) is lora_bnb.Linear4bit for m in layers.values())
+    ids = _ids()
+    want = _loss_grads(pm, ids)
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 14 and not handle.skipped
+    got = _loss_grads(pm, ids)
+    _assert_close(got, want)
+    assert handle.report()["fallback_calls"] == {}
+
+
+def test_dropout_cpp_matches_reference_backend():
+    """With dropout 0.1 the masks are fastlora's (Philox), not torch's: compare fastlora's backends."""
+    ids = _ids()
+    results = {}
+    for backend in ("cpp", "reference"):
+        pm = _peft_model("qwen2", dropout=0.1)
+        fastlora.patch(pm, backend=backend)
+        results[backend] = _loss_grads(pm, ids)
+        assert torch.isfinite(results[backend][0])
+    _assert_close(results["cpp"], results["reference"], rtol=1e-4)
+    # Dropout is active: the loss differs from the dropout-free model's.
+    pm0 = _peft_model("qwen2", dropout=0.0)
+    fastlora.patch(pm0)
+    assert _rel(_loss_grads(pm0, ids)[0], results["cpp"][0]) > 1e-6
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["hf-default", "non-reentrant"])
+def test_gradient_checkpointing(dropout, kwargs):
+    ids = _ids()
+    pm = _peft_model("llama", dropout=dropout)
+    plain_unpatched = _loss_grads(pm, ids)
+    fastlora.patch(pm)
+    plain = _loss_grads(pm, ids)
+    if kwargs is None:
+        pm.gradient_checkpointing_enable()
+    else:
+        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    pm.enable_input_require_grads()
+    ckpt = _loss_grads(pm, ids)
+    # Recompute regenerates the same dropout masks: bit-identical to the patched run without checkpointing.
+    assert torch.equal(plain[0], ckpt[0])
+    for name in plain[1]:
+        assert torch.equal(plain[1][name], ckpt[1][name]), name
+    if dropout == 0.0:
+        _assert_close(ckpt, plain_unpatched)
+
+
+def test_unpatch_is_bit_exact_and_state_is_kept():
+    pm = _peft_model("qwen2", dropout=0.1)
+    ids = _ids()
+    before = _loss_grads(pm, ids)
+    keys = list(pm.state_dict().keys())
+    params = {n: id(p) for n, p in pm.named_parameters()}
+    assert "fastlora" not in repr(pm)
+    handle = fastlora.patch(pm)
+    assert list(pm.state_dict().keys()) == keys
+    assert {n: id(p) for n, p in pm.named_parameters()} == params
+    assert all("fastlora(backend='auto', rounding='linear')" in repr(m) for m in _lora_layers(pm).values())
+    assert "fastlora(" in repr(pm)
+    assert fastlora.patch(pm) is handle  # idempotent
+    with pytest.raises(ValueError, match="already patched"):
+        fastlora.patch(pm, backend="reference")
+    _loss_grads(pm, ids)
+    assert fastlora.unpatch(pm) is True
+    assert not handle.active and fastlora.unpatch(pm) is False
+    handle.unpatch()  # a second unpatch is a no-op
+    assert "fastlora" not in repr(pm)
+    assert all("forward" not in m.__dict__ and "extra_repr" not in m.__dict__ for m in pm.modules())
+    after = _loss_grads(pm, ids)
+    assert torch.equal(before[0], after[0])
+    for name in before[1]:
+        assert torch.equal(before[1][name], after[1][name]), name
+    # Patching again after unpatch gives a fresh handle.
+    again = fastlora.patch(pm)
+    assert again is not handle and len(again.patched) == 14
+    again.unpatch()
+
+
+def test_two_models_side_by_side():
+    pm = _peft_model("llama")
+    other = copy.deepcopy(pm)
+    ids = _ids()
+    fastlora.patch(pm)
+    assert "fastlora" not in repr(other)
+    assert all("forward" not in m.__dict__ for m in other.modules())
+    got, want = _loss_grads(pm, ids), _loss_grads(other, ids)
+    _assert_close(got, want)
+    # A deepcopy of a patched model is patched itself, bound to its own modules.
+    twin = copy.deepcopy(pm)
+    for m in twin.modules():
+        if "forward" in m.__dict__:
+            assert m.forward.__self__ is m
+    _assert_close(_loss_grads(twin, ids), want)
+
+
+def test_dora_layers_are_skipped_with_reason():
+    pm = _peft_model("llama", use_dora=True)
+    ids = _ids()
+    before = _loss_grads(pm, ids)
+    handle = fastlora.patch(pm)
+    report = handle.report()
+    assert report["patched"] == [] and len(report["skipped"]) == 14
+    assert all("DoRA" in reason for reason in report["skipped"].values())
+    assert "14 left unpatched" in handle.summary() and "DoRA" in handle.summary()
+    after = _loss_grads(pm, ids)
+    assert torch.equal(before[0], after[0])
+    handle.unpatch()
+
+
+def test_several_active_adapters_and_per_call_fallbacks():
+    pm = _peft_model("llama")
+    ids = _ids()
+    pm.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    pm.base_model.set_adapter(["default", "second"])
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 12 and len(handle.skipped) == 2
+    assert all("2 active adapters" in r for r in handle.skipped.values())
+    handle.unpatch()
+    # A patched layer hands calls PEFT's forward when autocast is on or when disabled adapters change it.
+    pm.base_model.set_adapter("default")
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 14
+    with pm.disable_adapter():
+        loss_disabled = pm(input_ids=ids, labels=ids).loss
+    assert len(handle.report()["fallback_calls"]) == 14
+    handle.unpatch()
+    with pm.disable_adapter():
+        assert torch.equal(pm(input_ids=ids, labels=ids).loss, loss_disabled)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="model"):
+        fastlora.patch(object())
+    with pytest.raises(TypeError, match="model"):
+        fastlora.unpatch("not a model")
+    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
+        fastlora.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="backend"):
+        fastlora.patch(_peft_model("llama"), backend="gpu")
+
+
+def test_all_or_nothing(monkeypatch):
+    pm = _peft_model("llama")
+    module = sys.modules["fastlora.patch"]
+    real = module._skip_reason
+    calls = []
+
+    def failing(m, rounding):
+        calls.append(m)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return real(m, rounding)
+
+    monkeypatch.setattr(module, "_skip_reason", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        fastlora.patch(pm)
+    assert all(not k.startswith("_fastlora") and k not in ("forward", "extra_repr")
+               for m in pm.modules() for k in m.__dict__)
+    assert "_fastlora_handle" not in pm.__dict__
+    monkeypatch.setattr(module, "_skip_reason", real)
+    assert len(fastlora.patch(pm).patched) == 14
+
+
+def test_save_pretrained_from_patched_loads_into_unpatched(tmp_path):
+    pm = _peft_model("qwen2", dropout=0.1)
+    ids = _ids()
+    handle = fastlora.patch(pm)
+    _loss_grads(pm, ids)
+    pm.eval()
+    with torch.no_grad():
+        patched_out = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path)
+    handle.unpatch()
+    with torch.no_grad():
+        unpatched_out = pm(input_ids=ids).logits
+    loaded = peft.PeftModel.from_pretrained(_base("qwen2"), tmp_path).eval()
+    with torch.no_grad():
+        loaded_out = loaded(input_ids=ids).logits
+    assert torch.equal(loaded_out, unpatched_out)
+    assert _rel(patched_out, loaded_out) < RTOL
