@@ -1,8 +1,10 @@
 """fastlora.patch / fastlora.unpatch: run an existing PEFT LoRA model's linears through
 :func:`fastlora.ops.lora_linear`, in place, without changing what the model computes or saves.
 
-First slice of issue 5. Accelerated: PEFT ``lora.Linear`` over ``nn.Linear`` and PEFT
-``lora.bnb.Linear4bit`` over bitsandbytes ``Linear4bit`` with exactly one active, plain LoRA adapter
+First slice of issue 5. Accelerated: PEFT ``lora.Linear`` over ``nn.Linear`` (rounding "linear"), PEFT
+``lora.bnb.Linear4bit`` over bitsandbytes ``Linear4bit`` (rounding "linear4bit") and PEFT ``lora.Linear`` over
+a bitsandbytes ``Linear4bit`` (what PEFT builds when the model does not report ``is_loaded_in_4bit``;
+rounding "linear", as PEFT computes it there), each with exactly one active, plain LoRA adapter
 (no DoRA / lora variant, not merged, adapters enabled, no ``fan_in_fan_out``, no ``lora_bias``,
 ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``, frozen base weight). Every other LoRA layer is left
 alone and listed in :meth:`PatchHandle.report` with the reason.
@@ -66,13 +68,13 @@ def _bnb_linear4bit():
 class _State:
     """What a patched module needs per call; lives in the module's ``__dict__`` (not a buffer)."""
 
-    def __init__(self, adapter: str, rounding: str, backend: str, had_extra_repr: bool):
-        self.adapter, self.rounding, self.backend = adapter, rounding, backend
+    def __init__(self, adapter: str, rounding: str, backend: str, had_extra_repr: bool, four_bit: bool):
+        self.adapter, self.rounding, self.backend, self.four_bit = adapter, rounding, backend, four_bit
         self.had_extra_repr = had_extra_repr
         self.fallback_calls = 0
 
     def __deepcopy__(self, memo):
-        new = _State(self.adapter, self.rounding, self.backend, self.had_extra_repr)
+        new = _State(self.adapter, self.rounding, self.backend, self.had_extra_repr, self.four_bit)
         new.fallback_calls = self.fallback_calls
         return new
 
@@ -120,15 +122,14 @@ def _skip_reason(module, rounding: str) -> tuple[str | None, str | None]:
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return "scaling is not a Python number", None
     base = module.get_base_layer()
-    if rounding == "linear":
-        if type(base) is not torch.nn.Linear:
-            return f"base layer is {type(base).__name__}, not nn.Linear", None
-    else:
-        linear4bit = _bnb_linear4bit()
-        if linear4bit is None or not isinstance(base, linear4bit):
-            return f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit", None
-        if getattr(base.weight, "quant_state", None) is None:
-            return "4-bit weight has no quant_state", None
+    linear4bit = _bnb_linear4bit()
+    four_bit = linear4bit is not None and isinstance(base, linear4bit)
+    if rounding == "linear" and type(base) is not torch.nn.Linear and not four_bit:
+        return f"base layer is {type(base).__name__}, not nn.Linear or bitsandbytes Linear4bit", None
+    if rounding == "linear4bit" and not four_bit:
+        return f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit", None
+    if four_bit and getattr(base.weight, "quant_state", None) is None:
+        return "4-bit weight has no quant_state", None
     if base.weight.requires_grad:
         return "base weight is trainable (fastlora keeps it frozen)", None
     return None, adapter
@@ -163,7 +164,7 @@ def _call_ok(module, state: _State, x) -> bool:
     a_dtype = module.lora_A[state.adapter].weight.dtype
     if a_dtype not in (torch.float32, x.dtype) or module.lora_B[state.adapter].weight.dtype != a_dtype:
         return False
-    if state.rounding == "linear":
+    if not state.four_bit:
         return base.weight.dtype == x.dtype
     quant_state = getattr(base.weight, "quant_state", None)
     if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
@@ -270,7 +271,9 @@ def patch(model, *, backend: str = "auto", verbose: bool = False) -> PatchHandle
                 skipped[name] = reason
                 continue
             had_extra_repr = "extra_repr" in module.__dict__
-            module.__dict__[_STATE_ATTR] = _State(adapter, rounding, backend, had_extra_repr)
+            linear4bit = _bnb_linear4bit()
+            four_bit = linear4bit is not None and isinstance(module.get_base_layer(), linear4bit)
+            module.__dict__[_STATE_ATTR] = _State(adapter, rounding, backend, had_extra_repr, four_bit)
             modules[name] = module
             module.__dict__["forward"] = types.MethodType(_fast_forward, module)
             module.__dict__["extra_repr"] = types.MethodType(_extra_repr, module)

@@ -35,29 +35,31 @@ def _base(family: str):
     return model
 
 
-def _to_4bit(model):
-    """Every targeted projection becomes a bitsandbytes Linear4bit (nf4, double quant) holding
+def _to_4bit(model, quant_type="nf4", loaded_in_4bit=True):
+    """Every targeted projection becomes a bitsandbytes Linear4bit (nf4 double quant, or fp4) holding
     fastlora.nf4.quantize'd weights, the way a load_in_4bit model would hold them."""
     bnb = pytest.importorskip("bitsandbytes")
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in TARGETS and type(child) is torch.nn.Linear:
-                q = nf4.quantize(child.weight.detach(), 64, "nf4", True)
+                dq = quant_type == "nf4"
+                q = nf4.quantize(child.weight.detach(), 64, quant_type, dq)
                 new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                        compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                                        compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=dq)
                 new.weight = nf4.to_bnb(q)
                 if child.bias is not None:
                     new.bias = torch.nn.Parameter(child.bias.detach().clone(), requires_grad=False)
                 setattr(module, child_name, new)
     # What from_pretrained(load_in_4bit=True) reports; PEFT picks lora.bnb.Linear4bit only when it is set.
-    model.is_loaded_in_4bit = True
+    if loaded_in_4bit:
+        model.is_loaded_in_4bit = True
     return model
 
 
-def _peft_model(family="llama", dropout=0.0, four_bit=False, use_dora=False):
+def _peft_model(family="llama", dropout=0.0, four_bit=None, use_dora=False, loaded_in_4bit=True):
     model = _base(family)
     if four_bit:
-        _to_4bit(model)
+        _to_4bit(model, four_bit, loaded_in_4bit)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, use_dora=use_dora)
     pm = peft.get_peft_model(model, config)
     torch.manual_seed(1)
@@ -111,13 +113,18 @@ def test_dense_fp32_matches_peft(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_nf4_bnb_matches_peft(family):
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("loaded_in_4bit", [True, False], ids=["lora.bnb.Linear4bit", "lora.Linear-over-4bit"])
+def test_4bit_bnb_matches_peft(family, quant_type, loaded_in_4bit):
+    """PEFT builds lora.bnb.Linear4bit when the model reports is_loaded_in_4bit, else lora.Linear over the
+    bitsandbytes layer (a different rounding in low precision): both are accelerated."""
     pytest.importorskip("bitsandbytes")
     from peft.tuners.lora import bnb as lora_bnb
 
-    pm = _peft_model(family, four_bit=True)
+    pm = _peft_model(family, four_bit=quant_type, loaded_in_4bit=loaded_in_4bit)
     layers = _lora_layers(pm)
-    assert len(layers) == 14 and all(type(m) is lora_bnb.Linear4bit for m in layers.values())
+    want_type = lora_bnb.Linear4bit if loaded_in_4bit else peft.tuners.lora.layer.Linear
+    assert len(layers) == 14 and all(type(m) is want_type for m in layers.values())
     ids = _ids()
     want = _loss_grads(pm, ids)
     handle = fastlora.patch(pm)
@@ -125,6 +132,31 @@ def test_nf4_bnb_matches_peft(family):
     got = _loss_grads(pm, ids)
     _assert_close(got, want)
     assert handle.report()["fallback_calls"] == {}
+
+
+def test_bf16_base_with_fp32_adapters_matches_peft():
+    """A bf16 model with PEFT's default fp32 adapters: PEFT adds the fp32 LoRA term and rounds once."""
+    model = _base("qwen2").to(torch.bfloat16)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
+    torch.manual_seed(1)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
+    ids = _ids()
+    want = _loss_grads(pm, ids)
+    handle = fastlora.patch(pm)
+    got = _loss_grads(pm, ids)
+    assert handle.report()["fallback_calls"] == {}
+    # bf16 activations: one bf16 ulp (2^-8) of difference in a layer's output moves the rest.
+    _assert_close(got, want, rtol=3e-2)  # measured: loss equal, worst gradient 1.5e-2
+
+
+def test_verbose_prints_the_summary(capsys):
+    handle = fastlora.patch(_peft_model("llama"), verbose=True)
+    err = capsys.readouterr().err
+    assert err.strip() == handle.summary()
+    assert err.count("\n") == 1 and "14 LoRA layer(s) accelerated" in err
 
 
 def test_dropout_cpp_matches_reference_backend():
