@@ -332,3 +332,29 @@ def test_save_pretrained_from_patched_loads_into_unpatched(tmp_path):
         loaded_out = loaded(input_ids=ids).logits
     assert torch.equal(loaded_out, unpatched_out)
     assert _rel(patched_out, loaded_out) < RTOL
+
+
+def test_4bit_with_gradient_checkpointing_matches_peft():
+    pytest.importorskip("bitsandbytes")
+    ids = _ids()
+    pm = _peft_model("llama", four_bit="nf4")
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    want = _loss_grads(pm, ids)
+    fastlora.patch(pm)
+    _assert_close(_loss_grads(pm, ids), want)
+
+
+def test_eval_generate_and_merge_after_unpatch():
+    pm = _peft_model("llama", dropout=0.1)
+    ids = _ids()[:1, :5]
+    handle = fastlora.patch(pm)
+    pm.eval()
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9) and handle.report()["fallback_calls"] == {}
+    handle.unpatch()
+    with torch.no_grad():
+        assert torch.equal(pm.generate(input_ids=ids, max_new_tokens=4, do_sample=False), out)
+        want = pm(input_ids=ids).logits
+        merged = pm.merge_and_unload()
+        assert _rel(merged(input_ids=ids).logits, want) < RTOL
