@@ -22,7 +22,11 @@ the module's own (PEFT) forward runs for that call and ``report()["fallback_call
   - dense base: x's dtype differs from the base weight's (PEFT would raise or promote in F.linear) or
     the bias's; 4-bit base: the bitsandbytes ``compute_dtype`` is set and differs from x's dtype, the bias
     dtype differs, the weight lost its ``quant_state`` or bitsandbytes repacked it for its CPU kernel;
-  - lora_A / lora_B are neither float32 nor x's dtype.
+  - lora_A / lora_B are neither float32 nor x's dtype;
+  - the base weight was made trainable or the dropout module replaced since ``patch``.
+Dropout is active when the adapter's ``nn.Dropout`` module is in training mode (as in PEFT); its masks
+are fastlora's (Philox, regenerated in backward), not torch's, so with dropout > 0 a patched run draws
+other masks than an unpatched one.
 """
 
 from __future__ import annotations
@@ -160,6 +164,9 @@ def _call_ok(module, state: _State, x) -> bool:
         return False
     base = module.get_base_layer()
     if base.bias is not None and base.bias.dtype != x.dtype:
+        return False
+    if base.weight.requires_grad or type(module.lora_dropout[state.adapter]) not in (torch.nn.Identity,
+                                                                                  torch.nn.Dropout):
         return False
     a_dtype = module.lora_A[state.adapter].weight.dtype
     if a_dtype not in (torch.float32, x.dtype) or module.lora_B[state.adapter].weight.dtype != a_dtype:

@@ -358,3 +358,20 @@ def test_eval_generate_and_merge_after_unpatch():
         want = pm(input_ids=ids).logits
         merged = pm.merge_and_unload()
         assert _rel(merged(input_ids=ids).logits, want) < RTOL
+
+
+def test_trainable_base_weight_is_not_accelerated():
+    """fastlora never computes the base weight's gradient: such layers are skipped at patch time and a
+    weight made trainable afterwards sends its layer's calls to PEFT's forward."""
+    pm = _peft_model("llama")
+    layers = list(_lora_layers(pm).values())
+    layers[0].get_base_layer().weight.requires_grad_(True)
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 13 and list(handle.skipped.values()) == [
+        "base weight is trainable (fastlora keeps it frozen)"]
+    layers[1].get_base_layer().weight.requires_grad_(True)
+    ids = _ids()
+    loss = pm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert layers[1].get_base_layer().weight.grad is not None
+    assert list(handle.report()["fallback_calls"].values()) == [1]
