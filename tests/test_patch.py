@@ -375,3 +375,15 @@ def test_trainable_base_weight_is_not_accelerated():
     loss.backward()
     assert layers[1].get_base_layer().weight.grad is not None
     assert list(handle.report()["fallback_calls"].values()) == [1]
+
+
+def test_modules_to_save_keeps_working():
+    model = _base("llama")
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, modules_to_save=["lm_head"])
+    pm = peft.get_peft_model(model, config).train()
+    ids = _ids()
+    want = _loss_grads(pm, ids)
+    assert any("lm_head" in name for name in want[1])
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 14 and not handle.skipped
+    _assert_close(_loss_grads(pm, ids), want)
