@@ -12,34 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.04}
-
-
-def _time_ms(fn, iters: int) -> float:
-    """Median of 5 runs of ``iters`` back-to-back calls, per call, from CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return sorted(times)[len(times) // 2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import hbm_peak_tbps, time_ms  # noqa: E402
 
 
 def run(shapes: list[tuple[int, int]], iters: int, dtypes=("bf16", "fp32")) -> list[dict]:
     from fastlora import backends
 
     torch_dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in HBM_TBPS.items() if k in name), None)
+    peak = hbm_peak_tbps()
     have = backends.available("cuda")
     try:
         import bitsandbytes.functional as bnb_f
@@ -63,17 +48,17 @@ def _case(shape, dname, dtype, iters, have, bnb_f, peak) -> list[dict]:
     results = {}
     for backend in ("cuda", "triton"):
         if have[backend]:
-            results[f"fastlora-{backend}"] = _time_ms(lambda b=backend: nf4.dequantize(q, out=out, backend=b), iters)
-            results[f"fastlora-{backend}-fresh"] = _time_ms(lambda b=backend: nf4.dequantize(q, dtype, backend=b),
+            results[f"fastlora-{backend}"] = time_ms(lambda b=backend: nf4.dequantize(q, out=out, backend=b), iters)
+            results[f"fastlora-{backend}-fresh"] = time_ms(lambda b=backend: nf4.dequantize(q, dtype, backend=b),
                                                             iters)
     if bnb_f is not None:
         param = nf4.to_bnb(q)
         param.quant_state.dtype = dtype
-        results["bitsandbytes"] = _time_ms(lambda: bnb_f.dequantize_4bit(param.data, param.quant_state, out=out),
+        results["bitsandbytes"] = time_ms(lambda: bnb_f.dequantize_4bit(param.data, param.quant_state, out=out),
                                            iters)
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    results["copy"] = _time_ms(lambda: dst.copy_(src), iters)
+    results["copy"] = time_ms(lambda: dst.copy_(src), iters)
     return [dict(shape=f"{shape[0]}x{shape[1]}", dtype=dname, impl=impl, ms=ms, tbps=moved / ms / 1e9, peak=peak,
                  vs_bnb=results.get("bitsandbytes", 0) / ms, vs_copy=results["copy"] / ms)
             for impl, ms in results.items()]

@@ -17,27 +17,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 
-HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.04}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import hbm_peak_tbps, time_ms  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def _time_ms(fn, iters: int) -> float:
-    """Median of 5 runs of ``iters`` back-to-back calls, per call, from CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return sorted(times)[len(times) // 2]
 
 
 def hf_hook(emb: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -83,13 +70,13 @@ def _impls(batch, seq, dtype, vocab, d, alpha):
 
 
 def run(batch: int, seq: int, dims: list[int], vocab: int, iters: int, dtypes=("bf16", "fp32"), alpha=5.0):
-    peak = next((v for k, v in HBM_TBPS.items() if k in torch.cuda.get_device_name()), None)
+    peak = hbm_peak_tbps()
     rows = []
     for d in dims:
         for dname in dtypes:
             dtype = DTYPES[dname]
             moved = 2 * batch * seq * d * dtype.itemsize  # rows read + output written
-            times = {name: _time_ms(fn, iters) for name, fn in _impls(batch, seq, dtype, vocab, d, alpha).items()}
+            times = {name: time_ms(fn, iters) for name, fn in _impls(batch, seq, dtype, vocab, d, alpha).items()}
             for name, ms in times.items():
                 rows.append(dict(tokens=f"{batch}x{seq}", d=d, dtype=dname, impl=name, ms=ms, tbps=moved / ms / 1e9,
                                  peak=peak, vs_lookup=ms / times["lookup"], vs_hook=times["hf-hook"] / ms))  # fmt: skip
