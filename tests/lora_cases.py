@@ -86,3 +86,14 @@ def expected64(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, grad_y
     dx = xb.grad + x64.grad
     dbias = None if bias64 is None else bias64.grad
     return y.detach(), dx, a64.grad, b64.grad, dbias
+
+
+def loss_and_grads(model, ids):
+    """(loss, {name: grad} of every trainable parameter) of one causal-LM step on ``ids`` under a
+    fixed seed (so dropout masks repeat); the model's grads are cleared afterwards."""
+    torch.manual_seed(77)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_cases import backend_params, make_weight
+from lora_cases import backend_params, loss_and_grads, make_weight
 from torch.utils.checkpoint import checkpoint
 
 from fastlora.ops import _dropout_seed, lora_linear
@@ -124,27 +124,18 @@ def _tiny_llama(backend: str):
     return model.train()
 
 
-def _hf_grads(model, ids):
-    torch.manual_seed(77)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["hf-default", "non-reentrant"])
 def test_hugging_face_gradient_checkpointing(backend, kwargs, seed):
     model = _tiny_llama(backend)
     ids = torch.randint(0, 96, (2, 13))
-    loss0, plain = _hf_grads(model, ids)
+    loss0, plain = loss_and_grads(model, ids)
     if kwargs is None:
         model.gradient_checkpointing_enable()
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
-    loss1, ckpt = _hf_grads(model, ids)
+    loss1, ckpt = loss_and_grads(model, ids)
     assert torch.equal(loss0, loss1)
     assert plain.keys() == ckpt.keys() and len(plain) == 12
     for name in plain:

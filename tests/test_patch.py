@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from lora_cases import loss_and_grads
 
 import fastlora
 from fastlora import nf4
@@ -74,15 +75,6 @@ def _ids():
     return torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
 
 
-def _loss_grads(model, ids):
-    torch.manual_seed(77)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
@@ -105,10 +97,10 @@ def _lora_layers(model):
 def test_dense_fp32_matches_peft(family, rslora):
     pm = _peft_model(family, rslora=rslora)
     ids = _ids()
-    want = _loss_grads(pm, ids)
+    want = loss_and_grads(pm, ids)
     handle = fastlora.patch(pm)
     assert len(handle.patched) == 2 * 7 and not handle.skipped
-    got = _loss_grads(pm, ids)
+    got = loss_and_grads(pm, ids)
     _assert_close(got, want)
     assert len(got[1]) == 2 * 7 * 2
     assert handle.report()["fallback_calls"] == {}
@@ -128,10 +120,10 @@ def test_4bit_bnb_matches_peft(family, quant_type, loaded_in_4bit):
     want_type = lora_bnb.Linear4bit if loaded_in_4bit else peft.tuners.lora.layer.Linear
     assert len(layers) == 14 and all(type(m) is want_type for m in layers.values())
     ids = _ids()
-    want = _loss_grads(pm, ids)
+    want = loss_and_grads(pm, ids)
     handle = fastlora.patch(pm)
     assert len(handle.patched) == 14 and not handle.skipped
-    got = _loss_grads(pm, ids)
+    got = loss_and_grads(pm, ids)
     _assert_close(got, want)
     assert handle.report()["fallback_calls"] == {}
 
@@ -146,9 +138,9 @@ def test_bf16_base_with_fp32_adapters_matches_peft():
             torch.nn.init.normal_(p, std=0.05)
     assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
     ids = _ids()
-    want = _loss_grads(pm, ids)
+    want = loss_and_grads(pm, ids)
     handle = fastlora.patch(pm)
-    got = _loss_grads(pm, ids)
+    got = loss_and_grads(pm, ids)
     assert handle.report()["fallback_calls"] == {}
     # bf16 activations: one bf16 ulp (2^-8) of difference in a layer's output moves the rest.
     _assert_close(got, want, rtol=3e-2)  # measured: loss equal, worst gradient 1.5e-2
@@ -168,13 +160,13 @@ def test_dropout_cpp_matches_reference_backend():
     for backend in ("cpp", "reference"):
         pm = _peft_model("qwen2", dropout=0.1)
         fastlora.patch(pm, backend=backend)
-        results[backend] = _loss_grads(pm, ids)
+        results[backend] = loss_and_grads(pm, ids)
         assert torch.isfinite(results[backend][0])
     _assert_close(results["cpp"], results["reference"], rtol=1e-4)
     # Dropout is active: the loss differs from the dropout-free model's.
     pm0 = _peft_model("qwen2", dropout=0.0)
     fastlora.patch(pm0)
-    assert _rel(_loss_grads(pm0, ids)[0], results["cpp"][0]) > 1e-6
+    assert _rel(loss_and_grads(pm0, ids)[0], results["cpp"][0]) > 1e-6
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -182,15 +174,15 @@ def test_dropout_cpp_matches_reference_backend():
 def test_gradient_checkpointing(dropout, kwargs):
     ids = _ids()
     pm = _peft_model("llama", dropout=dropout)
-    plain_unpatched = _loss_grads(pm, ids)
+    plain_unpatched = loss_and_grads(pm, ids)
     fastlora.patch(pm)
-    plain = _loss_grads(pm, ids)
+    plain = loss_and_grads(pm, ids)
     if kwargs is None:
         pm.gradient_checkpointing_enable()
     else:
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     pm.enable_input_require_grads()
-    ckpt = _loss_grads(pm, ids)
+    ckpt = loss_and_grads(pm, ids)
     # Recompute regenerates the same dropout masks: bit-identical to the patched run without checkpointing.
     assert torch.equal(plain[0], ckpt[0])
     for name in plain[1]:
@@ -202,7 +194,7 @@ def test_gradient_checkpointing(dropout, kwargs):
 def test_unpatch_is_bit_exact_and_state_is_kept():
     pm = _peft_model("qwen2", dropout=0.1)
     ids = _ids()
-    before = _loss_grads(pm, ids)
+    before = loss_and_grads(pm, ids)
     keys = list(pm.state_dict().keys())
     params = {n: id(p) for n, p in pm.named_parameters()}
     assert "fastlora" not in repr(pm)
@@ -214,13 +206,13 @@ def test_unpatch_is_bit_exact_and_state_is_kept():
     assert fastlora.patch(pm) is handle  # idempotent
     with pytest.raises(ValueError, match="already patched"):
         fastlora.patch(pm, backend="reference")
-    _loss_grads(pm, ids)
+    loss_and_grads(pm, ids)
     assert fastlora.unpatch(pm) is True
     assert not handle.active and fastlora.unpatch(pm) is False
     handle.unpatch()  # a second unpatch is a no-op
     assert "fastlora" not in repr(pm)
     assert all("forward" not in m.__dict__ and "extra_repr" not in m.__dict__ for m in pm.modules())
-    after = _loss_grads(pm, ids)
+    after = loss_and_grads(pm, ids)
     assert torch.equal(before[0], after[0])
     for name in before[1]:
         assert torch.equal(before[1][name], after[1][name]), name
@@ -237,26 +229,26 @@ def test_two_models_side_by_side():
     fastlora.patch(pm)
     assert "fastlora" not in repr(other)
     assert all("forward" not in m.__dict__ for m in other.modules())
-    got, want = _loss_grads(pm, ids), _loss_grads(other, ids)
+    got, want = loss_and_grads(pm, ids), loss_and_grads(other, ids)
     _assert_close(got, want)
     # A deepcopy of a patched model is patched itself, bound to its own modules.
     twin = copy.deepcopy(pm)
     for m in twin.modules():
         if "forward" in m.__dict__:
             assert m.forward.__self__ is m
-    _assert_close(_loss_grads(twin, ids), want)
+    _assert_close(loss_and_grads(twin, ids), want)
 
 
 def test_dora_layers_are_skipped_with_reason():
     pm = _peft_model("llama", use_dora=True)
     ids = _ids()
-    before = _loss_grads(pm, ids)
+    before = loss_and_grads(pm, ids)
     handle = fastlora.patch(pm)
     report = handle.report()
     assert report["patched"] == [] and len(report["skipped"]) == 14
     assert all("DoRA" in reason for reason in report["skipped"].values())
     assert "14 left unpatched" in handle.summary() and "DoRA" in handle.summary()
-    after = _loss_grads(pm, ids)
+    after = loss_and_grads(pm, ids)
     assert torch.equal(before[0], after[0])
     handle.unpatch()
 
@@ -319,7 +311,7 @@ def test_save_pretrained_from_patched_loads_into_unpatched(tmp_path):
     pm = _peft_model("qwen2", dropout=0.1)
     ids = _ids()
     handle = fastlora.patch(pm)
-    _loss_grads(pm, ids)
+    loss_and_grads(pm, ids)
     pm.eval()
     with torch.no_grad():
         patched_out = pm(input_ids=ids).logits
@@ -339,9 +331,9 @@ def test_4bit_with_gradient_checkpointing_matches_peft():
     ids = _ids()
     pm = _peft_model("llama", four_bit="nf4")
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    want = _loss_grads(pm, ids)
+    want = loss_and_grads(pm, ids)
     fastlora.patch(pm)
-    _assert_close(_loss_grads(pm, ids), want)
+    _assert_close(loss_and_grads(pm, ids), want)
 
 
 def test_eval_generate_and_merge_after_unpatch():
@@ -382,8 +374,8 @@ def test_modules_to_save_keeps_working():
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, modules_to_save=["lm_head"])
     pm = peft.get_peft_model(model, config).train()
     ids = _ids()
-    want = _loss_grads(pm, ids)
+    want = loss_and_grads(pm, ids)
     assert any("lm_head" in name for name in want[1])
     handle = fastlora.patch(pm)
     assert len(handle.patched) == 14 and not handle.skipped
-    _assert_close(_loss_grads(pm, ids), want)
+    _assert_close(loss_and_grads(pm, ids), want)
