@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .. import reference_lora
+from .. import backends, reference_lora
 from ._dropout_seed import consume_seed, draw_seed
 from ._registry import FLOAT_DTYPES, check_same_device, check_tensor, define_native
 from .dequantize_absmax import dequantize_absmax
@@ -138,30 +138,21 @@ def _backends(backend: str, x: torch.Tensor, four_bit: bool) -> tuple[str, str]:
     nf4 double quant, bf16, r=16) it ran M <= 16 forwards of 4096x4096 / 4096x14336 in 65-115 us
     against 585-925 us for the Triton in-loop-decode kernel."""
     if x.dtype == torch.float64:
-        implemented = ("reference",)
-        return pick_name(backend, x, implemented), pick_name(backend, x, implemented)
+        chosen = backends.resolve(backend, x.device, ("reference",))
+        return chosen, chosen
     rows = math.prod(x.shape[:-1])
     cuda_fits = four_bit and rows <= CUDA_MAX_ROWS
-    if backend in ("cuda", "auto") and x.is_cuda and cuda_fits and _cuda_forward_available():
+    if backend in ("cuda", "auto") and x.is_cuda and cuda_fits and backends.available("cuda")["cuda"]:
         fwd = "cuda"
     elif backend == "cuda" and x.is_cuda:
-        fwd = pick_name("triton", x, ("reference", "cpp", "triton"))
+        fwd = backends.resolve("triton", x.device, _FULL_OPS)
     else:
-        fwd = pick_name(backend, x, ("reference", "cpp", "triton"))
-    bwd = pick_name("auto" if backend == "cuda" else backend, x, ("reference", "cpp", "triton"))
+        fwd = backends.resolve(backend, x.device, _FULL_OPS)
+    bwd = backends.resolve("auto" if backend == "cuda" else backend, x.device, _FULL_OPS)
     return fwd, bwd
 
 
-def _cuda_forward_available() -> bool:
-    from .. import backends
-
-    return backends.available("cuda")["cuda"]
-
-
-def pick_name(backend: str, x: torch.Tensor, implemented: tuple[str, ...]) -> str:
-    from .. import backends
-
-    return backends.resolve(backend, x.device, implemented)
+_FULL_OPS = ("reference", "cpp", "triton")  # backends with both the forward and the backward op
 
 
 _SUFFIX = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}
