@@ -287,23 +287,23 @@ def test_bad_input():
 
 def test_all_or_nothing(monkeypatch):
     pm = _peft_model("llama")
-    module = sys.modules["fastlora.patch"]
-    real = module._skip_reason
+    module = sys.modules["fastlora.modules.peft_lora"]
+    real = module.skip_reason
     calls = []
 
-    def failing(m, rounding):
+    def failing(m):
         calls.append(m)
         if len(calls) == 5:
             raise RuntimeError("boom")
-        return real(m, rounding)
+        return real(m)
 
-    monkeypatch.setattr(module, "_skip_reason", failing)
+    monkeypatch.setattr(module, "skip_reason", failing)
     with pytest.raises(RuntimeError, match="boom"):
         fastlora.patch(pm)
     assert all(not k.startswith("_fastlora") and k not in ("forward", "extra_repr")
                for m in pm.modules() for k in m.__dict__)
     assert "_fastlora_handle" not in pm.__dict__
-    monkeypatch.setattr(module, "_skip_reason", real)
+    monkeypatch.setattr(module, "skip_reason", real)
     assert len(fastlora.patch(pm).patched) == 14
 
 

@@ -1,0 +1,179 @@
+"""PEFT LoRA layers run through :func:`fastlora.ops.lora_linear`.
+
+Accelerated: PEFT ``lora.Linear`` over ``nn.Linear`` (rounding "linear"), PEFT ``lora.bnb.Linear4bit`` over
+bitsandbytes ``Linear4bit`` (rounding "linear4bit") and PEFT ``lora.Linear`` over a bitsandbytes ``Linear4bit``
+(what PEFT builds when the model does not report ``is_loaded_in_4bit``; rounding "linear", as PEFT computes it
+there), each with exactly one active, plain LoRA adapter (no DoRA / lora variant, not merged, adapters
+enabled, no ``fan_in_fan_out``, no ``lora_bias``, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``,
+frozen base weight). :func:`skip_reason` says why any other LoRA layer is left alone.
+
+Per call, the fused op runs only when the call is one PEFT would compute plainly in x's dtype; otherwise
+the module's own (PEFT) forward runs for that call and ``fallback_calls`` counts it:
+  - extra positional / keyword arguments (e.g. ``adapter_names=`` mixed batches);
+  - the adapter state changed since patching (other active adapter, merged, adapters disabled);
+  - autocast is enabled for x's device;
+  - dense base: x's dtype differs from the base weight's (PEFT would raise or promote in F.linear) or
+    the bias's; 4-bit base: the bitsandbytes ``compute_dtype`` is set and differs from x's dtype, the bias
+    dtype differs, the weight lost its ``quant_state`` or bitsandbytes repacked it for its CPU kernel;
+  - lora_A / lora_B are neither float32 nor x's dtype;
+  - the base weight was made trainable or the dropout module replaced since patching.
+Dropout is active when the adapter's ``nn.Dropout`` module is in training mode (as in PEFT); its masks
+are fastlora's (Philox, regenerated in backward), not torch's, so with dropout > 0 a patched run draws
+other masks than an unpatched one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.lora_linear import lora_linear
+from . import _instance
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _lora_classes() -> tuple[dict, type | None]:
+    """({class: rounding} of the PEFT LoRA layers accelerated here, PEFT's LoraLayer base) — empty without PEFT."""
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError:
+        return {}, None
+    classes = {lora_layer.Linear: "linear"}
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        if hasattr(lora_bnb, "Linear4bit"):
+            classes[lora_bnb.Linear4bit] = "linear4bit"
+    except ImportError:
+        pass
+    return classes, lora_layer.LoraLayer
+
+
+def _bnb_linear4bit() -> type | None:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+def is_four_bit(base) -> bool:
+    linear4bit = _bnb_linear4bit()
+    return linear4bit is not None and isinstance(base, linear4bit)
+
+
+class PeftLoraState(_instance.InstanceState):
+    def __init__(self, backend: str, adapter: str, rounding: str, four_bit: bool):
+        super().__init__(backend)
+        self.adapter, self.rounding, self.four_bit = adapter, rounding, four_bit
+
+    def describe(self) -> str:
+        return f"fastlora(backend={self.backend!r}, rounding={self.rounding!r})"
+
+
+def claims(module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer (accelerated or reported as left alone)."""
+    lora_base = _lora_classes()[1]
+    return lora_base is not None and isinstance(module, lora_base)
+
+
+def _active_here(module) -> list[str]:
+    """The active adapters this layer has weights for (PEFT's forward skips the others)."""
+    return [name for name in module.active_adapters if name in module.lora_A]
+
+
+def skip_reason(module) -> str | None:
+    """None when :func:`install` may accelerate ``module`` (a PEFT LoraLayer), else why not."""
+    rounding = _lora_classes()[0].get(type(module))
+    if rounding is None:
+        return f"{type(module).__module__}.{type(module).__name__} is not accelerated yet"
+    conflict = _instance.conflict_reason(module)
+    if conflict is not None:
+        return conflict
+    active = _active_here(module)
+    if len(active) != 1:
+        return f"{len(active)} active adapters (fastlora runs exactly one)"
+    adapter = active[0]
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        name = type(variant).__name__
+        return ("DoRA" if "dora" in name.lower() else f"LoRA variant {name}") + " (not accelerated yet)"
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        return "DoRA (not accelerated yet)"
+    if module.merged:
+        return "adapter merged into the base weight"
+    if module.disable_adapters:
+        return "adapters disabled"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out base (Conv1D layout, not accelerated yet)"
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear:
+        return "lora_A / lora_B are not nn.Linear"
+    if lora_A.bias is not None or lora_B.bias is not None:
+        return "lora_bias=True (not accelerated yet)"
+    if lora_A.weight.dtype != lora_B.weight.dtype:
+        return "lora_A and lora_B have different dtypes"
+    dropout = module.lora_dropout[adapter]
+    if type(dropout) not in (torch.nn.Identity, torch.nn.Dropout):
+        return f"lora_dropout is {type(dropout).__name__} (only nn.Identity / nn.Dropout)"
+    scaling = module.scaling.get(adapter)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        return "scaling is not a Python number"
+    base = module.get_base_layer()
+    four_bit = is_four_bit(base)
+    if rounding == "linear" and type(base) is not torch.nn.Linear and not four_bit:
+        return f"base layer is {type(base).__name__}, not nn.Linear or bitsandbytes Linear4bit"
+    if rounding == "linear4bit" and not four_bit:
+        return f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit"
+    if four_bit and getattr(base.weight, "quant_state", None) is None:
+        return "4-bit weight has no quant_state"
+    if base.weight.requires_grad:
+        return "base weight is trainable (fastlora keeps it frozen)"
+    return None
+
+
+def install(module, backend: str) -> None:
+    """Accelerate ``module``; :func:`skip_reason` returned None for it."""
+    rounding = _lora_classes()[0][type(module)]
+    state = PeftLoraState(backend, _active_here(module)[0], rounding, is_four_bit(module.get_base_layer()))
+    _instance.install(module, _fast_forward, state)
+
+
+def _fast_forward(self, x, *args, **kwargs):
+    state = _instance.state_of(self)
+    if args or kwargs or not _call_ok(self, state, x):
+        state.fallback_calls += 1
+        return type(self).forward(self, x, *args, **kwargs)
+    adapter = state.adapter
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[adapter]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    return lora_linear(x, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                       float(self.scaling[adapter]), bias=base.bias, dropout_p=p, training=dropout.training,
+                       rounding=state.rounding, backend=state.backend)
+
+
+def _call_ok(module, state: PeftLoraState, x) -> bool:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
+        return False
+    if module.merged or module.disable_adapters or _active_here(module) != [state.adapter]:
+        return False
+    if state.adapter in getattr(module, "lora_variant", {}):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    base = module.get_base_layer()
+    if base.bias is not None and base.bias.dtype != x.dtype:
+        return False
+    if base.weight.requires_grad or type(module.lora_dropout[state.adapter]) not in (torch.nn.Identity,
+                                                                                  torch.nn.Dropout):
+        return False
+    a_dtype = module.lora_A[state.adapter].weight.dtype
+    if a_dtype not in (torch.float32, x.dtype) or module.lora_B[state.adapter].weight.dtype != a_dtype:
+        return False
+    if not state.four_bit:
+        return base.weight.dtype == x.dtype
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+        return False
+    return base.compute_dtype is None or base.compute_dtype == x.dtype
