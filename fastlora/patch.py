@@ -19,7 +19,7 @@ import sys
 import torch
 
 from . import backends as _backends
-from .modules import _instance, peft_lora
+from .modules import _instance, neftune, peft_lora
 
 _HANDLE_ATTR = "_fastlora_handle"
 
@@ -31,11 +31,12 @@ class PatchHandle:
     """Returned by :func:`patch`: which modules run fastlora's ops, which were left and why."""
 
     def __init__(self, model: torch.nn.Module, options: dict, patched: dict[str, str], skipped: dict[str, str],
-                 modules: dict[str, torch.nn.Module]):
+                 modules: dict[str, torch.nn.Module], restorers: dict[str, object]):
         self.model, self.options = model, options
         self.patched, self.skipped = list(patched), skipped
         self.kinds = patched  # {module name: kind}
         self._modules = modules
+        self._restorers = restorers  # name -> restore function, where not _instance.restore
         self.active = True
 
     @property
@@ -77,8 +78,7 @@ class PatchHandle:
         """Restore every patched module's own forward and repr. Idempotent."""
         if not self.active:
             return
-        for module in self._modules.values():
-            _instance.restore(module)
+        _restore_all(self._modules, self._restorers)
         self.active = False
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
@@ -87,23 +87,41 @@ class PatchHandle:
         return f"PatchHandle({self.summary()!r}, active={self.active})"
 
 
-def _check_options(backend) -> dict:
+def _restore_all(modules: dict, restorers: dict) -> None:
+    for name, module in modules.items():
+        restorers.get(name, _instance.restore)(module)
+
+
+def _check_options(backend, neftune_alpha, neftune_mode) -> dict:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in _backends.BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {_backends.BACKENDS}, got {backend!r}")
-    return {"backend": backend}
+    options = {"backend": backend, "neftune_alpha": None, "neftune_mode": neftune_mode}
+    if neftune_alpha is not None:
+        options["neftune_alpha"], options["neftune_mode"] = neftune.check_options(neftune_alpha, neftune_mode)
+    return options
 
 
-def patch(model, *, backend: str = "auto", verbose: bool = False) -> PatchHandle:
+def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "padded", backend: str = "auto",
+          verbose: bool = False) -> PatchHandle:
     """Accelerate ``model`` in place; returns a :class:`PatchHandle`.
+
+    Args:
+      model: a transformers / PEFT model (any ``torch.nn.Module``).
+      neftune_alpha: turn on NEFTune noise in the input embedding (:mod:`fastlora.modules.neftune`);
+        None (default) leaves the embedding alone.
+      neftune_mode: "padded" (transformers' Trainer formula) or "per_sequence" (real lengths, no
+        noise on padding).
+      backend: "auto" or one of fastlora.backends.BACKENDS, for every op the patch installs.
+      verbose: print :meth:`PatchHandle.summary` to stderr.
 
     Patching a patched model with the same options returns the existing handle; with different options
     it raises ValueError (unpatch first). All-or-nothing: if anything fails, every module already patched
-    is restored. ``verbose=True`` prints :meth:`PatchHandle.summary` to stderr."""
+    is restored."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    options = _check_options(backend)
+    options = _check_options(backend, neftune_alpha, neftune_mode)
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         if existing.options != options:
@@ -113,8 +131,18 @@ def patch(model, *, backend: str = "auto", verbose: bool = False) -> PatchHandle
     patched: dict[str, str] = {}
     skipped: dict[str, str] = {}
     modules: dict[str, torch.nn.Module] = {}
+    restorers: dict[str, object] = {}
     try:
+        if options["neftune_alpha"] is not None:
+            name, embedding = neftune.input_embedding(model)
+            reason = neftune.skip_reason(embedding)
+            if reason is not None:
+                raise ValueError(f"neftune_alpha: cannot make {name or 'the input embedding'} noisy: {reason}")
+            neftune.install(embedding, backend, options["neftune_alpha"], options["neftune_mode"], model)
+            modules[name], restorers[name], patched[name] = embedding, neftune.restore, "NEFTune embedding"
         for name, module in model.named_modules():
+            if name in modules:
+                continue
             for kind, accelerator in _ACCELERATORS:
                 if not accelerator.claims(module):
                     continue
@@ -129,11 +157,10 @@ def patch(model, *, backend: str = "auto", verbose: bool = False) -> PatchHandle
         if not patched and not skipped:
             raise ValueError("model has no PEFT LoRA layers to patch (fastlora.patch accelerates PEFT lora.Linear "
                              "and lora.bnb.Linear4bit layers)")
-        handle = PatchHandle(model, options, patched, skipped, modules)
+        handle = PatchHandle(model, options, patched, skipped, modules, restorers)
         model.__dict__[_HANDLE_ATTR] = handle
     except BaseException:
-        for module in modules.values():
-            _instance.restore(module)
+        _restore_all(modules, restorers)
         raise
     if verbose:
         print(handle.summary(), file=sys.stderr)

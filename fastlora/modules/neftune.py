@@ -1,0 +1,127 @@
+"""The model's input embedding run through :func:`fastlora.ops.neftune_embedding` (NEFTune noise made
+in the lookup kernel from Philox, no noise tensor, nothing saved for backward but the ids).
+
+Modes (see :func:`fastlora.ops.neftune_embedding`): ``"padded"`` is transformers' Trainer
+``neftune_noise_alpha`` (mag = alpha / sqrt(L·d), L the padded length); ``"per_sequence"`` uses each
+sequence's real length and puts no noise on padding. For ``"per_sequence"`` the model's own forward is
+given a pre-hook that hands the ``attention_mask`` / ``position_ids`` keyword arguments of the current
+call to the embedding (removed again by unpatch).
+
+Noise is added only while the embedding module is in training mode, as in transformers. If a
+transformers NEFTune hook (``neftune_post_forward_hook``, installed by ``Trainer`` when
+``neftune_noise_alpha`` is set) is also on the module, noise would be added twice: the first such call
+warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..ops.neftune_embedding import MODES, check_alpha, neftune_embedding
+from . import _instance
+
+
+class NeftuneState(_instance.InstanceState):
+    def __init__(self, backend: str, alpha: float, mode: str):
+        super().__init__(backend)
+        self.alpha, self.mode = alpha, mode
+        self.call_kwargs: dict = {}
+        self.hook_handles: list = []
+        self.warned_double_noise = False
+
+    def __deepcopy__(self, memo):
+        new = NeftuneState(self.backend, self.alpha, self.mode)
+        new.fallback_calls = self.fallback_calls  # hooks live on the original model, not the copy
+        return new
+
+    def describe(self) -> str:
+        return f"fastlora.neftune(alpha={self.alpha}, mode={self.mode!r}, backend={self.backend!r})"
+
+
+def check_options(alpha, mode) -> tuple[float, str]:
+    """Validated (neftune_alpha, neftune_mode) of :func:`fastlora.patch`."""
+    alpha = check_alpha(alpha)
+    if mode not in MODES:
+        raise ValueError(f"neftune_mode must be one of {MODES}, got {mode!r}")
+    return alpha, mode
+
+
+def input_embedding(model) -> tuple[str, torch.nn.Module]:
+    """(name, module) of the model's input embedding (``get_input_embeddings()``, which PEFT models and
+    transformers models have). ValueError when there is none."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if embedding is None:
+        raise ValueError(f"neftune_alpha needs a model with an input embedding (get_input_embeddings()); "
+                         f"{type(model).__name__} has none")
+    for name, module in model.named_modules():
+        if module is embedding:
+            return name, module
+    raise ValueError("the model's input embedding is not one of its submodules")
+
+
+def skip_reason(module) -> str | None:
+    if type(module) is not torch.nn.Embedding:
+        return (f"input embedding is {type(module).__name__}, not nn.Embedding (a scaled or custom embedding "
+                f"is not accelerated yet)")
+    if module.max_norm is not None or module.sparse or module.scale_grad_by_freq:
+        return "nn.Embedding with max_norm / sparse / scale_grad_by_freq is not accelerated"
+    if module.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"embedding weight is {module.weight.dtype}"
+    return _instance.conflict_reason(module)
+
+
+def install(module, backend: str, alpha: float, mode: str, model: torch.nn.Module) -> None:
+    """Make ``module`` (the input embedding of ``model``, :func:`skip_reason` None) a NEFTune embedding."""
+    state = NeftuneState(backend, alpha, mode)
+    if mode == "per_sequence":
+        def capture(_, args, kwargs):
+            state.call_kwargs = {k: kwargs.get(k) for k in ("attention_mask", "position_ids")}
+
+        def release(*_):
+            state.call_kwargs = {}
+
+        state.hook_handles = [model.register_forward_pre_hook(capture, with_kwargs=True),
+                              model.register_forward_hook(release, always_call=True)]
+    _instance.install(module, _neftune_forward, state)
+
+
+def restore(module) -> None:
+    state = _instance.state_of(module)
+    if state is not None:
+        for handle in state.hook_handles:
+            handle.remove()
+    _instance.restore(module)
+
+
+def _warn_if_hooked_twice(module, state: NeftuneState) -> None:
+    if state.warned_double_noise or not module.training:
+        return
+    hooked = any(getattr(hook, "__name__", "") == "neftune_post_forward_hook"
+                 for hook in module._forward_hooks.values())
+    if hooked:
+        state.warned_double_noise = True
+        warnings.warn("a transformers NEFTune hook is on the input embedding that fastlora.patch(neftune_alpha=...) "
+                      "already makes noisy: noise is added twice. Pass neftune_noise_alpha=None to the Trainer.",
+                      stacklevel=3)
+
+
+def _neftune_forward(self, input_ids, *args, **kwargs):
+    state = _instance.state_of(self)
+    if args or kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32,
+                                                                                            torch.int64):
+        state.fallback_calls += 1
+        return type(self).forward(self, input_ids, *args, **kwargs)
+    _warn_if_hooked_twice(self, state)
+    extra = {}
+    if state.mode == "per_sequence":
+        for key, value in state.call_kwargs.items():
+            if isinstance(value, torch.Tensor) and value.shape == input_ids.shape:
+                extra[key] = value
+            elif value is not None:
+                raise ValueError(f"neftune_mode='per_sequence': the model's {key} has shape {tuple(value.shape)}, "
+                                 f"the embedding's input_ids {tuple(input_ids.shape)}; they must match")
+    return neftune_embedding(input_ids, self.weight, state.alpha, mode=state.mode, padding_idx=self.padding_idx,
+                             training=self.training, backend=state.backend, **extra)
