@@ -3,9 +3,15 @@
 Accelerated: PEFT ``lora.Linear`` over ``nn.Linear`` (rounding "linear"), PEFT ``lora.bnb.Linear4bit`` over
 bitsandbytes ``Linear4bit`` (rounding "linear4bit") and PEFT ``lora.Linear`` over a bitsandbytes ``Linear4bit``
 (what PEFT builds when the model does not report ``is_loaded_in_4bit``; rounding "linear", as PEFT computes it
-there), each with exactly one active, plain LoRA adapter (no DoRA / lora variant, not merged, adapters
-enabled, no ``fan_in_fan_out``, no ``lora_bias``, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``,
-frozen base weight). :func:`skip_reason` says why any other LoRA layer is left alone.
+there) and PEFT ``lora.Linear`` over a transformers ``Conv1D`` (``fan_in_fan_out``, GPT-2 style), each with
+exactly one active, plain LoRA adapter (no DoRA / lora variant, not merged, adapters enabled, no
+``lora_bias``, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``, frozen base weight).
+:func:`skip_reason` says why any other LoRA layer is left alone.
+
+Conv1D stores its weight as (in_features, out_features); the fused op reads (out_features, in_features).
+The layer keeps one transposed copy of the frozen weight (made on the first call, made again when the
+weight's storage or version changes), so a Conv1D model holds its projection weights twice — a cost in
+weight memory, none in activations (backward reads the same copy, nothing per call is saved).
 
 Per call, the fused op runs only when the call is one PEFT would compute plainly in x's dtype; otherwise
 the module's own (PEFT) forward runs for that call and ``fallback_calls`` counts it:
@@ -62,10 +68,28 @@ def is_four_bit(base) -> bool:
     return linear4bit is not None and isinstance(base, linear4bit)
 
 
+def _is_conv1d(base) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return type(base) is Conv1D
+
+
 class PeftLoraState(_instance.InstanceState):
-    def __init__(self, backend: str, adapter: str, rounding: str, four_bit: bool):
+    def __init__(self, backend: str, adapter: str, rounding: str, four_bit: bool, conv1d: bool):
         super().__init__(backend)
-        self.adapter, self.rounding, self.four_bit = adapter, rounding, four_bit
+        self.adapter, self.rounding, self.four_bit, self.conv1d = adapter, rounding, four_bit, conv1d
+        self.transposed = None  # Conv1D: (key, weight.T contiguous); replaced, never mutated (shallow deepcopy)
+
+    def out_in_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as (out_features, in_features)."""
+        if not self.conv1d:
+            return weight
+        key = (weight.untyped_storage().data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        if self.transposed is None or self.transposed[0] != key:
+            self.transposed = (key, weight.detach().t().contiguous())
+        return self.transposed[1]
 
     def describe(self) -> str:
         return f"fastlora(backend={self.backend!r}, rounding={self.rounding!r})"
@@ -104,8 +128,9 @@ def skip_reason(module) -> str | None:
         return "adapter merged into the base weight"
     if module.disable_adapters:
         return "adapters disabled"
-    if getattr(module, "fan_in_fan_out", False):
-        return "fan_in_fan_out base (Conv1D layout, not accelerated yet)"
+    base = module.get_base_layer()
+    if getattr(module, "fan_in_fan_out", False) != _is_conv1d(base):
+        return "fan_in_fan_out does not match the base layer (only a transformers Conv1D base is fan-in/fan-out)"
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear:
         return "lora_A / lora_B are not nn.Linear"
@@ -119,10 +144,9 @@ def skip_reason(module) -> str | None:
     scaling = module.scaling.get(adapter)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return "scaling is not a Python number"
-    base = module.get_base_layer()
     four_bit = is_four_bit(base)
-    if rounding == "linear" and type(base) is not torch.nn.Linear and not four_bit:
-        return f"base layer is {type(base).__name__}, not nn.Linear or bitsandbytes Linear4bit"
+    if rounding == "linear" and type(base) is not torch.nn.Linear and not four_bit and not _is_conv1d(base):
+        return f"base layer is {type(base).__name__}, not nn.Linear, transformers Conv1D or bitsandbytes Linear4bit"
     if rounding == "linear4bit" and not four_bit:
         return f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit"
     if four_bit and getattr(base.weight, "quant_state", None) is None:
@@ -135,7 +159,8 @@ def skip_reason(module) -> str | None:
 def install(module, backend: str) -> None:
     """Accelerate ``module``; :func:`skip_reason` returned None for it."""
     rounding = _lora_classes()[0][type(module)]
-    state = PeftLoraState(backend, _active_here(module)[0], rounding, is_four_bit(module.get_base_layer()))
+    base = module.get_base_layer()
+    state = PeftLoraState(backend, _active_here(module)[0], rounding, is_four_bit(base), _is_conv1d(base))
     _instance.install(module, _fast_forward, state)
 
 
@@ -148,7 +173,7 @@ def _fast_forward(self, x, *args, **kwargs):
     base = self.get_base_layer()
     dropout = self.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
-    return lora_linear(x, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+    return lora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                        float(self.scaling[adapter]), bias=base.bias, dropout_p=p, training=dropout.training,
                        rounding=state.rounding, backend=state.backend)
 
