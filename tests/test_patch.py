@@ -379,3 +379,25 @@ def test_modules_to_save_keeps_working():
     handle = fastlora.patch(pm)
     assert len(handle.patched) == 14 and not handle.skipped
     _assert_close(loss_and_grads(pm, ids), want)
+
+
+def test_patched_layers_follow_set_adapter():
+    """Two adapters loaded, one active at a time: a patched layer computes whichever is active, fused."""
+    pm = _peft_model("llama")
+    ids = _ids()
+    pm.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    for name, p in pm.named_parameters():
+        if "lora_B.second" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    pm.base_model.set_adapter("second")
+    want_second = loss_and_grads(pm, ids)
+    pm.base_model.set_adapter("default")
+    want_default = loss_and_grads(pm, ids)
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 14
+    _assert_close(loss_and_grads(pm, ids), want_default)
+    pm.base_model.set_adapter("second")
+    _assert_close(loss_and_grads(pm, ids), want_second)
+    pm.base_model.set_adapter("default")
+    _assert_close(loss_and_grads(pm, ids), want_default)
+    assert handle.report()["fallback_calls"] == {}

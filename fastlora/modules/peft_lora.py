@@ -16,13 +16,14 @@ weight memory, none in activations (backward reads the same copy, nothing per ca
 Per call, the fused op runs only when the call is one PEFT would compute plainly in x's dtype; otherwise
 the module's own (PEFT) forward runs for that call and ``fallback_calls`` counts it:
   - extra positional / keyword arguments (e.g. ``adapter_names=`` mixed batches);
-  - the adapter state changed since patching (other active adapter, merged, adapters disabled);
+  - not exactly one active adapter, or the active one is not plain LoRA (a patched layer follows
+    ``set_adapter``: whichever single plain adapter is active is computed fused), merged, adapters disabled;
   - autocast is enabled for x's device;
   - dense base: x's dtype differs from the base weight's (PEFT would raise or promote in F.linear) or
     the bias's; 4-bit base: the bitsandbytes ``compute_dtype`` is set and differs from x's dtype, the bias
     dtype differs, the weight lost its ``quant_state`` or bitsandbytes repacked it for its CPU kernel;
   - lora_A / lora_B are neither float32 nor x's dtype;
-  - the base weight was made trainable or the dropout module replaced since patching.
+  - the base weight was made trainable since patching.
 Dropout is active when the adapter's ``nn.Dropout`` module is in training mode (as in PEFT); its masks
 are fastlora's (Philox, regenerated in backward), not torch's, so with dropout > 0 a patched run draws
 other masks than an unpatched one.
@@ -77,9 +78,11 @@ def _is_conv1d(base) -> bool:
 
 
 class PeftLoraState(_instance.InstanceState):
-    def __init__(self, backend: str, adapter: str, rounding: str, four_bit: bool, conv1d: bool):
+    def __init__(self, backend: str, rounding: str, four_bit: bool, conv1d: bool):
         super().__init__(backend)
-        self.adapter, self.rounding, self.four_bit, self.conv1d = adapter, rounding, four_bit, conv1d
+        self.rounding, self.four_bit, self.conv1d = rounding, four_bit, conv1d
+        # adapter -> (the modules judged, plain LoRA?); replaced, never mutated (shallow deepcopy)
+        self.adapter_ok: dict = {}
         self.transposed = None  # Conv1D: (key, weight.T contiguous); replaced, never mutated (shallow deepcopy)
 
     def out_in_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -106,31 +109,14 @@ def _active_here(module) -> list[str]:
     return [name for name in module.active_adapters if name in module.lora_A]
 
 
-def skip_reason(module) -> str | None:
-    """None when :func:`install` may accelerate ``module`` (a PEFT LoraLayer), else why not."""
-    rounding = _lora_classes()[0].get(type(module))
-    if rounding is None:
-        return f"{type(module).__module__}.{type(module).__name__} is not accelerated yet"
-    conflict = _instance.conflict_reason(module)
-    if conflict is not None:
-        return conflict
-    active = _active_here(module)
-    if len(active) != 1:
-        return f"{len(active)} active adapters (fastlora runs exactly one)"
-    adapter = active[0]
+def _adapter_reason(module, adapter: str) -> str | None:
+    """None when ``adapter`` of ``module`` is a plain LoRA adapter the fused op computes, else why not."""
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if variant is not None:
         name = type(variant).__name__
         return ("DoRA" if "dora" in name.lower() else f"LoRA variant {name}") + " (not accelerated yet)"
     if getattr(module, "use_dora", {}).get(adapter, False):
         return "DoRA (not accelerated yet)"
-    if module.merged:
-        return "adapter merged into the base weight"
-    if module.disable_adapters:
-        return "adapters disabled"
-    base = module.get_base_layer()
-    if getattr(module, "fan_in_fan_out", False) != _is_conv1d(base):
-        return "fan_in_fan_out does not match the base layer (only a transformers Conv1D base is fan-in/fan-out)"
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear:
         return "lora_A / lora_B are not nn.Linear"
@@ -144,6 +130,31 @@ def skip_reason(module) -> str | None:
     scaling = module.scaling.get(adapter)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return "scaling is not a Python number"
+    return None
+
+
+def skip_reason(module) -> str | None:
+    """None when :func:`install` may accelerate ``module`` (a PEFT LoraLayer), else why not. Judged on the
+    adapter active now; a patched layer follows later ``set_adapter`` switches (see ``_call_ok``)."""
+    rounding = _lora_classes()[0].get(type(module))
+    if rounding is None:
+        return f"{type(module).__module__}.{type(module).__name__} is not accelerated yet"
+    conflict = _instance.conflict_reason(module)
+    if conflict is not None:
+        return conflict
+    active = _active_here(module)
+    if len(active) != 1:
+        return f"{len(active)} active adapters (fastlora runs exactly one)"
+    reason = _adapter_reason(module, active[0])
+    if reason is not None:
+        return reason
+    if module.merged:
+        return "adapter merged into the base weight"
+    if module.disable_adapters:
+        return "adapters disabled"
+    base = module.get_base_layer()
+    if getattr(module, "fan_in_fan_out", False) != _is_conv1d(base):
+        return "fan_in_fan_out does not match the base layer (only a transformers Conv1D base is fan-in/fan-out)"
     four_bit = is_four_bit(base)
     if rounding == "linear" and type(base) is not torch.nn.Linear and not four_bit and not _is_conv1d(base):
         return f"base layer is {type(base).__name__}, not nn.Linear, transformers Conv1D or bitsandbytes Linear4bit"
@@ -160,16 +171,16 @@ def install(module, backend: str) -> None:
     """Accelerate ``module``; :func:`skip_reason` returned None for it."""
     rounding = _lora_classes()[0][type(module)]
     base = module.get_base_layer()
-    state = PeftLoraState(backend, _active_here(module)[0], rounding, is_four_bit(base), _is_conv1d(base))
+    state = PeftLoraState(backend, rounding, is_four_bit(base), _is_conv1d(base))
     _instance.install(module, _fast_forward, state)
 
 
 def _fast_forward(self, x, *args, **kwargs):
     state = _instance.state_of(self)
-    if args or kwargs or not _call_ok(self, state, x):
+    adapter = None if args or kwargs else _call_adapter(self, state, x)
+    if adapter is None:
         state.fallback_calls += 1
         return type(self).forward(self, x, *args, **kwargs)
-    adapter = state.adapter
     base = self.get_base_layer()
     dropout = self.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
@@ -178,27 +189,41 @@ def _fast_forward(self, x, *args, **kwargs):
                        rounding=state.rounding, backend=state.backend)
 
 
-def _call_ok(module, state: PeftLoraState, x) -> bool:
+def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
+    """Whether ``adapter`` is plain LoRA; judged again only when its modules are replaced."""
+    key = (id(module.lora_A[adapter]), id(module.lora_B[adapter]), id(module.lora_dropout[adapter]),
+           adapter in getattr(module, "lora_variant", {}), getattr(module, "use_dora", {}).get(adapter, False),
+           module.scaling.get(adapter))
+    cached = state.adapter_ok.get(adapter)
+    if cached is None or cached[0] != key:
+        cached = (key, _adapter_reason(module, adapter) is None)
+        state.adapter_ok = {**state.adapter_ok, adapter: cached}
+    return cached[1]
+
+
+def _call_adapter(module, state: PeftLoraState, x) -> str | None:
+    """The adapter the fused op computes for this call, or None when PEFT's own forward must run."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
-        return False
-    if module.merged or module.disable_adapters or _active_here(module) != [state.adapter]:
-        return False
-    if state.adapter in getattr(module, "lora_variant", {}):
-        return False
+        return None
+    if module.merged or module.disable_adapters:
+        return None
+    active = _active_here(module)
+    if len(active) != 1 or not _plain_adapter(module, state, active[0]):
+        return None
+    adapter = active[0]
     if torch.is_autocast_enabled(x.device.type):
-        return False
+        return None
     base = module.get_base_layer()
     if base.bias is not None and base.bias.dtype != x.dtype:
-        return False
-    if base.weight.requires_grad or type(module.lora_dropout[state.adapter]) not in (torch.nn.Identity,
-                                                                                  torch.nn.Dropout):
-        return False
-    a_dtype = module.lora_A[state.adapter].weight.dtype
-    if a_dtype not in (torch.float32, x.dtype) or module.lora_B[state.adapter].weight.dtype != a_dtype:
-        return False
+        return None
+    if base.weight.requires_grad:
+        return None
+    a_dtype = module.lora_A[adapter].weight.dtype
+    if a_dtype not in (torch.float32, x.dtype) or module.lora_B[adapter].weight.dtype != a_dtype:
+        return None
     if not state.four_bit:
-        return base.weight.dtype == x.dtype
+        return adapter if base.weight.dtype == x.dtype else None
     quant_state = getattr(base.weight, "quant_state", None)
     if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
-        return False
-    return base.compute_dtype is None or base.compute_dtype == x.dtype
+        return None
+    return adapter if base.compute_dtype is None or base.compute_dtype == x.dtype else None
