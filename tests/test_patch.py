@@ -239,18 +239,41 @@ def test_two_models_side_by_side():
     _assert_close(loss_and_grads(twin, ids), want)
 
 
-def test_dora_layers_are_skipped_with_reason():
-    pm = _peft_model("llama", use_dora=True)
+@pytest.mark.parametrize("four_bit", [None, "nf4"])
+def test_dora_matches_peft(four_bit):
+    pm = _peft_model("llama", use_dora=True, four_bit=four_bit)
+    torch.manual_seed(2)
+    for name, p in pm.named_parameters():
+        if "lora_magnitude_vector" in name:  # away from the initial norm so the scale matters
+            p.data.mul_(1 + 0.1 * torch.rand_like(p))
     ids = _ids()
-    before = loss_and_grads(pm, ids)
+    want = loss_and_grads(pm, ids)
     handle = fastlora.patch(pm)
-    report = handle.report()
-    assert report["patched"] == [] and len(report["skipped"]) == 14
-    assert all("DoRA" in reason for reason in report["skipped"].values())
-    assert "14 left unpatched" in handle.summary() and "DoRA" in handle.summary()
-    after = loss_and_grads(pm, ids)
-    assert torch.equal(before[0], after[0])
+    assert len(handle.patched) == 14 and not handle.skipped
+    got = loss_and_grads(pm, ids)
+    _assert_close(got, want)
+    assert sum("lora_magnitude_vector" in n for n in got[1]) == 14
+    assert handle.report()["fallback_calls"] == {}
+
+
+def test_dora_with_active_dropout_falls_back_to_peft():
+    pm = _peft_model("llama", use_dora=True, dropout=0.1)
+    ids = _ids()
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 14
+    torch.manual_seed(3)
+    got = loss_and_grads(pm, ids)
+    assert len(handle.report()["fallback_calls"]) == 14
     handle.unpatch()
+    torch.manual_seed(3)
+    want = loss_and_grads(pm, ids)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+    pm.eval()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    fastlora.patch(pm)
+    with torch.no_grad():
+        assert _rel(pm(input_ids=ids).logits, want) < RTOL
 
 
 def test_several_active_adapters_and_per_call_fallbacks():

@@ -4,8 +4,9 @@ Accelerated: PEFT ``lora.Linear`` over ``nn.Linear`` (rounding "linear"), PEFT `
 bitsandbytes ``Linear4bit`` (rounding "linear4bit") and PEFT ``lora.Linear`` over a bitsandbytes ``Linear4bit``
 (what PEFT builds when the model does not report ``is_loaded_in_4bit``; rounding "linear", as PEFT computes it
 there) and PEFT ``lora.Linear`` over a transformers ``Conv1D`` (``fan_in_fan_out``, GPT-2 style), each with
-exactly one active, plain LoRA adapter (no DoRA / lora variant, not merged, adapters enabled, no
-``lora_bias``, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``, frozen base weight).
+exactly one active LoRA or DoRA adapter (no other lora variant, not merged, adapters enabled, no
+``lora_bias``, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``, frozen base weight). DoRA runs
+:func:`fastlora.ops.dora_linear`; while its dropout is active (training, p > 0) PEFT's forward runs.
 :func:`skip_reason` says why any other LoRA layer is left alone.
 
 Conv1D stores its weight as (in_features, out_features); the fused op reads (out_features, in_features).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.dora_linear import dora_linear
 from ..ops.lora_linear import lora_linear
 from . import _instance
 
@@ -109,14 +111,18 @@ def _active_here(module) -> list[str]:
     return [name for name in module.active_adapters if name in module.lora_A]
 
 
+def _is_dora(module, adapter: str) -> bool:
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    return type(variant).__name__ == "DoraLinearVariant"
+
+
 def _adapter_reason(module, adapter: str) -> str | None:
     """None when ``adapter`` of ``module`` is a plain LoRA adapter the fused op computes, else why not."""
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        name = type(variant).__name__
-        return ("DoRA" if "dora" in name.lower() else f"LoRA variant {name}") + " (not accelerated yet)"
-    if getattr(module, "use_dora", {}).get(adapter, False):
-        return "DoRA (not accelerated yet)"
+    if _is_dora(module, adapter):
+        if adapter not in getattr(module, "lora_magnitude_vector", {}):
+            return "DoRA adapter without a lora_magnitude_vector"
+    elif adapter in getattr(module, "lora_variant", {}):
+        return f"LoRA variant {type(module.lora_variant[adapter]).__name__} (not accelerated yet)"
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear:
         return "lora_A / lora_B are not nn.Linear"
@@ -184,6 +190,13 @@ def _fast_forward(self, x, *args, **kwargs):
     base = self.get_base_layer()
     dropout = self.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    if _is_dora(self, adapter):
+        if p > 0.0 and dropout.training:  # PEFT's DoRA then needs dropout(x)·Wᵀ: another GEMM, not fused
+            state.fallback_calls += 1
+            return type(self).forward(self, x)
+        return dora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight,
+                           self.lora_B[adapter].weight, float(self.scaling[adapter]),
+                           self.lora_magnitude_vector[adapter].weight, bias=base.bias, backend=state.backend)
     return lora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                        float(self.scaling[adapter]), bias=base.bias, dropout_p=p, training=dropout.training,
                        rounding=state.rounding, backend=state.backend)
