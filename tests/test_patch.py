@@ -57,12 +57,13 @@ def _to_4bit(model, quant_type="nf4", loaded_in_4bit=True):
     return model
 
 
-def _peft_model(family="llama", dropout=0.0, four_bit=None, use_dora=False, loaded_in_4bit=True, rslora=False):
+def _peft_model(family="llama", dropout=0.0, four_bit=None, use_dora=False, loaded_in_4bit=True, rslora=False,
+                lora_bias=False):
     model = _base(family)
     if four_bit:
         _to_4bit(model, four_bit, loaded_in_4bit)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, use_dora=use_dora,
-                             use_rslora=rslora)
+                             use_rslora=rslora, lora_bias=lora_bias)
     pm = peft.get_peft_model(model, config)
     torch.manual_seed(1)
     for name, p in pm.named_parameters():
@@ -254,6 +255,24 @@ def test_dora_matches_peft(four_bit):
     _assert_close(got, want)
     assert sum("lora_magnitude_vector" in n for n in got[1]) == 14
     assert handle.report()["fallback_calls"] == {}
+
+
+@pytest.mark.parametrize("four_bit", [None, "nf4"])
+def test_lora_bias_matches_peft(four_bit):
+    """lora_bias=True (a bias on lora_B): on qwen2 q/k/v have a base bias, the other projections none."""
+    pm = _peft_model("qwen2", four_bit=four_bit, lora_bias=True)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name and name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+    ids = _ids()
+    want = loss_and_grads(pm, ids)
+    handle = fastlora.patch(pm)
+    assert len(handle.patched) == 14 and not handle.skipped
+    got = loss_and_grads(pm, ids)
+    # fastlora adds base bias + s·b_B as one bias (PEFT: two adds): ulp-level activation differences that
+    # reach the small k_proj gradients (~1e-6) through the softmax as ~2e-5 relative.
+    _assert_close(got, want, rtol=5e-5)
+    assert sum(n.endswith("lora_B.default.bias") for n in got[1]) == 14
 
 
 def test_dora_with_active_dropout_falls_back_to_peft():

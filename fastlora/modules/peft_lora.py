@@ -4,8 +4,8 @@ Accelerated: PEFT ``lora.Linear`` over ``nn.Linear`` (rounding "linear"), PEFT `
 bitsandbytes ``Linear4bit`` (rounding "linear4bit") and PEFT ``lora.Linear`` over a bitsandbytes ``Linear4bit``
 (what PEFT builds when the model does not report ``is_loaded_in_4bit``; rounding "linear", as PEFT computes it
 there) and PEFT ``lora.Linear`` over a transformers ``Conv1D`` (``fan_in_fan_out``, GPT-2 style), each with
-exactly one active LoRA or DoRA adapter (no other lora variant, not merged, adapters enabled, no
-``lora_bias``, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``, frozen base weight). DoRA runs
+exactly one active LoRA or DoRA adapter (no other lora variant, not merged, adapters enabled,
+``lora_bias`` only without DoRA, ``lora_dropout`` an ``nn.Identity`` or ``nn.Dropout``, frozen base weight). DoRA runs
 :func:`fastlora.ops.dora_linear`; while its dropout is active (training, p > 0) PEFT's forward runs.
 :func:`skip_reason` says why any other LoRA layer is left alone.
 
@@ -126,8 +126,10 @@ def _adapter_reason(module, adapter: str) -> str | None:
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear:
         return "lora_A / lora_B are not nn.Linear"
-    if lora_A.bias is not None or lora_B.bias is not None:
-        return "lora_bias=True (not accelerated yet)"
+    if lora_A.bias is not None:
+        return "lora_A has a bias"
+    if lora_B.bias is not None and _is_dora(module, adapter):
+        return "DoRA with lora_bias=True (not accelerated yet)"
     if lora_A.weight.dtype != lora_B.weight.dtype:
         return "lora_A and lora_B have different dtypes"
     dropout = module.lora_dropout[adapter]
@@ -197,8 +199,13 @@ def _fast_forward(self, x, *args, **kwargs):
         return dora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight,
                            self.lora_B[adapter].weight, float(self.scaling[adapter]),
                            self.lora_magnitude_vector[adapter].weight, bias=base.bias, backend=state.backend)
+    bias = base.bias
+    lora_bias = self.lora_B[adapter].bias
+    if lora_bias is not None:  # lora_bias=True: B(z) = z·Bᵀ + b, scaled, is a bias s·b on the output
+        scaled = (lora_bias * float(self.scaling[adapter])).to(x.dtype)
+        bias = scaled if bias is None else bias + scaled
     return lora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                       float(self.scaling[adapter]), bias=base.bias, dropout_p=p, training=dropout.training,
+                       float(self.scaling[adapter]), bias=bias, dropout_p=p, training=dropout.training,
                        rounding=state.rounding, backend=state.backend)
 
 
