@@ -19,21 +19,23 @@ import sys
 import torch
 
 from . import backends as _backends
-from .modules import _instance, neftune, peft_lora
+from .modules import _instance, neftune, peft_lora, plain_linear
 
 _HANDLE_ATTR = "_fastlora_handle"
 
-# (kind shown in reports, accelerator); the order is the order a module is offered to them.
-_ACCELERATORS = (("LoRA layer", peft_lora),)
+# (kind shown in reports, accelerator); the order is the order a module is offered to them. The
+# submodules of a claimed module (a LoRA layer's base layer, lora_A, lora_B) are not offered again.
+# An accelerator with ``UNCHANGED = True`` only reports: its modules are listed as unchanged.
+_ACCELERATORS = (("LoRA layer", peft_lora), ("linear", plain_linear))
 
 
 class PatchHandle:
     """Returned by :func:`patch`: which modules run fastlora's ops, which were left and why."""
 
     def __init__(self, model: torch.nn.Module, options: dict, patched: dict[str, str], skipped: dict[str, str],
-                 modules: dict[str, torch.nn.Module], restorers: dict[str, object]):
+                 unchanged: dict[str, str], modules: dict[str, torch.nn.Module], restorers: dict[str, object]):
         self.model, self.options = model, options
-        self.patched, self.skipped = list(patched), skipped
+        self.patched, self.skipped, self.unchanged = list(patched), skipped, unchanged
         self.kinds = patched  # {module name: kind}
         self._modules = modules
         self._restorers = restorers  # name -> restore function, where not _instance.restore
@@ -44,7 +46,8 @@ class PatchHandle:
         return self.options["backend"]
 
     def report(self) -> dict:
-        """Data: ``patched`` module names, ``kinds`` {name: kind}, ``skipped`` {name: reason},
+        """Data: ``patched`` module names, ``kinds`` {name: kind}, ``skipped`` {name: reason} (could be
+        accelerated but is not), ``unchanged`` {name: reason} (nothing to accelerate, e.g. a dense lm_head),
         ``fallback_calls`` {name: count} (calls a patched module handed to its own forward, see
         :mod:`fastlora.modules.peft_lora`), ``options``, ``backend``, ``active``."""
         fallbacks = {}
@@ -53,6 +56,7 @@ class PatchHandle:
             if state is not None and state.fallback_calls:
                 fallbacks[name] = state.fallback_calls
         return {"patched": list(self.patched), "kinds": dict(self.kinds), "skipped": dict(self.skipped),
+                "unchanged": dict(self.unchanged),
                 "fallback_calls": fallbacks, "options": dict(self.options), "backend": self.backend,
                 "active": self.active}
 
@@ -72,6 +76,9 @@ class PatchHandle:
             line += f"; {len(self.skipped)} left unpatched: " + "; ".join(parts)
         else:
             line += "; none left unpatched"
+        if self.unchanged:
+            names = list(self.unchanged)
+            line += f"; {len(names)} unchanged, nothing to fuse ({names[0]}{', ...' if len(names) > 1 else ''})"
         return line
 
     def unpatch(self) -> None:
@@ -130,6 +137,8 @@ def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "pad
         return existing
     patched: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    unchanged: dict[str, str] = {}
+    claimed: list[str] = []  # prefixes whose submodules are not offered again
     modules: dict[str, torch.nn.Module] = {}
     restorers: dict[str, object] = {}
     try:
@@ -141,23 +150,27 @@ def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "pad
             neftune.install(embedding, backend, options["neftune_alpha"], options["neftune_mode"], model)
             modules[name], restorers[name], patched[name] = embedding, neftune.restore, "NEFTune embedding"
         for name, module in model.named_modules():
-            if name in modules:
+            if name in modules or any(name.startswith(prefix) for prefix in claimed):
                 continue
             for kind, accelerator in _ACCELERATORS:
                 if not accelerator.claims(module):
                     continue
+                claimed.append(name + ".")
                 reason = accelerator.skip_reason(module)
-                if reason is not None:
+                if getattr(accelerator, "UNCHANGED", False):
+                    unchanged[name] = reason
+                elif reason is not None:
                     skipped[name] = reason
-                    continue
-                accelerator.install(module, options["backend"])
-                modules[name] = module
-                patched[name] = kind
+                else:
+                    accelerator.install(module, options["backend"])
+                    modules[name] = module
+                    patched[name] = kind
                 break
         if not patched and not skipped:
-            raise ValueError("model has no PEFT LoRA layers to patch (fastlora.patch accelerates PEFT lora.Linear "
-                             "and lora.bnb.Linear4bit layers)")
-        handle = PatchHandle(model, options, patched, skipped, modules, restorers)
+            what = f"{len(unchanged)} dense linear(s) without an adapter" if unchanged else "no linear layers"
+            raise ValueError(f"nothing to accelerate in {type(model).__name__}: {what}, no LoRA layers, no 4-bit "
+                             f"linears, no neftune_alpha")
+        handle = PatchHandle(model, options, patched, skipped, unchanged, modules, restorers)
         model.__dict__[_HANDLE_ATTR] = handle
     except BaseException:
         _restore_all(modules, restorers)

@@ -152,6 +152,10 @@ def test_verbose_prints_the_summary(capsys):
     err = capsys.readouterr().err
     assert err.strip() == handle.summary()
     assert err.count("\n") == 1 and "14 LoRA layer(s) accelerated" in err
+    # the dense output layer has no adapter: listed as unchanged, its submodules never are
+    assert handle.report()["unchanged"] == {"base_model.model.lm_head": "dense linear without an adapter (nothing "
+                                                                         "to fuse)"}
+    assert "1 unchanged, nothing to fuse (base_model.model.lm_head)" in err
 
 
 def test_dropout_cpp_matches_reference_backend():
@@ -321,7 +325,7 @@ def test_bad_input():
         fastlora.patch(object())
     with pytest.raises(TypeError, match="model"):
         fastlora.unpatch("not a model")
-    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
+    with pytest.raises(ValueError, match="nothing to accelerate"):
         fastlora.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="backend"):
         fastlora.patch(_peft_model("llama"), backend="gpu")
