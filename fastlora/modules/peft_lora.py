@@ -183,30 +183,42 @@ def install(module, backend: str) -> None:
     _instance.install(module, _fast_forward, state)
 
 
-def _fast_forward(self, x, *args, **kwargs):
-    state = _instance.state_of(self)
-    adapter = None if args or kwargs else _call_adapter(self, state, x)
+def call_args(module, x) -> dict | None:
+    """What the fused LoRA op needs for this call of the patched PEFT layer ``module`` on ``x`` — keys
+    weight (out, in), lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, and dora:
+    the magnitude vector or None — or None when PEFT's own forward must run (see the module docstring)."""
+    state = _instance.state_of(module)
+    adapter = _call_adapter(module, state, x) if state is not None else None
     if adapter is None:
-        state.fallback_calls += 1
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    dropout = self.lora_dropout[adapter]
+        return None
+    base = module.get_base_layer()
+    dropout = module.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
-    if _is_dora(self, adapter):
-        if p > 0.0 and dropout.training:  # PEFT's DoRA then needs dropout(x)·Wᵀ: another GEMM, not fused
-            state.fallback_calls += 1
-            return type(self).forward(self, x)
-        return dora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight,
-                           self.lora_B[adapter].weight, float(self.scaling[adapter]),
-                           self.lora_magnitude_vector[adapter].weight, bias=base.bias, backend=state.backend)
+    scaling = float(module.scaling[adapter])
+    dora = module.lora_magnitude_vector[adapter].weight if _is_dora(module, adapter) else None
+    if dora is not None and p > 0.0 and dropout.training:
+        return None  # PEFT's DoRA then needs dropout(x)·Wᵀ: another GEMM, not fused
     bias = base.bias
-    lora_bias = self.lora_B[adapter].bias
+    lora_bias = module.lora_B[adapter].bias
     if lora_bias is not None:  # lora_bias=True: B(z) = z·Bᵀ + b, scaled, is a bias s·b on the output
-        scaled = (lora_bias * float(self.scaling[adapter])).to(x.dtype)
+        scaled = (lora_bias * scaling).to(x.dtype)
         bias = scaled if bias is None else bias + scaled
-    return lora_linear(x, state.out_in_weight(base.weight), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                       float(self.scaling[adapter]), bias=bias, dropout_p=p, training=dropout.training,
-                       rounding=state.rounding, backend=state.backend)
+    return dict(weight=state.out_in_weight(base.weight), lora_A=module.lora_A[adapter].weight,
+                lora_B=module.lora_B[adapter].weight, scaling=scaling, bias=bias, dropout_p=p,
+                training=dropout.training, rounding=state.rounding, backend=state.backend, dora=dora)
+
+
+def _fast_forward(self, x, *args, **kwargs):
+    args_ = None if args or kwargs else call_args(self, x)
+    if args_ is None:
+        _instance.state_of(self).fallback_calls += 1
+        return type(self).forward(self, x, *args, **kwargs)
+    if args_["dora"] is not None:
+        return dora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"], args_["dora"],
+                           bias=args_["bias"], backend=args_["backend"])
+    return lora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"], bias=args_["bias"],
+                       dropout_p=args_["dropout_p"], training=args_["training"], rounding=args_["rounding"],
+                       backend=args_["backend"])
 
 
 def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
