@@ -69,7 +69,7 @@ class Linear4bit(nn.Module):
         self.register_buffer(_ABSMAX, q.absmax, persistent=False)
         self.register_buffer(_CODE, q.code, persistent=False)
         nested = (None, None, None) if q.nested is None else (q.nested.absmax2, q.nested.code, q.nested.offset)
-        for name, tensor in zip(_NESTED, nested):
+        for name, tensor in zip(_NESTED, nested, strict=True):
             self.register_buffer(name, tensor, persistent=False)
 
     @classmethod
