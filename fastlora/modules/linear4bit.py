@@ -160,6 +160,12 @@ def _matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _skipped(name: str, skip) -> bool:
+    """Whether ``name`` or a module containing it matches a ``skip`` suffix."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), skip) for i in range(1, len(parts) + 1))
+
+
 def _is_adapter(name: str) -> bool:
     # PEFT keeps its LoRA matrices as nn.Linear children of lora_A / lora_B ModuleDicts: never quantize those.
     return any(part in ("lora_A", "lora_B") for part in name.split("."))
@@ -172,10 +178,11 @@ def quantize_linears(model: nn.Module, *, target_modules="all-linear", quant_typ
 
     ``target_modules``: "all-linear" (every module whose type is exactly ``nn.Linear``, except PEFT
     adapter matrices) or a list of name suffixes ("q_proj" matches "model.layers.0.self_attn.q_proj");
-    every module a suffix matches must be an ``nn.Linear``. ``skip``: name suffixes left dense (by
-    default the output head, often tied to the embedding). Any weight shape works (bitsandbytes 0.50's
-    native CPU dequantization is wrong for rows that are not a multiple of the blocksize; fastlora's
-    is not). All-or-nothing: if any weight fails to quantize, nothing is replaced.
+    every module a suffix matches must be an ``nn.Linear``. ``skip``: name suffixes of modules left
+    dense, with everything inside them (by default the output head, often tied to the embedding).
+    Any weight shape works (bitsandbytes 0.50's native CPU dequantization is wrong for rows that are
+    not a multiple of the blocksize, so its CPU layers disagree there; fastlora's does not).
+    All-or-nothing: if any weight fails to quantize, nothing is replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -191,7 +198,7 @@ def quantize_linears(model: nn.Module, *, target_modules="all-linear", quant_typ
                          f"{target_modules!r}")
     chosen: list[tuple[str, nn.Linear]] = []
     for name, module in model.named_modules():
-        if not name or _matches(name, skip) or _is_adapter(name):
+        if not name or _skipped(name, skip) or _is_adapter(name):
             continue
         if suffixes is None:
             if type(module) is nn.Linear:
