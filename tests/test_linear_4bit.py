@@ -240,3 +240,16 @@ def test_cpu_repacked_bnb_weight_is_refused(seed):
     layer.weight.quant_state.packing_format_for_cpu = True
     with pytest.raises(ValueError, match="packing_format_for_cpu"):
         ops.linear_4bit(torch.randn(2, 128), layer.weight)
+
+
+def test_compiles_without_graph_breaks(seed):
+    """fullgraph=True: the autograd.Function and its custom ops trace without a graph break."""
+    q = _weight("nf4-dq", 64, 128)
+    bias = torch.randn(64, requires_grad=True)
+    x = torch.randn(5, 128, requires_grad=True)
+    compiled = torch.compile(lambda a: ops.linear_4bit(a, q, bias), backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    dx, db = torch.autograd.grad(y.sum(), (x, bias))
+    want = ops.linear_4bit(x, q, bias)
+    want_dx, want_db = torch.autograd.grad(want.sum(), (x, bias))
+    assert torch.equal(y, want) and torch.equal(dx, want_dx) and torch.equal(db, want_db)

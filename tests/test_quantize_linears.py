@@ -223,3 +223,13 @@ def test_peft_adapters_stay_dense():
     ids = _ids()
     loss, grads = loss_and_grads(pm, ids)
     assert torch.isfinite(loss) and grads and all("lora_" in n for n in grads)
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    """BitFit-style step (biases, norms, embeddings trainable) with and without checkpointing."""
+    model = _base("qwen2")
+    quantize_linears(model)
+    ids = _ids()
+    want = loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _assert_same_step(loss_and_grads(model, ids), want)

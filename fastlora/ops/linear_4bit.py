@@ -41,8 +41,9 @@ from .dequantize_absmax import dequantize_absmax
 FWD_SCHEMA = ("(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int out_features, "
               "Tensor? bias) -> Tensor")
 BWD_SCHEMA = "(Tensor grad_y, Tensor packed, Tensor absmax, int blocksize, str quant_type, int in_features) -> Tensor"
-# Op name suffix -> the dequantize_4bit_into overload it decodes with. "" is the compiled extension's
-# kernel (cpp on the CPU, cuda on a GPU); the GEMM is torch's in every backend.
+# Backend -> op name suffix. The ops are defined here in Python (there is no C++ linear_4bit kernel):
+# each decodes with the dequantize_4bit_into overload of the same suffix ("" is the compiled
+# extension's kernel: cpp on the CPU, cuda on a GPU), and the GEMM is torch's in every backend.
 _SUFFIX = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}
 _local = threading.local()
 
@@ -101,8 +102,7 @@ def _resolve_absmax(meta: tuple, tensors, backend: str) -> tuple[torch.Tensor, t
     if nested_blocksize is None:
         return tensors[0], tensors[1]
     packed, qabsmax, code, absmax2, offset = tensors
-    return packed, dequantize_absmax(qabsmax, code, absmax2, offset, nested_blocksize,
-                                     backend="auto" if backend == "cuda" else backend)
+    return packed, dequantize_absmax(qabsmax, code, absmax2, offset, nested_blocksize, backend=backend)
 
 
 class _Linear4bitFunction(torch.autograd.Function):
