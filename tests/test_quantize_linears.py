@@ -166,6 +166,11 @@ def test_module_contract():
     assert linear.bias.dtype == torch.float32
     twin = copy.deepcopy(layer)
     assert torch.equal(twin(x), layer(x)) and twin.weight.data_ptr() != layer.weight.data_ptr()
+    # a device move with a dtype: the weight's tensors move and keep their dtypes, the bias is cast
+    moved = twin.to("meta", torch.bfloat16)
+    assert moved.weight.device.type == "meta" and moved.weight.dtype == torch.uint8
+    assert moved.weight_absmax.device.type == "meta" and moved.weight_absmax.dtype == torch.float32
+    assert moved.bias.device.type == "meta" and moved.bias.dtype == torch.bfloat16
 
 
 def test_load_state_dict_errors():
