@@ -5,6 +5,7 @@ from .dequantize_4bit import dequantize_4bit
 from .dequantize_4bit_into import dequantize_4bit_into
 from .dequantize_absmax import dequantize_absmax
 from .dora_linear import dora_linear
+from .linear_4bit import linear_4bit
 from .lora_dropout import lora_dropout
 from .lora_linear import lora_linear
 from .neftune_embedding import neftune_embedding
@@ -12,7 +13,6 @@ from .quantize_4bit import quantize_4bit
 from .quantize_absmax import quantize_absmax
 
 __all__ = [
-    "dequantize_4bit", "dequantize_4bit_into", "dequantize_absmax", "dora_linear", "lora_dropout", "lora_linear",
-    "neftune_embedding",
-    "quantize_4bit", "quantize_absmax",
+    "dequantize_4bit", "dequantize_4bit_into", "dequantize_absmax", "dora_linear", "linear_4bit", "lora_dropout",
+    "lora_linear", "neftune_embedding", "quantize_4bit", "quantize_absmax",
 ]
