@@ -19,14 +19,14 @@ import sys
 import torch
 
 from . import backends as _backends
-from .modules import _instance, neftune, peft_lora, plain_linear
+from .modules import _instance, bnb_linear4bit, neftune, peft_lora, plain_linear
 
 _HANDLE_ATTR = "_fastlora_handle"
 
 # (kind shown in reports, accelerator); the order is the order a module is offered to them. The
 # submodules of a claimed module (a LoRA layer's base layer, lora_A, lora_B) are not offered again.
 # An accelerator with ``UNCHANGED = True`` only reports: its modules are listed as unchanged.
-_ACCELERATORS = (("LoRA layer", peft_lora), ("linear", plain_linear))
+_ACCELERATORS = (("LoRA layer", peft_lora), ("4-bit linear", bnb_linear4bit), ("linear", plain_linear))
 
 
 class PatchHandle:

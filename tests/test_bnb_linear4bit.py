@@ -107,8 +107,8 @@ def test_can_accelerate_reasons(seed):
     unquantized = bnb.nn.Linear4bit(64, 64)
     assert "no quant_state" in accel.can_accelerate(unquantized)
     accel.accelerate(layer)
-    assert "already accelerated" in accel.can_accelerate(layer)
-    with pytest.raises(ValueError, match="already accelerated"):
+    assert "already patched" in accel.can_accelerate(layer)
+    with pytest.raises(ValueError, match="already patched"):
         accel.accelerate(layer)
     with pytest.raises(ValueError, match="backend must be"):
         accel.accelerate(_layer(), backend="fast")

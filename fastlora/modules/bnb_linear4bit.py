@@ -22,23 +22,13 @@ bf16; the accelerated forward neither repacks nor rounds x to bf16.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from .. import backends
 from ..ops.linear_4bit import linear_4bit
+from . import _instance
 
-_STATE_ATTR = "_fastlora_linear4bit_state"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class _State:
-    """Per-module data of an accelerated layer; lives in the module's ``__dict__`` (not a buffer)."""
-
-    def __init__(self, backend: str, installed_extra_repr: bool):
-        self.backend, self.installed_extra_repr = backend, installed_extra_repr
-        self.fallback_calls = 0
 
 
 def _linear4bit_class():
@@ -56,10 +46,9 @@ def can_accelerate(module) -> str | None:
         return "bitsandbytes is not installed"
     if not isinstance(module, cls):
         return f"{type(module).__name__} is not a bitsandbytes Linear4bit"
-    if _STATE_ATTR in module.__dict__:
-        return "already accelerated by fastlora"
-    if "forward" in module.__dict__:
-        return "forward already overridden on the instance (e.g. an accelerate hook)"
+    conflict = _instance.conflict_reason(module)
+    if conflict is not None:
+        return conflict
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
@@ -104,18 +93,24 @@ def _plain_call(module, x) -> bool:
 
 
 def _fast_forward(self, x, *args, **kwargs):
-    state = self.__dict__[_STATE_ATTR]
+    state = _instance.state_of(self)
     if args or kwargs or not _plain_call(self, x):
         state.fallback_calls += 1
         return type(self).forward(self, x, *args, **kwargs)
     return linear_4bit(x, self.weight, self.bias, backend=state.backend)
 
 
-def _extra_repr(self):
-    state = self.__dict__[_STATE_ATTR]
-    own = type(self).extra_repr(self)
-    tag = f"fastlora(backend={state.backend!r})"
-    return f"{own}, {tag}" if own else tag
+def claims(module) -> bool:
+    """Whether ``module`` is a bitsandbytes Linear4bit (fastlora.patch offers it only when no LoRA layer wraps it)."""
+    cls = _linear4bit_class()
+    return cls is not None and isinstance(module, cls)
+
+
+skip_reason = can_accelerate
+
+
+def install(module, backend: str) -> None:
+    _instance.install(module, _fast_forward, _instance.InstanceState(backend))
 
 
 def accelerate(module, backend: str = "auto") -> None:
@@ -128,20 +123,16 @@ def accelerate(module, backend: str = "auto") -> None:
     reason = can_accelerate(module)
     if reason is not None:
         raise ValueError(f"cannot accelerate this layer: {reason}")
-    install_repr = "extra_repr" not in module.__dict__
-    module.__dict__[_STATE_ATTR] = _State(backend, install_repr)
-    module.__dict__["forward"] = types.MethodType(_fast_forward, module)
-    if install_repr:
-        module.__dict__["extra_repr"] = types.MethodType(_extra_repr, module)
+    install(module, backend)
 
 
 def is_accelerated(module) -> bool:
-    return _STATE_ATTR in getattr(module, "__dict__", {})
+    return _instance.state_of(module) is not None
 
 
 def fallback_calls(module) -> int:
     """How many calls of an accelerated ``module`` ran bitsandbytes' own forward."""
-    state = module.__dict__.get(_STATE_ATTR)
+    state = _instance.state_of(module)
     if state is None:
         raise ValueError("module is not accelerated by fastlora")
     return state.fallback_calls
@@ -149,10 +140,6 @@ def fallback_calls(module) -> int:
 
 def restore(module) -> bool:
     """Undo :func:`accelerate` (the module's ``__dict__`` is as before); returns whether it was accelerated."""
-    state = module.__dict__.pop(_STATE_ATTR, None)
-    if state is None:
-        return False
-    module.__dict__.pop("forward", None)
-    if state.installed_extra_repr:
-        module.__dict__.pop("extra_repr", None)
-    return True
+    accelerated = is_accelerated(module)
+    _instance.restore(module)
+    return accelerated
