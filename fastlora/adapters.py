@@ -105,7 +105,7 @@ class LoraConfig:
         task_type = None if task_type is None else str(task_type).rsplit(".", 1)[-1]
         extra = {k: d[k] for k in ("base_model_name_or_path", "revision") if d.get(k) is not None}
         return cls(r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
-                   target_modules=list(targets) if isinstance(targets, (list, set, tuple)) else targets,
+                   target_modules=targets,
                    use_rslora=d.get("use_rslora", False), task_type=task_type, extra=extra)
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
@@ -158,7 +158,9 @@ def _is_linear(module) -> bool:
 def select_targets(model: torch.nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules PEFT would put LoRA on for ``config``, in ``named_modules`` order."""
     targets = config.target_modules
-    named = list(model.named_modules())
+    # Like PEFT with its own layers: never the lora_A / lora_B inside a module that already has LoRA.
+    inner = tuple(f"{n}." for n, m in model.named_modules() if lora_module.has_lora(m))
+    named = [(n, m) for n, m in model.named_modules() if not (inner and n.startswith(inner))]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         # PEFT's _maybe_include_all_linear_layers: every linear but the output embeddings, by full name.
         head = _output_embeddings(model)

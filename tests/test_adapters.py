@@ -71,7 +71,7 @@ def _peft_name(name):
     return name.removeprefix(PREFIX).replace(".default.", ".")
 
 
-def _pair(base, *, r=8, alpha=16, dropout=0.0, rslora=False, targets=TARGETS, seed=1):
+def _pair(base, *, r=8, alpha=16, dropout=0.0, rslora=False, targets=TARGETS, seed=1, backend="auto"):
     """(PEFT model, fastlora model) over copies of ``base`` with identical, non-zero adapters."""
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora))
@@ -81,7 +81,7 @@ def _pair(base, *, r=8, alpha=16, dropout=0.0, rslora=False, targets=TARGETS, se
             torch.nn.init.normal_(p, std=0.05)
     fm = copy.deepcopy(base)
     adapters.add_lora(fm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                     use_rslora=rslora))
+                                     use_rslora=rslora, task_type=None), backend=backend)
     fparams = dict(fm.named_parameters())
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -152,10 +152,8 @@ def test_dropout_is_active_in_training_only():
         got = fm.eval()(input_ids=ids).logits
     assert _rel(got, want) < RTOL
     fm.train()
-    ref = copy.deepcopy(fm)
-    for m in adapters.lora_modules(ref).values():  # same weights, reference backend: same Philox masks
-        m.__dict__[lora_mod._STATE_ATTR].settings = lora_mod.LoraSettings(
-            **{**lora_mod.lora_settings(m).__dict__, "backend": "reference"})
+    _, ref = _pair(_base(), dropout=0.1, backend="reference")  # same weights and Philox masks, torch backend
+    assert lora_mod.lora_settings(ref.get_submodule("model.layers.0.mlp.up_proj")).backend == "reference"
     got_train, ref_train = loss_and_grads(fm, ids), loss_and_grads(ref, ids)
     assert _rel(got_train[0], ref_train[0]) < 1e-5
     for name in ref_train[1]:
@@ -261,6 +259,36 @@ def test_quantized_weight_module_matches_bnb_base():
     assert lora_mod.fallback_calls(own) == 0 and lora_mod.fallback_calls(ref) == 0
 
 
+def test_fallback_calls_compute_what_peft_computes():
+    """Calls the fused op cannot take (autocast; a 4-bit layer whose bitsandbytes compute dtype is not x's)
+    run PEFT's own formula: bit-identical to PEFT's layers."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(8)
+    four = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    four.weight = nf4.to_bnb(nf4.quantize(torch.randn(32, 64) / 8, 64, "nf4", True))
+    seq = torch.nn.Sequential(torch.nn.Linear(64, 32).requires_grad_(False), four)
+    seq.is_loaded_in_4bit = True
+    pm = peft.get_peft_model(copy.deepcopy(seq), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
+    fm = copy.deepcopy(seq)
+    adapters.add_lora(fm, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"], task_type=None))
+    fparams = dict(fm.named_parameters())
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(p)
+                fparams[_peft_name(name)].copy_(p)
+    peft_dense, peft_four = pm.base_model.model[0], pm.base_model.model[1]
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fm[0](x), peft_dense(x))
+    assert lora_mod.fallback_calls(fm[0]) == 1
+    # The first fp32 call fixes bitsandbytes' compute dtype to fp32 (fused here), a bf16 call then differs.
+    assert _rel(fm[1](x), peft_four(x)) < 2e-6 and fm[1].compute_type_is_set
+    assert lora_mod.fallback_calls(fm[1]) == 0
+    assert torch.equal(fm[1](x.bfloat16()), peft_four(x.bfloat16()))
+    assert lora_mod.fallback_calls(fm[1]) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # PEFT-format files
 
@@ -292,6 +320,13 @@ def test_save_without_config_lists_full_names(tmp_path):
     assert saved["target_modules"] == sorted(adapters.lora_modules(fm))
     loaded = peft.PeftModel.from_pretrained(_base(), tmp_path)
     assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in loaded.modules()) == 14
+    # A config whose targets select exactly the adapted modules is written as given.
+    adapters.save_adapter(fm, tmp_path, LoraConfig(r=2, lora_alpha=4))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+    loaded = peft.PeftModel.from_pretrained(_base(), tmp_path)
+    assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in loaded.modules()) == 14
+    with pytest.raises(ValueError, match="config.r = 8 but the model's adapters have 2"):
+        adapters.save_adapter(fm, tmp_path, LoraConfig(lora_alpha=4))
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
@@ -312,6 +347,17 @@ def test_save_from_peft_loads_in_fastlora(tmp_path, four_bit):
     with torch.no_grad():
         assert _rel(fresh.eval()(input_ids=ids).logits, pm.eval()(input_ids=ids).logits) < RTOL
     _no_fallbacks(fresh)
+
+
+def test_load_accepts_peft_bin_files(tmp_path):
+    pm, fm = _pair(_base(), r=4, alpha=8, targets=["q_proj", "v_proj"])
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    fresh = _base()
+    assert len(adapters.load_adapter(fresh, tmp_path)) == 4
+    for name, m in adapters.lora_modules(fresh).items():
+        assert torch.equal(m.lora_A.weight, fm.get_submodule(name).lora_A.weight)
+        assert torch.equal(m.lora_B.weight, fm.get_submodule(name).lora_B.weight)
 
 
 def test_load_accepts_adapter_name_in_keys(tmp_path):
@@ -379,7 +425,7 @@ def test_optimizer_over_lora_params_trains():
     opt = torch.optim.AdamW(params, lr=1e-2)
     ids = _ids()
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

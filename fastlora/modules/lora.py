@@ -198,8 +198,8 @@ def _fused_weight(self, kind: str, x: torch.Tensor):
             raise TypeError(f"LoRA linear: x has dtype {x.dtype} but the base layer has {got}; F.linear (and PEFT) "
                             f"need one dtype: cast the input or the model")
         return None if weight.requires_grad else weight
-    if self.bias is not None and (self.bias.dtype != x.dtype or self.bias.requires_grad):
-        return None
+    if self.bias is not None and self.bias.dtype != x.dtype:
+        return None  # bitsandbytes casts the bias in place here: let its own forward do that
     if kind == "quantized":
         compute = getattr(self, "compute_dtype", None)
         return self.quantized_weight() if compute is None or compute == x.dtype else None
