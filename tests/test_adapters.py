@@ -220,6 +220,15 @@ def test_module_level_odd_shapes_and_dtype_rules():
     lin(x).sum().backward()
     assert lora_mod.fallback_calls(lin) == 2
     assert torch.allclose(lin.weight.grad, x.reshape(-1, 37).sum(0).expand(23, 37))
+    assert repr(lin).startswith("Linear(\n  in_features=37, out_features=23, bias=True, lora(r=3, alpha=5, "
+                                "dropout=0.0, rslora)\n  (lora_A): Linear(in_features=37, out_features=3, bias=False)")
+    # Ranks above the fused op's limit run PEFT's formula.
+    wide = torch.nn.Linear(8, 4).requires_grad_(False)
+    lora_mod.attach_lora(wide, r=lora_mod.MAX_RANK + 1, lora_alpha=1)
+    torch.nn.init.normal_(wide.lora_B.weight)
+    x8 = torch.randn(2, 8)
+    want = wide.weight @ x8.T + wide.bias[:, None] + (wide.lora_B.weight @ (wide.lora_A.weight @ x8.T)) / 257
+    assert _rel(wide(x8), want.T) < 1e-5 and lora_mod.fallback_calls(wide) == 1
 
 
 def test_quantized_weight_module_matches_bnb_base():
@@ -417,6 +426,19 @@ def test_deepcopy_of_a_lora_model():
     assert torch.equal(loss_and_grads(fm, ids)[0], want[0])
 
 
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["hf-default", "non-reentrant"])
+def test_gradient_checkpointing_repeats_dropout_masks(kwargs):
+    _, fm = _pair(_base(), dropout=0.1)
+    ids = _ids()
+    plain = loss_and_grads(fm, ids)
+    fm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    fm.enable_input_require_grads()
+    ckpt = loss_and_grads(fm, ids)
+    assert torch.equal(plain[0], ckpt[0]) and len(plain[1]) == 28
+    for name in plain[1]:
+        assert torch.equal(plain[1][name], ckpt[1][name]), name
+
+
 def test_optimizer_over_lora_params_trains():
     model = _base()
     adapters.add_lora(model, LoraConfig(r=4, lora_alpha=8))
@@ -564,7 +586,7 @@ def test_adapter_folder_missing_files(saved_adapter, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         adapters.load_adapter(model, tmp_path)
     _untouched(model, keys)
-    # A failure while attaching (here: a module that already has LoRA) leaves the others as they were.
+    # A module that already has LoRA is refused before anything is attached.
     adapters.add_lora(model, LoraConfig(target_modules=["model.layers.1.mlp.down_proj"]))
     with pytest.raises(ValueError, match="'model.layers.1.mlp.down_proj' already has a fastlora LoRA"):
         adapters.load_adapter(model, saved_adapter)
