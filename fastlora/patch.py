@@ -18,8 +18,10 @@ import sys
 
 import torch
 
+from . import adapters
 from . import backends as _backends
-from .modules import _instance, bnb_linear4bit, neftune, peft_lora, plain_linear
+from .modules import _instance, bnb_linear4bit, linear4bit, neftune, peft_lora, plain_linear
+from .modules import lora as lora_module
 
 _HANDLE_ATTR = "_fastlora_handle"
 
@@ -39,6 +41,8 @@ class PatchHandle:
         self.kinds = patched  # {module name: kind}
         self._modules = modules
         self._restorers = restorers  # name -> restore function, where not _instance.restore
+        self._undo: list = []  # callables run by unpatch after the restorers (lora= adapters, requires_grad)
+        self.quantized: list[str] = []  # quantize=: replaced by fastlora Linear4bit (kept by unpatch)
         self.active = True
 
     @property
@@ -81,11 +85,20 @@ class PatchHandle:
             line += f"; {len(names)} unchanged, nothing to fuse ({names[0]}{', ...' if len(names) > 1 else ''})"
         return line
 
+    def save_adapter(self, path, config=None) -> None:
+        """Save the fastlora LoRA adapters (``lora=``) in PEFT's format, see :func:`fastlora.save_adapter`.
+        For a PEFT model use PEFT's ``save_pretrained``."""
+        adapters.save_adapter(self.model, path, config if config is not None else self.options["lora"])
+
     def unpatch(self) -> None:
-        """Restore every patched module's own forward and repr. Idempotent."""
+        """Restore every patched module's own forward and repr, remove the adapters ``lora=`` added (save
+        them first) and restore every parameter's requires_grad. The 4-bit weights of ``quantize=`` stay
+        (the original weights no longer exist). Idempotent."""
         if not self.active:
             return
         _restore_all(self._modules, self._restorers)
+        for undo in reversed(self._undo):
+            undo()
         self.active = False
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
@@ -99,23 +112,36 @@ def _restore_all(modules: dict, restorers: dict) -> None:
         restorers.get(name, _instance.restore)(module)
 
 
-def _check_options(backend, neftune_alpha, neftune_mode) -> dict:
+def _check_options(backend, neftune_alpha, neftune_mode, lora, quantize) -> dict:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in _backends.BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {_backends.BACKENDS}, got {backend!r}")
-    options = {"backend": backend, "neftune_alpha": None, "neftune_mode": neftune_mode}
+    if isinstance(lora, dict):
+        lora = adapters.LoraConfig(**lora)
+    if lora is not None and not isinstance(lora, adapters.LoraConfig):
+        raise TypeError(f"lora must be None, a fastlora.LoraConfig or a dict of its fields, got {type(lora).__name__}")
+    if quantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
+    options = {"backend": backend, "neftune_alpha": None, "neftune_mode": neftune_mode, "lora": lora,
+               "quantize": quantize}
     if neftune_alpha is not None:
         options["neftune_alpha"], options["neftune_mode"] = neftune.check_options(neftune_alpha, neftune_mode)
     return options
 
 
-def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "padded", backend: str = "auto",
-          verbose: bool = False) -> PatchHandle:
+def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float | None = None,
+          neftune_mode: str = "padded", backend: str = "auto", verbose: bool = False) -> PatchHandle:
     """Accelerate ``model`` in place; returns a :class:`PatchHandle`.
 
     Args:
       model: a transformers / PEFT model (any ``torch.nn.Module``).
+      lora: a :class:`fastlora.LoraConfig` (or a dict of its fields) to add LoRA adapters to a model that has
+        none, without PEFT (:mod:`fastlora.adapters`; saved and loaded in PEFT's format with
+        :meth:`PatchHandle.save_adapter` / :func:`fastlora.load_adapter`). Every other parameter is frozen.
+      quantize: "nf4" or "fp4": first replace every ``nn.Linear`` but the output layer by fastlora's
+        bitsandbytes-compatible 4-bit linear (nf4 with double quant; works on CPU). This modifies the model
+        for good: unpatch keeps the 4-bit layers.
       neftune_alpha: turn on NEFTune noise in the input embedding (:mod:`fastlora.modules.neftune`);
         None (default) leaves the embedding alone.
       neftune_mode: "padded" (transformers' Trainer formula) or "per_sequence" (real lengths, no
@@ -128,7 +154,7 @@ def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "pad
     is restored."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    options = _check_options(backend, neftune_alpha, neftune_mode)
+    options = _check_options(backend, neftune_alpha, neftune_mode, lora, quantize)
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         if existing.options != options:
@@ -141,7 +167,14 @@ def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "pad
     claimed: list[str] = []  # prefixes whose submodules are not offered again
     modules: dict[str, torch.nn.Module] = {}
     restorers: dict[str, object] = {}
+    undo: list = []
+    quantized: list[str] = []
+    put_back_dense = None
     try:
+        if options["quantize"] is not None:
+            quantized, put_back_dense = _quantize(model, options)
+        if options["lora"] is not None:
+            _add_lora(model, options, undo)
         if options["neftune_alpha"] is not None:
             name, embedding = neftune.input_embedding(model)
             reason = neftune.skip_reason(embedding)
@@ -151,6 +184,13 @@ def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "pad
             modules[name], restorers[name], patched[name] = embedding, neftune.restore, "NEFTune embedding"
         for name, module in model.named_modules():
             if name in modules or any(name.startswith(prefix) for prefix in claimed):
+                continue
+            if lora_module.has_lora(module):  # fastlora's own LoRA: its forward is the fused op already
+                claimed.append(name + ".")
+                patched[name] = "LoRA layer"
+                continue
+            if isinstance(module, linear4bit.Linear4bit):  # fastlora's own 4-bit linear: runs linear_4bit
+                patched[name] = "4-bit linear"
                 continue
             for kind, accelerator in _ACCELERATORS:
                 if not accelerator.claims(module):
@@ -171,13 +211,52 @@ def patch(model, *, neftune_alpha: float | None = None, neftune_mode: str = "pad
             raise ValueError(f"nothing to accelerate in {type(model).__name__}: {what}, no LoRA layers, no 4-bit "
                              f"linears, no neftune_alpha")
         handle = PatchHandle(model, options, patched, skipped, unchanged, modules, restorers)
+        handle._undo, handle.quantized = undo, quantized
         model.__dict__[_HANDLE_ATTR] = handle
     except BaseException:
         _restore_all(modules, restorers)
+        for step in reversed(undo):
+            step()
+        if put_back_dense is not None:
+            put_back_dense()
         raise
     if verbose:
         print(handle.summary(), file=sys.stderr)
     return handle
+
+
+def _quantize(model, options: dict):
+    """quantize=: every nn.Linear but the output layer becomes a fastlora Linear4bit. Returns (names, the
+    step that puts the dense layers back): run only if the patch fails; a successful patch drops it, and
+    with it the last reference to the dense weights."""
+    before = dict(model.named_modules())
+    output = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    skip = tuple(name for name, module in before.items() if module is output and name)
+    quant_type = options["quantize"]
+    names = linear4bit.quantize_linears(model, quant_type=quant_type, double_quant=quant_type == "nf4",
+                                        skip=skip, backend=options["backend"])
+
+    def put_back():
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(before[parent_name] if parent_name else model, child, before[name])
+
+    return names, put_back
+
+
+def _add_lora(model, options: dict, undo: list) -> None:
+    """lora=: fastlora adapters on the targets; unpatch removes them and restores requires_grad."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+
+    def remove():
+        for name, module in model.named_modules():
+            if name in added:
+                lora_module.detach_lora(module)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+    added = set(adapters.add_lora(model, options["lora"], backend=options["backend"]))
+    undo.append(remove)
 
 
 def unpatch(model) -> bool:

@@ -71,6 +71,11 @@ def is_four_bit(base) -> bool:
     return linear4bit is not None and isinstance(base, linear4bit)
 
 
+def _is_fastlora_4bit(base) -> bool:
+    """fastlora's own 4-bit linear (``quantize=``), or anything exposing its weight the same way."""
+    return callable(getattr(base, "quantized_weight", None))
+
+
 def _is_conv1d(base) -> bool:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -80,15 +85,18 @@ def _is_conv1d(base) -> bool:
 
 
 class PeftLoraState(_instance.InstanceState):
-    def __init__(self, backend: str, rounding: str, four_bit: bool, conv1d: bool):
+    def __init__(self, backend: str, rounding: str, four_bit: bool, conv1d: bool, quantized: bool):
         super().__init__(backend)
-        self.rounding, self.four_bit, self.conv1d = rounding, four_bit, conv1d
+        self.rounding, self.four_bit, self.conv1d, self.quantized = rounding, four_bit, conv1d, quantized
         # adapter -> (the modules judged, plain LoRA?); replaced, never mutated (shallow deepcopy)
         self.adapter_ok: dict = {}
         self.transposed = None  # Conv1D: (key, weight.T contiguous); replaced, never mutated (shallow deepcopy)
 
-    def out_in_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight as (out_features, in_features)."""
+    def base_weight(self, base):
+        """The base layer's weight as the op takes it: (out_features, in_features) or 4-bit."""
+        if self.quantized:
+            return base.quantized_weight()
+        weight = base.weight
         if not self.conv1d:
             return weight
         key = (weight.untyped_storage().data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
@@ -164,8 +172,11 @@ def skip_reason(module) -> str | None:
     if getattr(module, "fan_in_fan_out", False) != _is_conv1d(base):
         return "fan_in_fan_out does not match the base layer (only a transformers Conv1D base is fan-in/fan-out)"
     four_bit = is_four_bit(base)
+    if _is_fastlora_4bit(base):
+        return None if rounding == "linear" else "PEFT's 4-bit LoRA class over a fastlora 4-bit base"
     if rounding == "linear" and type(base) is not torch.nn.Linear and not four_bit and not _is_conv1d(base):
-        return f"base layer is {type(base).__name__}, not nn.Linear, transformers Conv1D or bitsandbytes Linear4bit"
+        return (f"base layer is {type(base).__name__}, not nn.Linear, transformers Conv1D, bitsandbytes or fastlora "
+                f"Linear4bit")
     if rounding == "linear4bit" and not four_bit:
         return f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit"
     if four_bit and getattr(base.weight, "quant_state", None) is None:
@@ -179,7 +190,7 @@ def install(module, backend: str) -> None:
     """Accelerate ``module``; :func:`skip_reason` returned None for it."""
     rounding = _lora_classes()[0][type(module)]
     base = module.get_base_layer()
-    state = PeftLoraState(backend, rounding, is_four_bit(base), _is_conv1d(base))
+    state = PeftLoraState(backend, rounding, is_four_bit(base), _is_conv1d(base), _is_fastlora_4bit(base))
     _instance.install(module, _fast_forward, state)
 
 
@@ -203,7 +214,7 @@ def call_args(module, x) -> dict | None:
     if lora_bias is not None:  # lora_bias=True: B(z) = z·Bᵀ + b, scaled, is a bias s·b on the output
         scaled = (lora_bias * scaling).to(x.dtype)
         bias = scaled if bias is None else bias + scaled
-    return dict(weight=state.out_in_weight(base.weight), lora_A=module.lora_A[adapter].weight,
+    return dict(weight=state.base_weight(base), lora_A=module.lora_A[adapter].weight,
                 lora_B=module.lora_B[adapter].weight, scaling=scaling, bias=bias, dropout_p=p,
                 training=dropout.training, rounding=state.rounding, backend=state.backend, dora=dora)
 
@@ -248,6 +259,11 @@ def _call_adapter(module, state: PeftLoraState, x) -> str | None:
     base = module.get_base_layer()
     if base.bias is not None and base.bias.dtype != x.dtype:
         return None
+    a_dtype = module.lora_A[adapter].weight.dtype
+    if a_dtype not in (torch.float32, x.dtype) or module.lora_B[adapter].weight.dtype != a_dtype:
+        return None
+    if state.quantized:  # fastlora's 4-bit linear decodes to any x dtype and is always frozen
+        return adapter
     if base.weight.requires_grad:
         return None
     a_dtype = module.lora_A[adapter].weight.dtype
