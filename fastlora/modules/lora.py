@@ -215,24 +215,39 @@ def _fused_weight(self, kind: str, x: torch.Tensor):
     return weight if compute is None or compute == x.dtype else None
 
 
-def _lora_forward(self, x):
-    state = self.__dict__[_STATE_ATTR]
+def call_args(module, x: torch.Tensor) -> dict | None:
+    """What the fused LoRA op needs for this call of ``module`` (fastlora LoRA attached) on ``x`` — keys
+    weight, lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, dora (always None) — or
+    None when the call must take the plain-torch path (see the module docstring)."""
+    state = module.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return None
     s = state.settings
-    lora_A, lora_B = self.lora_A, self.lora_B
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"LoRA linear: x must be a Tensor, got {type(x).__name__}")
-    kind = "dense" if s.rounding == "linear" else base_kind(self)
+    lora_A, lora_B = module.lora_A, module.lora_B
+    kind = "dense" if s.rounding == "linear" else base_kind(module)
     adapters_ok = (type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear and lora_A.bias is None
                    and lora_B.bias is None and lora_A.weight.dtype == lora_B.weight.dtype
                    and lora_A.weight.dtype in (torch.float32, x.dtype) and s.r <= MAX_RANK)
     weight = None
     if x.dtype in _X_DTYPES and x.dim() >= 1 and not torch.is_autocast_enabled(x.device.type):
-        weight = _fused_weight(self, kind, x)
+        weight = _fused_weight(module, kind, x)
     if weight is None or not adapters_ok:
+        return None
+    return dict(weight=weight, lora_A=lora_A.weight, lora_B=lora_B.weight, scaling=s.scaling, bias=module.bias,
+                dropout_p=s.lora_dropout, training=module.training, rounding=s.rounding, backend=s.backend, dora=None)
+
+
+def _lora_forward(self, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"LoRA linear: x must be a Tensor, got {type(x).__name__}")
+    args = call_args(self, x)
+    if args is None:
+        state = self.__dict__[_STATE_ATTR]
         state.fallback_calls += 1
-        return _peft_formula(self, s, x, four_bit=kind != "dense")
-    return lora_linear(x, weight, lora_A.weight, lora_B.weight, s.scaling, bias=self.bias,
-                       dropout_p=s.lora_dropout, training=self.training, rounding=s.rounding, backend=s.backend)
+        return _peft_formula(self, state.settings, x, four_bit=state.settings.rounding != "linear")
+    return lora_linear(x, args["weight"], args["lora_A"], args["lora_B"], args["scaling"], bias=args["bias"],
+                       dropout_p=args["dropout_p"], training=args["training"], rounding=args["rounding"],
+                       backend=args["backend"])
 
 
 def _peft_formula(self, s: LoraSettings, x: torch.Tensor, four_bit: bool) -> torch.Tensor:
