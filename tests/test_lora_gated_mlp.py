@@ -478,3 +478,32 @@ def test_fused_gate_up_needs_even_outputs():
     down = _projection("dense", HIDDEN, INTER, torch.float32)
     with pytest.raises(ValueError, match="even number of outputs"):
         lora_gated_mlp(torch.randn(3, HIDDEN), gate, None, down)
+
+
+@pytest.mark.parametrize("fused,activation", [(False, "silu"), (True, "gelu_tanh")])
+def test_gradcheck_float64(fused, activation, seed):
+    gate, up, down = _block("nf4", torch.float64, fused, 0.3, True, hidden=16, inter=12)
+    gate, up, down = (None if p is None else p._replace(lora_A=p.lora_A.detach().double().requires_grad_(),
+                                                       lora_B=p.lora_B.detach().double().requires_grad_())
+                      for p in (gate, up, down))
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    leaves = _leaves((gate, up, down))
+
+    def fn(x, *adapters):
+        it = iter(adapters)
+        projs = [None if p is None else p._replace(lora_A=next(it), lora_B=next(it), bias=next(it))
+                 for p in (gate, up, down)]
+        torch.manual_seed(seed)  # the same masks on every evaluation
+        return lora_gated_mlp(x, *projs, activation=activation)
+
+    assert torch.autograd.gradcheck(fn, (x, *leaves), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+def test_empty_tokens(backend):
+    gate, up, down = _block("nf4-dq", torch.float32, True, 0.1, True)
+    x = torch.randn(0, HIDDEN, requires_grad=True)
+    y = lora_gated_mlp(x, gate, up, down, backend=backend)
+    assert y.shape == (0, HIDDEN)
+    y.sum().backward()
+    assert x.grad.shape == (0, HIDDEN) and torch.equal(gate.lora_A.grad, torch.zeros_like(gate.lora_A))
