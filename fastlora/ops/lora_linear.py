@@ -233,20 +233,65 @@ class _LoraLinearFunction(torch.autograd.Function):
 # public entry point
 
 
-def _weight_parts(weight, x: torch.Tensor) -> _WeightParts:
+def _weight_parts(weight, x: torch.Tensor, prefix: str = "") -> _WeightParts:
     from .. import nf4
 
     if hasattr(weight, "quant_state") and not isinstance(weight, nf4.QuantizedWeight):
         weight = nf4.from_bnb(weight)  # a bitsandbytes Params4bit, viewed without copying
     if isinstance(weight, nf4.QuantizedWeight):
         if len(weight.shape) != 2:
-            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+            raise ValueError(f"{prefix}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
         return _WeightParts(packed=weight.packed_bytes(), absmax=weight.absmax, nested=weight.nested,
                             blocksize=weight.blocksize, quant_type=weight.quant_type, shape=tuple(weight.shape))
-    check_tensor(weight, "weight", (*FLOAT_DTYPES, torch.float64), ndim=2)
+    check_tensor(weight, f"{prefix}weight", (*FLOAT_DTYPES, torch.float64), ndim=2)
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype} (like F.linear), got {weight.dtype}")
+        raise TypeError(f"{prefix}weight must have x's dtype {x.dtype} (like F.linear), got {weight.dtype}")
     return _WeightParts(dense=weight.contiguous(), shape=tuple(weight.shape))
+
+
+def check_projection(x: torch.Tensor, in_features: int, weight, lora_A, lora_B, scaling, bias, dropout_p,
+                     rounding, prefix: str = "", input_desc: str = "x's last dimension") -> tuple[_WeightParts, str]:
+    """Validate one LoRA projection applied to an input of x's dtype and device with ``in_features``
+    columns; return its weight parts and the resolved rounding. Errors name the argument as
+    ``prefix + name`` (e.g. "gate.lora_A") and the input as ``input_desc``."""
+    parts = _weight_parts(weight, x, prefix)
+    out_features, w_in = parts.shape
+    if w_in != in_features:
+        raise ValueError(f"{prefix}weight has in_features={w_in} but {input_desc} is {in_features}")
+    check_tensor(lora_A, f"{prefix}lora_A", (torch.float32, x.dtype), ndim=2)
+    check_tensor(lora_B, f"{prefix}lora_B", (torch.float32, x.dtype), ndim=2)
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"{prefix}lora_A and {prefix}lora_B must have one dtype, got {lora_A.dtype} and "
+                        f"{lora_B.dtype}")
+    rank = lora_A.shape[0]
+    if not (1 <= rank <= MAX_RANK):
+        raise ValueError(f"{prefix}lora_A must have 1 to {MAX_RANK} rows (the rank), got {rank}")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"{prefix}lora_A must be (r, in_features={in_features}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"{prefix}lora_B must be (out_features, r) = ({out_features}, {rank}), "
+                         f"got {tuple(lora_B.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{prefix}scaling must be a float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{prefix}scaling must be finite, got {scaling}")
+    if bias is not None:
+        check_tensor(bias, f"{prefix}bias", (x.dtype,), ndim=1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"{prefix}bias must have out_features={out_features} elements, got {bias.shape[0]}")
+    try:
+        check_dropout_p(dropout_p)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{prefix}{exc}") from None
+    if rounding is None:
+        rounding = "linear" if parts.dense is not None else "linear4bit"
+    if rounding not in reference_lora.ROUNDINGS:
+        raise ValueError(f"{prefix}rounding must be None, 'linear' or 'linear4bit', got {rounding!r}")
+    devices = {"x": x, f"{prefix}weight": parts.tensors()[0], f"{prefix}lora_A": lora_A, f"{prefix}lora_B": lora_B}
+    if bias is not None:
+        devices[f"{prefix}bias"] = bias
+    check_same_device(**devices)
+    return parts, rounding
 
 
 def lora_linear(
@@ -284,38 +329,8 @@ def lora_linear(
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
     in_features = x.shape[-1]
-    parts = _weight_parts(weight, x)
-    out_features, w_in = parts.shape
-    if w_in != in_features:
-        raise ValueError(f"weight has in_features={w_in} but x's last dimension is {in_features}")
-    check_tensor(lora_A, "lora_A", (torch.float32, x.dtype), ndim=2)
-    check_tensor(lora_B, "lora_B", (torch.float32, x.dtype), ndim=2)
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"lora_A and lora_B must have one dtype, got {lora_A.dtype} and {lora_B.dtype}")
-    rank = lora_A.shape[0]
-    if not (1 <= rank <= MAX_RANK):
-        raise ValueError(f"lora_A must have 1 to {MAX_RANK} rows (the rank), got {rank}")
-    if lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A must be (r, in_features={in_features}), got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (out_features, rank):
-        raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {rank}), got {tuple(lora_B.shape)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
-    if bias is not None:
-        check_tensor(bias, "bias", (x.dtype,), ndim=1)
-        if bias.shape[0] != out_features:
-            raise ValueError(f"bias must have out_features={out_features} elements, got {bias.shape[0]}")
-    check_dropout_p(dropout_p)
-    if rounding is None:
-        rounding = "linear" if parts.dense is not None else "linear4bit"
-    if rounding not in reference_lora.ROUNDINGS:
-        raise ValueError(f"rounding must be None, 'linear' or 'linear4bit', got {rounding!r}")
-    devices = dict(x=x, weight=parts.tensors()[0], lora_A=lora_A, lora_B=lora_B)
-    if bias is not None:
-        devices["bias"] = bias
-    check_same_device(**devices)
+    parts, rounding = check_projection(x, in_features, weight, lora_A, lora_B, scaling, bias, dropout_p, rounding)
+    out_features = parts.shape[0]
 
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(lora_A) if p > 0.0 else 0
