@@ -20,15 +20,19 @@ import torch
 
 from . import adapters
 from . import backends as _backends
-from .modules import _instance, bnb_linear4bit, linear4bit, neftune, peft_lora, plain_linear
+from .modules import _instance, bnb_linear4bit, gated_mlp, linear4bit, neftune, peft_lora, plain_linear
 from .modules import lora as lora_module
 
 _HANDLE_ATTR = "_fastlora_handle"
 
 # (kind shown in reports, accelerator); the order is the order a module is offered to them. The
-# submodules of a claimed module (a LoRA layer's base layer, lora_A, lora_B) are not offered again.
-# An accelerator with ``UNCHANGED = True`` only reports: its modules are listed as unchanged.
-_ACCELERATORS = (("LoRA layer", peft_lora), ("4-bit linear", bnb_linear4bit), ("linear", plain_linear))
+# submodules of a claimed module (a LoRA layer's base layer, lora_A, lora_B) are not offered again,
+# unless the accelerator says ``CLAIMS_CHILDREN = False`` (a fused block whose projections are patched
+# one by one as well, for the calls the block hands back). An accelerator with ``UNCHANGED = True``
+# only reports: its modules are listed as unchanged.
+_ACCELERATORS = (("gated MLP", gated_mlp), ("LoRA layer", peft_lora), ("4-bit linear", bnb_linear4bit),
+                 ("linear", plain_linear))
+_FUSED = (gated_mlp,)  # what fuse_projections=False leaves out
 
 
 class PatchHandle:
@@ -112,7 +116,7 @@ def _restore_all(modules: dict, restorers: dict) -> None:
         restorers.get(name, _instance.restore)(module)
 
 
-def _check_options(backend, neftune_alpha, neftune_mode, lora, quantize) -> dict:
+def _check_options(backend, neftune_alpha, neftune_mode, lora, quantize, fuse_projections) -> dict:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in _backends.BACKENDS:
@@ -121,17 +125,20 @@ def _check_options(backend, neftune_alpha, neftune_mode, lora, quantize) -> dict
         lora = adapters.LoraConfig(**lora)
     if lora is not None and not isinstance(lora, adapters.LoraConfig):
         raise TypeError(f"lora must be None, a fastlora.LoraConfig or a dict of its fields, got {type(lora).__name__}")
+    if not isinstance(fuse_projections, bool):
+        raise TypeError(f"fuse_projections must be a bool, got {type(fuse_projections).__name__}")
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
     options = {"backend": backend, "neftune_alpha": None, "neftune_mode": neftune_mode, "lora": lora,
-               "quantize": quantize}
+               "quantize": quantize, "fuse_projections": fuse_projections}
     if neftune_alpha is not None:
         options["neftune_alpha"], options["neftune_mode"] = neftune.check_options(neftune_alpha, neftune_mode)
     return options
 
 
 def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float | None = None,
-          neftune_mode: str = "padded", backend: str = "auto", verbose: bool = False) -> PatchHandle:
+          neftune_mode: str = "padded", fuse_projections: bool = True, backend: str = "auto",
+          verbose: bool = False) -> PatchHandle:
     """Accelerate ``model`` in place; returns a :class:`PatchHandle`.
 
     Args:
@@ -146,6 +153,9 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
         None (default) leaves the embedding alone.
       neftune_mode: "padded" (transformers' Trainer formula) or "per_sequence" (real lengths, no
         noise on padding).
+      fuse_projections: run gated MLP blocks whose gate / up / down projections all carry LoRA as one
+        fused op (:mod:`fastlora.modules.gated_mlp`: gate and up outputs saved, the activation and the
+        down projection's input recomputed in backward).
       backend: "auto" or one of fastlora.backends.BACKENDS, for every op the patch installs.
       verbose: print :meth:`PatchHandle.summary` to stderr.
 
@@ -154,7 +164,7 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
     is restored."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    options = _check_options(backend, neftune_alpha, neftune_mode, lora, quantize)
+    options = _check_options(backend, neftune_alpha, neftune_mode, lora, quantize, fuse_projections)
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         if existing.options != options:
@@ -193,9 +203,12 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
                 patched[name] = "4-bit linear"
                 continue
             for kind, accelerator in _ACCELERATORS:
+                if accelerator in _FUSED and not options["fuse_projections"]:
+                    continue
                 if not accelerator.claims(module):
                     continue
-                claimed.append(name + ".")
+                if getattr(accelerator, "CLAIMS_CHILDREN", True):
+                    claimed.append(name + ".")
                 reason = accelerator.skip_reason(module)
                 if getattr(accelerator, "UNCHANGED", False):
                     unchanged[name] = reason

@@ -57,7 +57,9 @@ def _check(pm, rtol, **patch_kwargs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_fp32(family):
     handle = _check(_peft(family), RTOL[torch.float32])
-    assert len(handle.patched) == 2 * (4 if family in ("phi3", "gpt2") else 7)
+    kinds = list(handle.kinds.values())
+    assert kinds.count("LoRA layer") == 2 * (4 if family in ("phi3", "gpt2") else 7)
+    assert kinds.count("gated MLP") == (0 if family == "gpt2" else 2)  # GPT-2's MLP is not gated
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])

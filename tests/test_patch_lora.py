@@ -61,7 +61,8 @@ def test_lora_matches_peft(family, quantize):
     handle = fastlora.patch(model, lora=fastlora.LoraConfig(r=8, lora_alpha=16, target_modules=targets),
                             quantize=quantize)
     n_linear = 2 * (4 if family == "phi3" else 7)
-    assert list(handle.kinds.values()) == ["LoRA layer"] * n_linear  # over dense or fastlora 4-bit bases
+    kinds = list(handle.kinds.values())  # LoRA layers over dense or fastlora 4-bit bases, fused MLP blocks
+    assert kinds.count("LoRA layer") == n_linear and kinds.count("gated MLP") == 2
     assert not handle.skipped and list(handle.unchanged) == ["lm_head"]
     assert len(handle.quantized) == (n_linear if quantize else 0)
     _randomize_b(model)
@@ -103,6 +104,7 @@ def test_quantize_under_a_peft_model():
     handle = fastlora.patch(pm, quantize="nf4")
     assert len(handle.quantized) == 14 and all(".base_layer" in n for n in handle.quantized)
     assert sum(kind == "LoRA layer" for kind in handle.kinds.values()) == 14 and not handle.skipped
+    assert sum(kind == "gated MLP" for kind in handle.kinds.values()) == 2
     got = loss_and_grads(pm, _ids())
     assert handle.report()["fallback_calls"] == {}
     handle.unpatch()

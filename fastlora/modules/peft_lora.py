@@ -124,6 +124,12 @@ def _is_dora(module, adapter: str) -> bool:
     return type(variant).__name__ == "DoraLinearVariant"
 
 
+def is_dora(module) -> bool:
+    """Whether the single active adapter of the PEFT layer ``module`` is DoRA."""
+    active = _active_here(module)
+    return len(active) == 1 and _is_dora(module, active[0])
+
+
 def _adapter_reason(module, adapter: str) -> str | None:
     """None when ``adapter`` of ``module`` is a plain LoRA adapter the fused op computes, else why not."""
     if _is_dora(module, adapter):

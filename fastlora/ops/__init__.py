@@ -7,12 +7,16 @@ from .dequantize_absmax import dequantize_absmax
 from .dora_linear import dora_linear
 from .linear_4bit import linear_4bit
 from .lora_dropout import lora_dropout
+from .lora_gated_mlp import lora_gated_mlp
 from .lora_linear import lora_linear
+from .lora_projection import LoraProjection
+from .lora_qkv import lora_qkv
 from .neftune_embedding import neftune_embedding
 from .quantize_4bit import quantize_4bit
 from .quantize_absmax import quantize_absmax
 
 __all__ = [
-    "dequantize_4bit", "dequantize_4bit_into", "dequantize_absmax", "dora_linear", "linear_4bit", "lora_dropout",
-    "lora_linear", "neftune_embedding", "quantize_4bit", "quantize_absmax",
+    "LoraProjection", "dequantize_4bit", "dequantize_4bit_into", "dequantize_absmax", "dora_linear", "linear_4bit",
+    "lora_dropout", "lora_gated_mlp", "lora_linear", "lora_qkv", "neftune_embedding", "quantize_4bit",
+    "quantize_absmax",
 ]
