@@ -46,7 +46,12 @@ def _activation_child(module):
 
 
 def claims(module) -> bool:
-    return _layout(module) is not None and _activation_child(module) is not None
+    """A gated MLP block with at least one LoRA projection (one without any has nothing to fuse)."""
+    layout = _layout(module)
+    if layout is None or _activation_child(module) is None:
+        return False
+    children = [getattr(module, name) for name in layout if name is not None]
+    return any(lora.has_lora(child) or peft_lora.claims(child) for child in children)
 
 
 def _activation_kind(act) -> str | None:
