@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .modules import _conv1d
 from .modules import lora as lora_module
 
 CONFIG_NAME = "adapter_config.json"
@@ -152,7 +153,9 @@ def _output_embeddings(model):
 
 
 def _is_linear(module) -> bool:
-    return isinstance(module, torch.nn.Linear) or callable(getattr(module, "quantized_weight", None))
+    # PEFT's "all-linear" takes nn.Linear and transformers' Conv1D; 4-bit linears are nn.Linear subclasses there
+    return (isinstance(module, torch.nn.Linear) or callable(getattr(module, "quantized_weight", None))
+            or _conv1d.is_conv1d(module))
 
 
 def select_targets(model: torch.nn.Module, config: LoraConfig) -> list[str]:

@@ -40,18 +40,22 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
 
 
 def to_4bit(model: torch.nn.Module, quant_type: str = "nf4", loaded_in_4bit: bool = True) -> torch.nn.Module:
-    """Every nn.Linear but the output layer becomes a bitsandbytes Linear4bit holding fastlora.nf4.quantize'd
-    weights (nf4 double quant, or fp4), the way a load_in_4bit model holds them."""
+    """Every nn.Linear (and GPT-2 Conv1D, transposed as transformers' 4-bit loading does) but the output layer
+    becomes a bitsandbytes Linear4bit holding fastlora.nf4.quantize'd weights (nf4 double quant, or fp4), the
+    way a load_in_4bit model holds them."""
     import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
 
     output = model.get_output_embeddings()
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not torch.nn.Linear or child is output:
+            if type(child) not in (torch.nn.Linear, Conv1D) or child is output:
                 continue
+            weight = child.weight.detach()
+            weight = weight.t().contiguous() if type(child) is Conv1D else weight
             double_quant = quant_type == "nf4"
-            q = nf4.quantize(child.weight.detach(), 64, quant_type, double_quant)
-            new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+            q = nf4.quantize(weight, 64, quant_type, double_quant)
+            new = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=child.bias is not None,
                                     compute_dtype=child.weight.dtype, quant_type=quant_type,
                                     compress_statistics=double_quant)
             new.weight = nf4.to_bnb(q)

@@ -62,7 +62,7 @@ def test_dense_fp32(family):
     assert kinds.count("gated MLP") == (0 if family == "gpt2" else 2)  # GPT-2's MLP is not gated
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit(family, quant_type):
     _check(_peft(family, four_bit=quant_type), RTOL[torch.float32])

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import nf4
 from ..ops.linear_4bit import linear_4bit
+from . import _conv1d
 
 # Buffer names of the weight's tensors (state_dict keys come from nf4.QuantizedWeight.state_dict).
 _PACKED, _ABSMAX, _CODE = "weight", "weight_absmax", "weight_quant_map"
@@ -77,10 +78,15 @@ class Linear4bit(nn.Module):
                     backend: str = "auto") -> Linear4bit:
         """Quantize ``linear.weight`` (float32 / bfloat16 / float16, any shape) with
         :func:`fastlora.nf4.quantize` on its device; ``linear`` itself is not modified and the new layer
-        takes its bias parameter (the same object)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        q = nf4.quantize(linear.weight.detach(), blocksize, quant_type, double_quant)
+        takes its bias parameter (the same object). A transformers ``Conv1D`` (weight stored (in, out))
+        is taken too: its weight is quantized transposed, as (out, in)."""
+        if _conv1d.is_conv1d(linear):
+            weight = linear.weight.detach().t().contiguous()
+        elif isinstance(linear, nn.Linear):
+            weight = linear.weight.detach()
+        else:
+            raise TypeError(f"linear must be a torch.nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        q = nf4.quantize(weight, blocksize, quant_type, double_quant)
         return cls(q, linear.bias, backend=backend)
 
     def quantized_weight(self) -> nf4.QuantizedWeight:
@@ -176,10 +182,11 @@ def quantize_linears(model: nn.Module, *, target_modules="all-linear", quant_typ
     """Replace ``model``'s ``nn.Linear`` layers by :class:`Linear4bit`, in place (the point of the
     call: the model is modified), keeping module names and bias parameters. Returns the replaced names.
 
-    ``target_modules``: "all-linear" (every module whose type is exactly ``nn.Linear``, except PEFT
-    adapter matrices) or a list of name suffixes ("q_proj" matches "model.layers.0.self_attn.q_proj");
-    every module a suffix matches must be an ``nn.Linear``. ``skip``: name suffixes of modules left
-    dense, with everything inside them (by default the output head, often tied to the embedding).
+    ``target_modules``: "all-linear" (every module whose type is exactly ``nn.Linear`` or transformers'
+    ``Conv1D``, except PEFT adapter matrices) or a list of name suffixes ("q_proj" matches
+    "model.layers.0.self_attn.q_proj"); every module a suffix matches must be one of those. ``skip``: name
+    suffixes of modules left dense, with everything inside them (by default the output head,
+    often tied to the embedding).
     Any weight shape works (bitsandbytes 0.50's native CPU dequantization is wrong for rows that are
     not a multiple of the blocksize, so its CPU layers disagree there; fastlora's does not).
     All-or-nothing: if any weight fails to quantize, nothing is replaced.
@@ -201,12 +208,13 @@ def quantize_linears(model: nn.Module, *, target_modules="all-linear", quant_typ
         if not name or _skipped(name, skip) or _is_adapter(name):
             continue
         if suffixes is None:
-            if type(module) is nn.Linear:
+            if type(module) is nn.Linear or _conv1d.is_conv1d(module):
                 chosen.append((name, module))
         elif _matches(name, suffixes):
-            if type(module) is not nn.Linear:
+            if type(module) is not nn.Linear and not _conv1d.is_conv1d(module):
                 raise TypeError(f"target_modules matched {name!r}, a {type(module).__module__}."
-                                f"{type(module).__name__}; only torch.nn.Linear layers can be quantized")
+                                f"{type(module).__name__}; only torch.nn.Linear and transformers Conv1D layers "
+                                f"can be quantized")
             chosen.append((name, module))
     if not chosen:
         raise ValueError(f"quantize_linears: no nn.Linear matched target_modules={target_modules!r} "

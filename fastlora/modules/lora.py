@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.lora_linear import MAX_RANK, lora_linear
+from . import _conv1d
 
 _STATE_ATTR = "_fastlora_lora"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -54,9 +55,10 @@ class LoraSettings:
 class _State:
     """Per-module state in ``module.__dict__`` (not a buffer, not saved); copies cleanly with deepcopy."""
 
-    def __init__(self, settings: LoraSettings):
+    def __init__(self, settings: LoraSettings, conv1d: bool = False):
         self.settings = settings
         self.fallback_calls = 0
+        self.transposed = _conv1d.TransposedWeight() if conv1d else None  # Conv1D: weight.T for the op
 
 
 def _bnb_linear4bit_class():
@@ -66,8 +68,9 @@ def _bnb_linear4bit_class():
 
 
 def base_kind(module) -> str | None:
-    """"dense" (exactly ``nn.Linear``), "bnb4bit" (bitsandbytes Linear4bit), "quantized" (a module with a
-    callable ``quantized_weight``), or None when fastlora cannot put LoRA on it."""
+    """"dense" (exactly ``nn.Linear``), "conv1d" (transformers ``Conv1D``, weight stored transposed),
+    "bnb4bit" (bitsandbytes Linear4bit), "quantized" (a module with a callable ``quantized_weight``), or None
+    when fastlora cannot put LoRA on it."""
     linear4bit = _bnb_linear4bit_class()
     if linear4bit is not None and isinstance(module, linear4bit):
         return "bnb4bit"
@@ -75,6 +78,8 @@ def base_kind(module) -> str | None:
         return "quantized"
     if type(module) is torch.nn.Linear:
         return "dense"
+    if _conv1d.is_conv1d(module):
+        return "conv1d"
     return None
 
 
@@ -136,8 +141,8 @@ def attach_lora(module: torch.nn.Module, *, r: int, lora_alpha: float, lora_drop
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     kind = base_kind(module)
     if kind is None:
-        raise TypeError(f"module must be a torch.nn.Linear, a bitsandbytes Linear4bit or a module with "
-                        f"quantized_weight(), got {type(module).__module__}.{type(module).__name__}")
+        raise TypeError(f"module must be a torch.nn.Linear, a transformers Conv1D, a bitsandbytes Linear4bit or a "
+                        f"module with quantized_weight(), got {type(module).__module__}.{type(module).__name__}")
     check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
     if dtype not in ADAPTER_DTYPES:
         raise ValueError(f"dtype must be one of {ADAPTER_DTYPES}, got {dtype!r}")
@@ -151,7 +156,10 @@ def attach_lora(module: torch.nn.Module, *, r: int, lora_alpha: float, lora_drop
         if name in module.__dict__:
             raise ValueError(f"module has its own instance {name!r} already (a hook or another patch); "
                              f"fastlora cannot add LoRA to it")
-    in_features, out_features = int(module.in_features), int(module.out_features)
+    if kind == "conv1d":
+        in_features, out_features = _conv1d.features(module)
+    else:
+        in_features, out_features = int(module.in_features), int(module.out_features)
     device = _base_device(module, kind)
     # PEFT's draws, in PEFT's order (LoraLayer.update_layer + reset_lora_parameters): both nn.Linear
     # default inits on the CPU in float32, then A again with kaiming-uniform, B zeros; then moved.
@@ -163,11 +171,11 @@ def attach_lora(module: torch.nn.Module, *, r: int, lora_alpha: float, lora_drop
     lora_B.to(device=device, dtype=dtype)
     scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
     settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=use_rslora,
-                            scaling=float(scaling), rounding="linear" if kind == "dense" else "linear4bit",
+                            scaling=float(scaling), rounding="linear" if kind in ("dense", "conv1d") else "linear4bit",
                             backend=backend)
     module.lora_A = lora_A
     module.lora_B = lora_B
-    module.__dict__[_STATE_ATTR] = _State(settings)
+    module.__dict__[_STATE_ATTR] = _State(settings, conv1d=kind == "conv1d")
     module.__dict__["forward"] = types.MethodType(_lora_forward, module)
     module.__dict__["extra_repr"] = types.MethodType(_lora_extra_repr, module)
 
@@ -191,13 +199,15 @@ def _lora_extra_repr(self) -> str:
 
 def _fused_weight(self, kind: str, x: torch.Tensor):
     """The weight to hand lora_linear, or None when this call must take the plain-torch path."""
-    if kind == "dense":
+    if kind in ("dense", "conv1d"):
         weight, bias = self.weight, self.bias
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             got = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
             raise TypeError(f"LoRA linear: x has dtype {x.dtype} but the base layer has {got}; F.linear (and PEFT) "
                             f"need one dtype: cast the input or the model")
-        return None if weight.requires_grad else weight
+        if weight.requires_grad:
+            return None
+        return self.__dict__[_STATE_ATTR].transposed.get(weight) if kind == "conv1d" else weight
     if self.bias is not None and self.bias.dtype != x.dtype:
         return None  # bitsandbytes casts the bias in place here: let its own forward do that
     if kind == "quantized":
@@ -224,7 +234,7 @@ def call_args(module, x: torch.Tensor) -> dict | None:
         return None
     s = state.settings
     lora_A, lora_B = module.lora_A, module.lora_B
-    kind = "dense" if s.rounding == "linear" else base_kind(module)
+    kind = base_kind(module)
     adapters_ok = (type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear and lora_A.bias is None
                    and lora_B.bias is None and lora_A.weight.dtype == lora_B.weight.dtype
                    and lora_A.weight.dtype in (torch.float32, x.dtype) and s.r <= MAX_RANK)

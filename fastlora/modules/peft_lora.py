@@ -9,10 +9,7 @@ exactly one active LoRA or DoRA adapter (no other lora variant, not merged, adap
 :func:`fastlora.ops.dora_linear`; while its dropout is active (training, p > 0) PEFT's forward runs.
 :func:`skip_reason` says why any other LoRA layer is left alone.
 
-Conv1D stores its weight as (in_features, out_features); the fused op reads (out_features, in_features).
-The layer keeps one transposed copy of the frozen weight (made on the first call, made again when the
-weight's storage or version changes), so a Conv1D model holds its projection weights twice — a cost in
-weight memory, none in activations (backward reads the same copy, nothing per call is saved).
+A Conv1D base keeps a transposed copy of its frozen weight (:mod:`fastlora.modules._conv1d`).
 
 Per call, the fused op runs only when the call is one PEFT would compute plainly in x's dtype; otherwise
 the module's own (PEFT) forward runs for that call and ``fallback_calls`` counts it:
@@ -32,11 +29,13 @@ other masks than an unpatched one.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..ops.dora_linear import dora_linear
 from ..ops.lora_linear import lora_linear
-from . import _instance
+from . import _conv1d, _instance
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -76,12 +75,7 @@ def _is_fastlora_4bit(base) -> bool:
     return callable(getattr(base, "quantized_weight", None))
 
 
-def _is_conv1d(base) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return False
-    return type(base) is Conv1D
+_is_conv1d = _conv1d.is_conv1d
 
 
 class PeftLoraState(_instance.InstanceState):
@@ -90,19 +84,18 @@ class PeftLoraState(_instance.InstanceState):
         self.rounding, self.four_bit, self.conv1d, self.quantized = rounding, four_bit, conv1d, quantized
         # adapter -> (the modules judged, plain LoRA?); replaced, never mutated (shallow deepcopy)
         self.adapter_ok: dict = {}
-        self.transposed = None  # Conv1D: (key, weight.T contiguous); replaced, never mutated (shallow deepcopy)
+        self.transposed = _conv1d.TransposedWeight() if conv1d else None
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        new.transposed = _conv1d.TransposedWeight() if self.conv1d else None
+        return new
 
     def base_weight(self, base):
         """The base layer's weight as the op takes it: (out_features, in_features) or 4-bit."""
         if self.quantized:
             return base.quantized_weight()
-        weight = base.weight
-        if not self.conv1d:
-            return weight
-        key = (weight.untyped_storage().data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
-        if self.transposed is None or self.transposed[0] != key:
-            self.transposed = (key, weight.detach().t().contiguous())
-        return self.transposed[1]
+        return self.transposed.get(base.weight) if self.conv1d else base.weight
 
     def describe(self) -> str:
         return f"fastlora(backend={self.backend!r}, rounding={self.rounding!r})"
