@@ -140,6 +140,14 @@ def unavailable():
     return None
 
 
+def _load() -> list[float] | None:
+    """1/5/15-minute load averages: other processes on the cores make every time here longer."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _pair(request, dtype: str, dropout: float) -> dict:
     """Both providers' models and steps for one configuration, built once; the initial loss of each
     (same weights, same batch, same torch seed) is taken before any training."""
@@ -157,7 +165,7 @@ def _pair(request, dtype: str, dropout: float) -> dict:
             torch.manual_seed(0)
             with torch.no_grad():
                 initial[name] = model(input_ids=ids, labels=ids).loss.item()
-        _pairs[key] = {"spec": spec, "ids": ids, "handle": handle, "initial_loss": initial,
+        _pairs[key] = {"spec": spec, "ids": ids, "load_average": _load(), "handle": handle, "initial_loss": initial,
                        "models": {"peft+bnb": peft_model, "fastlora": fast_model},
                        "steps": {"peft+bnb": ts.TrainStep(peft_model), "fastlora": ts.TrainStep(fast_model)}}
         _say(request, f"    built in {time.perf_counter() - t0:.1f} s; {handle.summary()}")
@@ -261,7 +269,7 @@ def results() -> list[dict]:
             continue
         rec: dict = {"dtype": dtype, "lora_dropout": dropout, "model": dataclasses.asdict(pair["spec"]),
                      "tokens": pair["spec"].tokens, "backend": BACKEND, "threads": torch.get_num_threads(),
-                     "patch_summary": pair["handle"].summary(),
+                     "patch_summary": pair["handle"].summary(), "load_average": pair["load_average"],
                      "fallback_calls": sum(pair["handle"].report()["fallback_calls"].values()),
                      "initial_loss": dict(pair["initial_loss"])}
         for provider in PROVIDERS:
@@ -310,7 +318,8 @@ def bench_summary() -> str:
     for rec in recs:
         dtype, p = rec["dtype"], rec["lora_dropout"]
         lines.append(f"{dtype} lora_dropout {p:g}: {ts.Spec(**rec['model']).describe()}")
-        lines.append(f"  {rec['patch_summary']}; fallback calls {rec['fallback_calls']}")
+        lines.append(f"  {rec['patch_summary']}; fallback calls {rec['fallback_calls']}; load average at build "
+                     f"{rec['load_average']} -> at the summary {_load()} (on {os.cpu_count()} CPUs)")
         lines.append(f"  {'provider':<10}{'ms/step':>10}{'min ms':>10}{'tokens/s':>10}{'saved MiB':>11}"
                      f"{'peak RSS MiB':>14}{'initial loss':>14}")
         for provider in PROVIDERS:
