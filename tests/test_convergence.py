@@ -7,7 +7,9 @@ Cases: dense fp32; dense bf16 base with fp32 adapters; bitsandbytes nf4 double-q
 nf4 case again with gradient checkpointing (use_reentrant=False) on both sides; lora_dropout 0.1 with
 fastlora backend "cpp" vs "reference" (both draw fastlora's Philox masks from the same seeds, so they
 must agree like dropout 0 does; against PEFT, whose torch masks differ, only the loss curve's level is
-compared)."""
+compared); NEFTune (neftune_alpha=5) with backend "cpp" vs "reference" (the same in-kernel noise bits;
+transformers' hook draws torch noise, so again only the level); fastlora's own ``lora=`` adapters vs
+PEFT's with the same initial weights."""
 
 import sys
 from pathlib import Path
@@ -104,7 +106,9 @@ def assert_converged_alike(got, want, dtype):
 
 def _patched_vs_peft(pm, data, **patch_options):
     twin, handle = ts.patched_copy(pm, **patch_options)
-    assert len(handle.patched) == SPEC.layers * 7 and not handle.skipped
+    kinds = list(handle.kinds.values())
+    assert kinds.count("LoRA layer") == SPEC.layers * 7 and kinds.count("gated MLP") == SPEC.layers
+    assert not handle.skipped
     want = train(pm, data)
     got = train(twin, data)
     assert handle.report()["fallback_calls"] == {}
@@ -171,3 +175,49 @@ def test_dropout_masks_survive_checkpointing():
     got, want = train(checkpointed, data), train(plain, data)
     assert handle.report()["fallback_calls"] == {}
     assert_converged_alike(got, want, torch.float32)
+
+
+def test_neftune_cpp_matches_reference_and_tracks_hf_hook():
+    """NEFTune: fastlora's backends make the same noise (Philox, in the lookup kernel); the transformers
+    hook draws torch noise of the same distribution, so it is compared by the loss level. alpha 0.5, not
+    the paper's 5: with L·d = 24·64 the magnitude alpha/sqrt(L·d) would be 6x the embeddings' 0.02 scale
+    here and drown the signal (at L·d = 2048·4096 alpha 5 is 0.0017)."""
+    if not backends.available("cpu").get("cpp"):
+        pytest.skip("fastlora C++ backend not available")
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    data = token_stream()
+    pm = _model()
+    cpp_model, _ = ts.patched_copy(pm, backend="cpp", neftune_alpha=0.5)
+    ref_model, _ = ts.patched_copy(pm, backend="reference", neftune_alpha=0.5)
+    got, want = train(cpp_model, data), train(ref_model, data)
+    assert_converged_alike(got, want, torch.float32)
+    quiet, _ = ts.patched_copy(pm, backend="cpp")
+    assert abs(train(quiet, data[:1])[0][0] - got[0][0]) > 1e-6  # the noise is really on
+    embedding = pm.get_input_embeddings()
+    embedding.neftune_noise_alpha = 0.5
+    embedding.register_forward_hook(neftune_post_forward_hook)
+    hooked, _ = train(pm, data)
+    late_fast, late_hook = sum(got[0][-8:]) / 8, sum(hooked[-8:]) / 8
+    assert late_fast == pytest.approx(late_hook, rel=0.03)
+    assert max(abs(a - b) for a, b in zip(got[0], hooked, strict=True)) > 1e-6  # really other noise
+
+
+def test_fastlora_own_adapters_train_like_peft():
+    """lora= (no PEFT) on the plain model, starting from PEFT's adapter weights: the same training."""
+    import fastlora
+
+    data = token_stream()
+    pm = _model()
+    plain = ts.base_model(SPEC)
+    handle = fastlora.patch(plain, lora=fastlora.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    peft_params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_" in name:
+                p.copy_(peft_params["base_model.model." + name.replace(".weight", ".default.weight")])
+    got, want = train(plain, data), train(pm, data)
+    assert handle.report()["fallback_calls"] == {}
+    got_w = {k.replace(".default", "").removeprefix("base_model.model."): v for k, v in want[1].items()}
+    assert_converged_alike((got[0], {k: got[1][k] for k in got_w}), (want[0], got_w), torch.float32)
