@@ -332,8 +332,12 @@ def test_bad_input():
         fastlora.patch(object())
     with pytest.raises(TypeError, match="model"):
         fastlora.unpatch("not a model")
-    with pytest.raises(ValueError, match="nothing to accelerate"):
+    with pytest.raises(ValueError, match="nothing to accelerate.*1 dense linear"):
         fastlora.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="nothing to accelerate.*no linear layers"):
+        fastlora.patch(torch.nn.Sequential(torch.nn.ReLU()))
+    with pytest.raises(TypeError, match="fuse_projections"):
+        fastlora.patch(_peft_model("llama"), fuse_projections="yes")
     with pytest.raises(ValueError, match="backend"):
         fastlora.patch(_peft_model("llama"), backend="gpu")
 
