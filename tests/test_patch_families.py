@@ -96,3 +96,75 @@ def test_dropout_backends_agree(family):
     (loss_r, grads_r), (loss_c, grads_c) = results
     assert _rel(loss_c, loss_r) < RTOL[torch.float32]
     assert all(_rel(grads_c[n], grads_r[n]) < RTOL[torch.float32] for n in grads_r)
+
+
+def _fastlora_lora(family, dtype=torch.float32, quantize=None, dropout=0.0):
+    """fastlora's own adapters (lora=, no PEFT) and a PEFT twin holding the same weights."""
+    from model_zoo import to_4bit as bnb_4bit
+
+    model = tiny_model(family, dtype)
+    handle = fastlora.patch(model, lora=fastlora.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                            target_modules="all-linear"), quantize=quantize)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    twin = tiny_model(family, dtype)
+    if quantize:
+        bnb_4bit(twin, quantize)
+    pm = peft.get_peft_model(twin, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                   target_modules="all-linear"))
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(p)
+    return model.train(), handle, pm.train()
+
+
+def _same_training_signal(model, pm, rtol):
+    ids = _ids()
+    got_loss, got = loss_and_grads(model, ids)
+    want_loss, want = loss_and_grads(pm, ids)
+    want = {k.removeprefix("base_model.model.").replace(".default", ""): v for k, v in want.items()}
+    assert _rel(got_loss, want_loss) < rtol
+    assert got.keys() == want.keys() and want
+    worst = max(want, key=lambda n: _rel(got[n], want[n]))
+    assert _rel(got[worst], want[worst]) < rtol, (worst, _rel(got[worst], want[worst]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fastlora_lora_dense(family, dtype):
+    model, handle, pm = _fastlora_lora(family, dtype)
+    assert not handle.skipped and handle.report()["fallback_calls"] == {}
+    _same_training_signal(model, pm, RTOL[dtype])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_fastlora_lora_nf4_with_checkpointing(family, reentrant):
+    pytest.importorskip("bitsandbytes")
+    model, handle, pm = _fastlora_lora(family, quantize="nf4")
+    for m in (model, pm):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            m.enable_input_require_grads()
+    _same_training_signal(model, pm, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_fastlora_lora_dropout_backends_agree(family):
+    results = []
+    for backend in ("reference", "cpp"):
+        model = tiny_model(family)
+        fastlora.patch(model, lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}, quantize="fp4", backend=backend)
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        torch.manual_seed(7)
+        results.append(loss_and_grads(model.train(), _ids()))
+    (loss_r, grads_r), (loss_c, grads_c) = results
+    assert _rel(loss_c, loss_r) < RTOL[torch.float32]
+    assert all(_rel(grads_c[n], grads_r[n]) < RTOL[torch.float32] for n in grads_r)
