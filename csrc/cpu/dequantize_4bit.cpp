@@ -187,7 +187,10 @@ at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& co
   const float off = offset.item<float>();
   float* op = out.data_ptr<float>();
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+  // ~20 ns per 256-element block: a 14336x4096 weight's 917504 statistics take ~80 us on one thread, so
+  // only much larger inputs are worth waking the pool (a fork/join on a busy machine costs more).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / blocksize);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float a2 = a2p[b];
       const int64_t end = std::min(n, (b + 1) * blocksize);
