@@ -140,7 +140,7 @@ class GatedMLPState(_instance.InstanceState):
         return f"fastlora.gated_mlp(activation={self.activation!r}, backend={self.backend!r})"
 
 
-_verified_classes: dict = {}  # class -> bool, filled by the forward probe (same code, same answer)
+_verified_classes: dict = {}  # (class, layout, activation class) -> bool, filled by the forward probe
 
 
 def skip_reason(module) -> str | None:
@@ -156,7 +156,7 @@ def skip_reason(module) -> str | None:
             reason = _projection_reason(getattr(module, name))
             if reason is not None:
                 return f"{name} {reason}" if reason.startswith("is ") else f"{name}: {reason}"
-    key = (type(module), layout)
+    key = (type(module), layout, type(act))
     if key not in _verified_classes:
         _verified_classes[key] = _forward_matches(module, layout, act)
     if not _verified_classes[key]:
