@@ -45,7 +45,8 @@ class PatchHandle:
         self.kinds = patched  # {module name: kind}
         self._modules = modules
         self._restorers = restorers  # name -> restore function, where not _instance.restore
-        self._undo: list = []  # callables run by unpatch after the restorers (lora= adapters, requires_grad)
+        self._added_lora: list = []  # lora=: the modules given adapters, and every parameter's requires_grad
+        self._requires_grad: list = []  # before (plain data, so a patched model pickles)
         self.quantized: list[str] = []  # quantize=: replaced by fastlora Linear4bit (kept by unpatch)
         self.active = True
 
@@ -101,8 +102,7 @@ class PatchHandle:
         if not self.active:
             return
         _restore_all(self._modules, self._restorers)
-        for undo in reversed(self._undo):
-            undo()
+        _remove_lora(self._added_lora, self._requires_grad)
         self.active = False
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
@@ -177,14 +177,16 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
     claimed: list[str] = []  # prefixes whose submodules are not offered again
     modules: dict[str, torch.nn.Module] = {}
     restorers: dict[str, object] = {}
-    undo: list = []
+    added_lora: list = []
+    requires_grad: list = []
     quantized: list[str] = []
     put_back_dense = None
     try:
         if options["quantize"] is not None:
             quantized, put_back_dense = _quantize(model, options)
         if options["lora"] is not None:
-            _add_lora(model, options, undo)
+            requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+            added_lora = _add_lora(model, options)
         if options["neftune_alpha"] is not None:
             name, embedding = neftune.input_embedding(model)
             reason = neftune.skip_reason(embedding)
@@ -224,12 +226,11 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
             raise ValueError(f"nothing to accelerate in {type(model).__name__}: {what}, no LoRA layers, no 4-bit "
                              f"linears, no neftune_alpha")
         handle = PatchHandle(model, options, patched, skipped, unchanged, modules, restorers)
-        handle._undo, handle.quantized = undo, quantized
+        handle._added_lora, handle._requires_grad, handle.quantized = added_lora, requires_grad, quantized
         model.__dict__[_HANDLE_ATTR] = handle
     except BaseException:
         _restore_all(modules, restorers)
-        for step in reversed(undo):
-            step()
+        _remove_lora(added_lora, requires_grad)
         if put_back_dense is not None:
             put_back_dense()
         raise
@@ -257,19 +258,18 @@ def _quantize(model, options: dict):
     return names, put_back
 
 
-def _add_lora(model, options: dict, undo: list) -> None:
-    """lora=: fastlora adapters on the targets; unpatch removes them and restores requires_grad."""
-    grads = [(p, p.requires_grad) for p in model.parameters()]
+def _add_lora(model, options: dict) -> list:
+    """lora=: fastlora adapters on the targets; returns the modules (unpatch removes their adapters)."""
+    names = set(adapters.add_lora(model, options["lora"], backend=options["backend"]))
+    return [module for name, module in model.named_modules() if name in names]
 
-    def remove():
-        for name, module in model.named_modules():
-            if name in added:
-                lora_module.detach_lora(module)
-        for p, flag in grads:
-            p.requires_grad_(flag)
 
-    added = set(adapters.add_lora(model, options["lora"], backend=options["backend"]))
-    undo.append(remove)
+def _remove_lora(modules: list, requires_grad: list) -> None:
+    for module in modules:
+        if lora_module.has_lora(module):
+            lora_module.detach_lora(module)
+    for p, flag in requires_grad:
+        p.requires_grad_(flag)
 
 
 def unpatch(model) -> bool:

@@ -458,3 +458,28 @@ def test_patched_layers_follow_set_adapter():
     pm.base_model.set_adapter("default")
     _assert_close(loss_and_grads(pm, ids), want_default)
     assert handle.report()["fallback_calls"] == {}
+
+
+def test_patched_models_pickle_and_deepcopy(tmp_path):
+    """torch.save of a whole patched model (PEFT, lora=, quantize=, NEFTune per_sequence) loads back patched,
+    computing the same; its handle still unpatches the loaded copy."""
+    from model_zoo import tiny_model
+
+    ids = _ids()
+    pm = _peft_model("llama")
+    plain = tiny_model("llama")
+    fastlora.patch(pm)
+    fastlora.patch(plain, lora={"r": 4}, quantize="nf4", neftune_alpha=5.0, neftune_mode="per_sequence")
+    for model in (pm, plain):
+        model.eval()
+        path = tmp_path / "model.pt"
+        torch.save(model, path)
+        loaded = torch.load(path, weights_only=False)
+        for twin in (loaded, copy.deepcopy(model)):
+            assert "fastlora(" in repr(twin) or "fastlora." in repr(twin)
+            with torch.no_grad():
+                assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert fastlora.unpatch(loaded)
+        text = repr(loaded)  # fastlora's 4-bit layers (quantize=) stay; nothing else of fastlora does
+        assert "fastlora(" not in text and "fastlora.neftune" not in text and "lora(r=" not in text
+        assert not loaded._forward_pre_hooks

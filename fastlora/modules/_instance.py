@@ -1,16 +1,40 @@
 """Installing a forward on one module instance, and taking it off again.
 
 fastlora never edits a class (PEFT's, transformers' or torch's): each accelerated module gets instance
-attributes ``forward`` (a bound method, so ``copy.deepcopy`` rebinds it to the copy) and ``extra_repr``
-(so ``repr`` shows fastlora), plus a state object. Removing those three restores the module exactly.
+attributes ``forward`` and ``extra_repr`` (so ``repr`` shows fastlora), each a :class:`BoundMethod`, plus a
+state object. Removing those three restores the module exactly.
 """
 
 from __future__ import annotations
 
 import copy
-import types
 
 STATE_ATTR = "_fastlora_patch_state"
+
+
+class BoundMethod:
+    """``function`` bound to ``module``, like ``types.MethodType`` but picklable (``torch.save(model)``):
+    it pickles as the module-level function (by name) and the module, and ``copy.deepcopy`` rebinds it to
+    the copied module."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, function, module):
+        self.__func__, self.__self__ = function, module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return BoundMethod, (self.__func__, self.__self__)
+
+    def __repr__(self) -> str:
+        return f"<fastlora bound {self.__func__.__qualname__} of {type(self.__self__).__name__}>"
+
+
+def bind(module, name: str, function) -> None:
+    """Set ``module.<name>`` (an instance attribute) to ``function`` bound to ``module``."""
+    module.__dict__[name] = BoundMethod(function, module)
 
 
 class InstanceState:
@@ -51,8 +75,8 @@ def install(module, forward, state: InstanceState) -> None:
     """Make ``forward(module, *args, **kwargs)`` the module's forward; ``state`` is reachable as
     ``module.__dict__[STATE_ATTR]``. The caller has checked :func:`conflict_reason`."""
     module.__dict__[STATE_ATTR] = state
-    module.__dict__["forward"] = types.MethodType(forward, module)
-    module.__dict__["extra_repr"] = types.MethodType(_extra_repr, module)
+    bind(module, "forward", forward)
+    bind(module, "extra_repr", _extra_repr)
 
 
 def state_of(module) -> InstanceState | None:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from dataclasses import dataclass
 
 import torch
 
 from ..ops.lora_linear import MAX_RANK, lora_linear
-from . import _conv1d
+from . import _conv1d, _instance
 
 _STATE_ATTR = "_fastlora_lora"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -176,8 +175,8 @@ def attach_lora(module: torch.nn.Module, *, r: int, lora_alpha: float, lora_drop
     module.lora_A = lora_A
     module.lora_B = lora_B
     module.__dict__[_STATE_ATTR] = _State(settings, conv1d=kind == "conv1d")
-    module.__dict__["forward"] = types.MethodType(_lora_forward, module)
-    module.__dict__["extra_repr"] = types.MethodType(_lora_extra_repr, module)
+    _instance.bind(module, "forward", _lora_forward)
+    _instance.bind(module, "extra_repr", _lora_extra_repr)
 
 
 def detach_lora(module: torch.nn.Module) -> None:

@@ -77,15 +77,27 @@ def install(module, backend: str, alpha: float, mode: str, model: torch.nn.Modul
     """Make ``module`` (the input embedding of ``model``, :func:`skip_reason` None) a NEFTune embedding."""
     state = NeftuneState(backend, alpha, mode)
     if mode == "per_sequence":
-        def capture(_, args, kwargs):
-            state.call_kwargs = {k: kwargs.get(k) for k in ("attention_mask", "position_ids")}
-
-        def release(*_):
-            state.call_kwargs = {}
-
-        state.hook_handles = [model.register_forward_pre_hook(capture, with_kwargs=True),
-                              model.register_forward_hook(release, always_call=True)]
+        state.hook_handles = [model.register_forward_pre_hook(_CaptureMask(state), with_kwargs=True),
+                              model.register_forward_hook(_ReleaseMask(state), always_call=True)]
     _instance.install(module, _neftune_forward, state)
+
+
+class _CaptureMask:
+    """Model forward pre-hook: hands this call's attention_mask / position_ids to the embedding's state.
+    A class, not a closure, so a patched model pickles."""
+
+    def __init__(self, state: NeftuneState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        self.state.call_kwargs = {k: kwargs.get(k) for k in ("attention_mask", "position_ids")}
+
+
+class _ReleaseMask(_CaptureMask):
+    """Model forward hook (always called): drops the captured tensors."""
+
+    def __call__(self, *_):
+        self.state.call_kwargs = {}
 
 
 def restore(module) -> None:
