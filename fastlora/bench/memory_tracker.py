@@ -54,6 +54,7 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_breakdown = dict(self.current)
         self.peak_op = None
         self.ops = 0
+        self.namespaces: dict[str, int] = {}  # operator namespace ("aten", "fastlora", "bitsandbytes") -> calls
         self._live: dict[int, list] = {}  # storage key -> [nbytes, category, weakref]
 
     @property
@@ -111,6 +112,8 @@ class MemoryTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
+        namespace = getattr(func, "namespace", "?")
+        self.namespaces[namespace] = self.namespaces.get(namespace, 0) + 1
         category = PHASES[self.phase]
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
