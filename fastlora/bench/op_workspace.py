@@ -15,11 +15,20 @@ on a CUDA GPU at training sizes (M > 1536 tokens), read from their launchers:
 
 Other ops (torch's own, the elementwise and dequantize ops) are treated as allocating only their
 outputs. A dense-weight call (absmax None) decodes nothing.
+
+:func:`cpu_workspace` models fastlora's C++ CPU kernels (csrc/cpu/lora_linear.cpp) for float32 and
+float16 x (bfloat16 x on a CPU with native bf16 GEMMs takes another path, not modelled): per thread that
+takes a tile, fp32 tiles of ``tile_extent_threads`` rows/columns (8 MiB budget, FASTLORA_CPU_TILE_BYTES)
+— forward: LoRA and output tiles (M, nt) and a decoded weight tile (nt, K); backward: dS (M, r), then
+dS·A, G·W and dropout(x) tiles (M, kt) and a decoded weight tile (N, kt) — plus float32 copies of
+16-bit x and grad_y. It is what the small-scale check on this CPU needs to compare the estimate with
+the CPU allocator.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -84,4 +93,59 @@ def gpu_workspace(func, args, kwargs, out) -> int:
         return _lora_bwd(args, out)
     if name == "bitsandbytes::gemm_4bit":
         return _bnb_gemm(args, kwargs)
+    return 0
+
+
+def _tile_budget() -> int:
+    value = os.environ.get("FASTLORA_CPU_TILE_BYTES", "")
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    return budget if budget > 0 else 8 << 20
+
+
+def _tile_extent_threads(total: int, row_len: int, threads: int) -> int:
+    t = max(16, _tile_budget() // (4 * max(row_len, 1)) // 16 * 16)
+    per_thread = ((total + threads - 1) // threads + 15) // 16 * 16
+    return min(min(t, total), max(per_thread, 16))
+
+
+def _cpu_lora_fwd(args, threads: int) -> int:
+    x, absmax, n = args[0], args[2], args[5]
+    m, k = x.shape
+    widen = m * k * 4 if x.dtype != torch.float32 else 0
+    nt = _tile_extent_threads(n, k, threads)
+    busy = min(threads, -(-n // nt)) if n else 0
+    per_thread = 2 * m * nt * 4 + (nt * k * 4 if absmax is not None or x.dtype != torch.float32 else 0)
+    return widen + busy * per_thread
+
+
+def _cpu_lora_bwd(args, threads: int) -> int:
+    grad_y, x, S, absmax, n = args[0], args[1], args[2], args[4], args[7]
+    need_dx, need_dA = args[13], args[14]
+    m, k = x.shape
+    r = S.shape[1]
+    widen = m * n * 4 if grad_y.dtype != torch.float32 else 0
+    if not (need_dx or need_dA):
+        return widen
+    ds = m * r * 4
+    kt = _tile_extent_threads(k, n, threads) if need_dx else _tile_extent_threads(k, m, threads)
+    busy = min(threads, -(-k // kt)) if k else 0
+    per_thread = 0
+    if need_dx:
+        per_thread += 2 * m * kt * 4 + (n * kt * 4 if absmax is not None or x.dtype != torch.float32 else 0)
+    if need_dA:
+        per_thread += m * kt * 4 + r * kt * 4
+    return widen + ds + busy * per_thread
+
+
+def cpu_workspace(func, args, kwargs, out) -> int:
+    """Bytes fastlora's C++ CPU kernel for ``func`` holds internally beyond its outputs (see module doc)."""
+    name = func._schema.name if hasattr(func, "_schema") else ""
+    threads = torch.get_num_threads()
+    if name == "fastlora::lora_linear_fwd":
+        return _cpu_lora_fwd(args, threads)
+    if name == "fastlora::lora_linear_bwd":
+        return _cpu_lora_bwd(args, threads)
     return 0
