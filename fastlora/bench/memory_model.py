@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import nf4, reference
+from .. import nf4
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BLOCKSIZE = 64
@@ -184,7 +184,3 @@ def inputs(shape: Shape, step: StepConfig, seed: int = 0) -> torch.Tensor:
     """(batch, seq) int64 token ids, also used as labels."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, shape.vocab, (step.batch, step.seq), generator=gen)
-
-
-def code_table_reference() -> torch.Tensor:
-    return reference.code_table("nf4", torch.device("cpu"))
