@@ -73,6 +73,7 @@ def test_fake_estimate_equals_tracked_real_run(provider, checkpointing):
     # the real run also checks its position ids for packed sequences (a few KiB, freed at once); the
     # fake run is told there is no packing (fastlora/bench/memory.py, _masks_as_in_eager)
     assert abs(fake.peak - real.peak) <= 4096
+    assert abs(fake.decoder_peak - real.decoder_peak) <= 4096 and 0 < real.decoder_peak <= real.peak
     for category, nbytes in real.breakdown.items():
         assert abs(fake.breakdown[category] - nbytes) <= 4096, category
 
@@ -140,6 +141,7 @@ def test_8b_estimate_allocates_nothing_and_runs_fastlora_ops():
     for r in results.values():
         assert adapter <= r.breakdown["adapters+optimizer"] <= 4 * adapter
     assert fast.peak < peft.peak
+    assert 0 < fast.decoder_peak < peft.decoder_peak <= peft.peak
 
 
 def test_gpu_workspace_model():
@@ -213,6 +215,8 @@ def test_cli_runs_and_writes_json(tmp_path):
     assert rows[0]["ratio"] == pytest.approx(peaks["fastlora"] / peaks["peft+bnb"])
 
 
-def test_cli_unknown_suite_subprocess():
-    proc = _cli("--suite", "kernelz")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown suite" in proc.stderr
+def test_main_entry_dispatches_bench(capsys):
+    from fastlora.__main__ import main
+
+    assert main(["bench", "--suite", "kernelz"]) == 2
+    assert "unknown suite 'kernelz'" in capsys.readouterr().err

@@ -51,6 +51,7 @@ class StepMemory:
     namespaces: dict
     fallback_calls: int
     seconds: float
+    decoder_peak: int = 0  # the peak while a decoder layer runs (forward, backward or recompute)
 
 
 def _warm_fusion_check(step: memory_model.StepConfig) -> None:
@@ -116,6 +117,7 @@ def measure_step(shape: memory_model.Shape, step: memory_model.StepConfig, provi
     """Run one training step of ``provider`` ("peft+bnb" or "fastlora") and return its tracked peak.
     ``fake=True``: under FakeTensorMode (the estimate); ``fake=False``: on real CPU tensors (the check)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.distributed._tools.mod_tracker import ModTracker
 
     import fastlora
 
@@ -136,12 +138,17 @@ def measure_step(shape: memory_model.Shape, step: memory_model.StepConfig, provi
         params = memory_model.trainable(model)
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
         ids = memory_model.inputs(shape, step)
-        tracker = MemoryTracker(workspace)
+        modules = ModTracker()
+
+        def region() -> str | None:
+            return "decoder" if any(".layers." in name for name in modules.parents) else None
+
+        tracker = MemoryTracker(workspace, region)
         _register_weights(tracker, model)
         tracker.register(ids, "activations")
         hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "adapters+optimizer"))
                  for p in params]
-        with _masks_as_in_eager() if fake else contextlib.nullcontext(), tracker:
+        with _masks_as_in_eager() if fake else contextlib.nullcontext(), modules, tracker:
             tracker.phase = "forward"
             loss = model(input_ids=ids, labels=ids).loss  # as Trainer: only the loss outlives the forward
             tracker.phase = "backward"
@@ -156,7 +163,7 @@ def measure_step(shape: memory_model.Shape, step: memory_model.StepConfig, provi
     return StepMemory(provider=provider, peak=tracker.peak, breakdown=dict(tracker.peak_breakdown),
                       peak_op=tracker.peak_op or "", ops=tracker.ops,
                       namespaces=dict(tracker.namespaces), fallback_calls=fallbacks,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, decoder_peak=tracker.region_peaks.get("decoder", 0))
 
 
 def estimate(model: str, seqs=(2048, 8192), checkpointing=(False, True), *, batch: int = 1, rank: int = 16,
@@ -185,17 +192,22 @@ def estimate(model: str, seqs=(2048, 8192), checkpointing=(False, True), *, batc
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'model':<13}{'seq':>6}{'ckpt':>5}  {'provider':<9}{'peak GiB':>9}  " + "".join(
-        f"{c:>20}" for c in CATEGORIES) + f"{'ratio':>7}"
+    head = (f"{'model':<13}{'seq':>6}{'ckpt':>5}  {'provider':<9}{'peak GiB':>9}{'ratio':>7}{'decoder GiB':>12}"
+            f"{'ratio':>7}  " + "".join(f"{c:>19}" for c in CATEGORIES))
     lines = [head, "-" * len(head)]
     for row in rows:
+        base = row["providers"]["peft+bnb"]
         for provider in PROVIDERS:
             r = row["providers"][provider]
-            cells = "".join(f"{r['breakdown'][c] / GiB:>20.2f}" for c in CATEGORIES)
-            ratio = f"{row['ratio']:>7.3f}" if provider == "fastlora" else ""
-            lines.append(f"{row['model']:<13}{row['seq']:>6}{'on' if row['checkpointing'] else 'off':>5}  "
-                         f"{provider:<9}{r['peak'] / GiB:>9.2f}  {cells}{ratio}")
-    lines.append("ratio = fastlora peak / PEFT+bitsandbytes peak; breakdown columns in GiB, at each provider's peak.")
+            cells = "".join(f"{r['breakdown'][c] / GiB:>19.2f}" for c in CATEGORIES)
+            ratio = f"{r['peak'] / base['peak']:>7.3f}" if provider != "peft+bnb" else " " * 7
+            dratio = f"{r['decoder_peak'] / base['decoder_peak']:>7.3f}" if provider != "peft+bnb" else " " * 7
+            ckpt = "on" if row["checkpointing"] else "off"
+            lines.append(f"{row['model']:<13}{row['seq']:>6}{ckpt:>5}  {provider:<9}{r['peak'] / GiB:>9.2f}{ratio}"
+                         f"{r['decoder_peak'] / GiB:>12.2f}{dratio}  {cells}")
+    lines.append("peak: the step's peak (bytes live + modelled kernel workspace); ratio: fastlora / PEFT+bitsandbytes. "
+                 "decoder: the peak while a decoder layer runs (its forward, backward or recomputation), i.e. "
+                 "leaving out the LM head and the loss. Breakdown columns (GiB) at each provider's peak.")
     return "\n".join(lines)
 
 

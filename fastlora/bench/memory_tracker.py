@@ -45,9 +45,11 @@ class MemoryTracker(TorchDispatchMode):
     step; ``tracker.phase = "backward"`` (or "forward" / "optimizer") to say which category new
     storages get; ``tracker.retag(t, category)`` to move a storage (a gradient) to another category."""
 
-    def __init__(self, workspace=None):
+    def __init__(self, workspace=None, region=None):
         super().__init__()
         self.workspace = workspace
+        self.region = region  # optional () -> str | None: the region now running (its own peak is kept)
+        self.region_peaks: dict[str, int] = {}
         self.phase = "forward"
         self.current = dict.fromkeys(CATEGORIES, 0)
         self.peak = 0
@@ -102,6 +104,9 @@ class MemoryTracker(TorchDispatchMode):
 
     def _update_peak(self, transient: int, op) -> None:
         total = self.total + transient
+        region = self.region() if self.region is not None else None
+        if region is not None and total > self.region_peaks.get(region, 0):
+            self.region_peaks[region] = total
         if total > self.peak:
             self.peak = total
             self.peak_breakdown = dict(self.current)
