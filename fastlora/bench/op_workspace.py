@@ -1,0 +1,151 @@
+"""Memory an operator allocates inside its kernel and frees before it returns: invisible to a
+dispatch-level tracker (only outputs are seen) and absent under FakeTensorMode (fake impls create
+outputs only). :func:`gpu_workspace` models it for the 4-bit GEMM ops of both providers as they run
+on a CUDA GPU at training sizes (M > 1536 tokens), read from their launchers:
+
+* ``bitsandbytes::gemm_4bit`` (bitsandbytes 0.50 ``backends/cuda/ops.py``, M > 1536: the
+  ``_dequant_linear_fallback``): float32 absmax (2 x blocks x 4 bytes with double quant: the
+  decoded codes and the offset-added copy) and the decoded (N, K) weight in x's dtype, then F.linear.
+  Its backward decodes through ``F.dequantize_4bit``, torch ops the tracker sees.
+* ``fastlora::lora_linear_fwd*`` (kernels/lora_linear.py, GEMMS="torch", the GPU default): the decoded
+  (N, K) weight in x's dtype, then F.linear.
+* ``fastlora::lora_linear_bwd*``: the unused first dx (M, K), fp32 dA / dB workspaces, then either
+  grad_y in float32 (M, N) with dS (M, r) and Gᵀ·S (N, r), or the decoded weight with dS·A (M, K fp32),
+  G·W (M, K) and their float32 sum (M, K) — whichever is larger — less the outputs the tracker counts.
+
+Other ops (torch's own, the elementwise and dequantize ops) are treated as allocating only their
+outputs. A dense-weight call (absmax None) decodes nothing.
+
+:func:`cpu_workspace` models fastlora's C++ CPU kernels (csrc/cpu/lora_linear.cpp) for float32 and
+float16 x (bfloat16 x on a CPU with native bf16 GEMMs takes another path, not modelled): per thread that
+takes a tile, fp32 tiles of ``tile_extent_threads`` rows/columns (8 MiB budget, FASTLORA_CPU_TILE_BYTES)
+— forward: LoRA and output tiles (M, nt) and a decoded weight tile (nt, K); backward: dS (M, r), then
+dS·A, G·W and dropout(x) tiles (M, kt) and a decoded weight tile (N, kt) — plus float32 copies of
+16-bit x and grad_y. It is what the small-scale check on this CPU needs to compare the estimate with
+the CPU allocator.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+
+def _base_name(func) -> str:
+    name = func._schema.name if hasattr(func, "_schema") else str(func)
+    for suffix in ("_triton", "_reference"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _nbytes(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_nbytes(t) for t in out)
+    return 0
+
+
+def _lora_fwd(args) -> int:
+    x, absmax, out_features = args[0], args[2], args[5]
+    if absmax is None:
+        return 0
+    return out_features * x.shape[-1] * x.element_size()
+
+
+def _lora_bwd(args, out) -> int:
+    grad_y, x, S, absmax, out_features = args[0], args[1], args[2], args[4], args[7]
+    need_dx, need_dA, need_dB = args[13], args[14], args[15]
+    m, k = x.shape
+    n, r, xs = out_features, S.shape[1], x.element_size()
+    held = (m * k * xs if need_dx else 0) + (r * k * 4 if need_dA else 0) + (n * r * 4 if need_dB else 0)
+    ds = m * r * 4 if (need_dx or need_dA) else 0
+    ds_db = m * n * 4 + ds + (n * r * 4 if need_dB else 0)
+    dx_phase = 0
+    if need_dx:
+        dx_phase = ds + (n * k * xs if absmax is not None else 0) + m * k * 4 + m * k * xs + m * k * 4
+    del grad_y
+    return max(0, held + max(ds_db, dx_phase) - _nbytes(out))
+
+
+def _arg(args, kwargs, index: int, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+def _bnb_gemm(args, kwargs) -> int:
+    a, (n, k), blocksize = args[0], args[2], args[4]
+    double_quant = _arg(args, kwargs, 7, "absmax_8bit") is not None
+    stats = 2 * math.ceil(n * k / blocksize) * 4 if double_quant else 0
+    return stats + n * k * a.element_size()
+
+
+def gpu_workspace(func, args, kwargs, out) -> int:
+    """Bytes ``func`` holds internally at its peak beyond its outputs, on a CUDA GPU (see module doc)."""
+    name = _base_name(func)
+    if name == "fastlora::lora_linear_fwd":
+        return _lora_fwd(args)
+    if name == "fastlora::lora_linear_bwd":
+        return _lora_bwd(args, out)
+    if name == "bitsandbytes::gemm_4bit":
+        return _bnb_gemm(args, kwargs)
+    return 0
+
+
+def _tile_budget() -> int:
+    value = os.environ.get("FASTLORA_CPU_TILE_BYTES", "")
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    return budget if budget > 0 else 8 << 20
+
+
+def _tile_extent_threads(total: int, row_len: int, threads: int) -> int:
+    t = max(16, _tile_budget() // (4 * max(row_len, 1)) // 16 * 16)
+    per_thread = ((total + threads - 1) // threads + 15) // 16 * 16
+    return min(min(t, total), max(per_thread, 16))
+
+
+def _cpu_lora_fwd(args, threads: int) -> int:
+    x, absmax, n = args[0], args[2], args[5]
+    m, k = x.shape
+    widen = m * k * 4 if x.dtype != torch.float32 else 0
+    nt = _tile_extent_threads(n, k, threads)
+    busy = min(threads, -(-n // nt)) if n else 0
+    per_thread = 2 * m * nt * 4 + (nt * k * 4 if absmax is not None or x.dtype != torch.float32 else 0)
+    return widen + busy * per_thread
+
+
+def _cpu_lora_bwd(args, threads: int) -> int:
+    grad_y, x, S, absmax, n = args[0], args[1], args[2], args[4], args[7]
+    need_dx, need_dA = args[13], args[14]
+    m, k = x.shape
+    r = S.shape[1]
+    widen = m * n * 4 if grad_y.dtype != torch.float32 else 0
+    if not (need_dx or need_dA):
+        return widen
+    ds = m * r * 4
+    kt = _tile_extent_threads(k, n, threads) if need_dx else _tile_extent_threads(k, m, threads)
+    busy = min(threads, -(-k // kt)) if k else 0
+    per_thread = 0
+    if need_dx:
+        per_thread += 2 * m * kt * 4 + (n * kt * 4 if absmax is not None or x.dtype != torch.float32 else 0)
+    if need_dA:
+        per_thread += m * kt * 4 + r * kt * 4
+    return widen + ds + busy * per_thread
+
+
+def cpu_workspace(func, args, kwargs, out) -> int:
+    """Bytes fastlora's C++ CPU kernel for ``func`` holds internally beyond its outputs (see module doc)."""
+    name = func._schema.name if hasattr(func, "_schema") else ""
+    threads = torch.get_num_threads()
+    if name == "fastlora::lora_linear_fwd":
+        return _cpu_lora_fwd(args, threads)
+    if name == "fastlora::lora_linear_bwd":
+        return _cpu_lora_bwd(args, threads)
+    return 0
