@@ -11,17 +11,12 @@ Forward computes what PEFT computes for the same weights (DESIGN.md §3): ``y = 
 B(A(dropout(x)))``, rounded like ``peft.tuners.lora.Linear`` for a dense base and like
 ``peft.tuners.lora.bnb.Linear4bit`` for a 4-bit base, through :func:`fastlora.ops.lora_linear` (which saves
 only x, S = dropout(x)·Aᵀ, A, B, the weight's own tensors and the dropout seed for backward). A call the
-fused op cannot compute exactly as PEFT would (autocast on with a float64 x or over fastlora's own 4-bit base;
-adapters neither float32 nor x's dtype; a
+fused op cannot compute exactly as PEFT would (autocast on; adapters neither float32 nor x's dtype; a
 trainable base weight; a 4-bit layer whose bitsandbytes compute dtype differs from x's, or whose weight
 bitsandbytes repacked for its CPU kernel; r > 256; lora_A / lora_B replaced) runs PEFT's formula in plain
 torch instead and is counted by :func:`fallback_calls`. A dense base whose weight or bias dtype differs from
 x's raises TypeError, as ``F.linear`` (and so PEFT) would. Dropout is active in training mode; its masks are
 fastlora's (Philox), not torch's, on the fused path.
-
-Under ``torch.autocast`` the fused call computes in the autocast dtype, as PEFT's layer would
-(:mod:`fastlora.modules._autocast`: x, a dense base weight, the bias and the adapters are cast to it, a
-bitsandbytes 4-bit weight is decoded to it whatever its compute dtype) and returns that dtype.
 
 The instance gets ``forward`` and ``extra_repr`` as bound methods in its ``__dict__`` (``copy.deepcopy``
 rebinds them to the copy) and a small state object; the class is never modified.
@@ -37,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.lora_linear import MAX_RANK, lora_linear
-from . import _autocast, _conv1d
+from . import _conv1d
 
 _STATE_ATTR = "_fastlora_lora"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -202,27 +197,22 @@ def _lora_extra_repr(self) -> str:
     return f"{own}, {tag}" if own else tag
 
 
-def _fused_weight(self, kind: str, x: torch.Tensor, dtype: torch.dtype, amp: bool):
-    """The weight to hand lora_linear for a call computing in ``dtype`` (``amp``: under autocast, the weight is
-    returned cast to it), or None when this call must take the plain-torch path."""
+def _fused_weight(self, kind: str, x: torch.Tensor):
+    """The weight to hand lora_linear, or None when this call must take the plain-torch path."""
     if kind in ("dense", "conv1d"):
         weight, bias = self.weight, self.bias
-        if amp:
-            if weight.dtype not in _autocast.CASTABLE or (bias is not None and bias.dtype not in _autocast.CASTABLE):
-                return None
-        elif weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             got = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
             raise TypeError(f"LoRA linear: x has dtype {x.dtype} but the base layer has {got}; F.linear (and PEFT) "
                             f"need one dtype: cast the input or the model")
         if weight.requires_grad:
             return None
-        weight = self.__dict__[_STATE_ATTR].transposed.get(weight) if kind == "conv1d" else weight
-        return _autocast.cast(weight, dtype)
-    if self.bias is not None and self.bias.dtype != dtype and not (amp and self.bias.dtype in _autocast.CASTABLE):
+        return self.__dict__[_STATE_ATTR].transposed.get(weight) if kind == "conv1d" else weight
+    if self.bias is not None and self.bias.dtype != x.dtype:
         return None  # bitsandbytes casts the bias in place here: let its own forward do that
     if kind == "quantized":
         compute = getattr(self, "compute_dtype", None)
-        return self.quantized_weight() if compute is None or compute == dtype else None
+        return self.quantized_weight() if compute is None or compute == x.dtype else None
     weight = self.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False) or weight.requires_grad:
@@ -232,40 +222,29 @@ def _fused_weight(self, kind: str, x: torch.Tensor, dtype: torch.dtype, amp: boo
         self.set_compute_type(x)
         self.compute_type_is_set = True
     compute = self.compute_dtype
-    # under autocast bitsandbytes' own F.linear is cast to the autocast dtype whatever its compute_dtype
-    return weight if amp or compute is None or compute == dtype else None
+    return weight if compute is None or compute == x.dtype else None
 
 
 def call_args(module, x: torch.Tensor) -> dict | None:
     """What the fused LoRA op needs for this call of ``module`` (fastlora LoRA attached) on ``x`` — keys
-    weight, lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, dora (always None) and dtype
-    (x is cast to it and the op computes in it: the autocast dtype under autocast, else x's; the tensors
-    returned are of it, and the op must then run with autocast off) — or None when the call must take the
-    plain-torch path (see the module docstring)."""
+    weight, lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, dora (always None) — or
+    None when the call must take the plain-torch path (see the module docstring)."""
     state = module.__dict__.get(_STATE_ATTR)
     if state is None:
         return None
     s = state.settings
     lora_A, lora_B = module.lora_A, module.lora_B
     kind = base_kind(module)
-    amp = _autocast.compute_dtype(x)
-    if _autocast.enabled(x) and (amp is None or kind == "quantized"):
-        return None
-    dtype = amp or x.dtype
-    adapter_dtypes = _autocast.CASTABLE if amp else (torch.float32, dtype)
     adapters_ok = (type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear and lora_A.bias is None
                    and lora_B.bias is None and lora_A.weight.dtype == lora_B.weight.dtype
-                   and lora_A.weight.dtype in adapter_dtypes and s.r <= MAX_RANK)
+                   and lora_A.weight.dtype in (torch.float32, x.dtype) and s.r <= MAX_RANK)
     weight = None
-    if x.dtype in _X_DTYPES and x.dim() >= 1:
-        weight = _fused_weight(module, kind, x, dtype, amp is not None)
+    if x.dtype in _X_DTYPES and x.dim() >= 1 and not torch.is_autocast_enabled(x.device.type):
+        weight = _fused_weight(module, kind, x)
     if weight is None or not adapters_ok:
         return None
-    a, b, bias = lora_A.weight, lora_B.weight, module.bias
-    if amp is not None:
-        a, b, bias = _autocast.cast(a, amp), _autocast.cast(b, amp), _autocast.cast(bias, amp)
-    return dict(weight=weight, lora_A=a, lora_B=b, scaling=s.scaling, bias=bias, dropout_p=s.lora_dropout,
-                training=module.training, rounding=s.rounding, backend=s.backend, dora=None, dtype=dtype)
+    return dict(weight=weight, lora_A=lora_A.weight, lora_B=lora_B.weight, scaling=s.scaling, bias=module.bias,
+                dropout_p=s.lora_dropout, training=module.training, rounding=s.rounding, backend=s.backend, dora=None)
 
 
 def _lora_forward(self, x):
@@ -276,14 +255,9 @@ def _lora_forward(self, x):
         state = self.__dict__[_STATE_ATTR]
         state.fallback_calls += 1
         return _peft_formula(self, state.settings, x, four_bit=state.settings.rounding != "linear")
-    run = dict(dropout_p=args["dropout_p"], training=args["training"], rounding=args["rounding"],
-               backend=args["backend"])
-    if x.dtype == args["dtype"] and not _autocast.enabled(x):
-        return lora_linear(x, args["weight"], args["lora_A"], args["lora_B"], args["scaling"], bias=args["bias"],
-                           **run)
-    with _autocast.off(x):
-        return lora_linear(x.to(args["dtype"]), args["weight"], args["lora_A"], args["lora_B"], args["scaling"],
-                           bias=args["bias"], **run)
+    return lora_linear(x, args["weight"], args["lora_A"], args["lora_B"], args["scaling"], bias=args["bias"],
+                       dropout_p=args["dropout_p"], training=args["training"], rounding=args["rounding"],
+                       backend=args["backend"])
 
 
 def _peft_formula(self, s: LoraSettings, x: torch.Tensor, four_bit: bool) -> torch.Tensor:
