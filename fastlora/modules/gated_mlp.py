@@ -201,9 +201,9 @@ def _projections(module, state: GatedMLPState, x):
             return None
         calls.append(args)
     present = [c for c in calls if c is not None]
-    if len({c["training"] for c in present}) != 1 or len({c["dtype"] for c in present}) != 1:
+    if len({c["training"] for c in present}) != 1 or len({c.get("dtype", x.dtype) for c in present}) != 1:
         return None
     projections = tuple(None if c is None else LoraProjection(c["weight"], c["lora_A"], c["lora_B"], c["scaling"],
                                                               c["bias"], c["dropout_p"], c["rounding"])
                         for c in calls)
-    return present[0]["training"], present[0]["dtype"], projections
+    return present[0]["training"], present[0].get("dtype", x.dtype), projections
