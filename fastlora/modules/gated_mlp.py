@@ -10,8 +10,10 @@ and an activation child is a candidate. It is accepted only if
     tokens, with dropout modules briefly in eval mode, nothing else changed: no bitsandbytes repacking, no
     random numbers drawn), and
   - each projection is a LoRA layer fastlora accelerates on its own (PEFT's or fastlora's own LoRA).
-Each call falls back to the block's own forward — whose projections are patched one by one — when a
-projection's call would not be fused on its own, it is DoRA, or the projections disagree on training mode.
+Under ``torch.autocast`` the fused block computes in the autocast dtype, as the unpatched block's linears would
+(:mod:`fastlora.modules._autocast`). Each call falls back to the block's own forward — whose projections are
+patched one by one — when a projection's call would not be fused on its own, it is DoRA, or the projections
+disagree on training mode.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from ..ops.lora_gated_mlp import lora_gated_mlp
 from ..ops.lora_projection import LoraProjection
-from . import _instance, lora, peft_lora
+from . import _autocast, _instance, lora, peft_lora
 
 # (gate child, up child or None for a fused gate_up projection, down child)
 LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", None, "down_proj"))
@@ -179,9 +181,13 @@ def _fused_forward(self, x, *args, **kwargs):
     if projections is None:
         state.fallback_calls += 1
         return type(self).forward(self, x, *args, **kwargs)
-    training, (gate, up, down) = projections
-    return lora_gated_mlp(x, gate, up, down, activation=state.activation, training=training,
-                          backend=state.backend)
+    training, dtype, (gate, up, down) = projections
+    if x.dtype == dtype and not _autocast.enabled(x):
+        return lora_gated_mlp(x, gate, up, down, activation=state.activation, training=training,
+                              backend=state.backend)
+    with _autocast.off(x):  # autocast: the projections' tensors come cast to its dtype (_autocast)
+        return lora_gated_mlp(x.to(dtype), gate, up, down, activation=state.activation, training=training,
+                              backend=state.backend)
 
 
 def _projections(module, state: GatedMLPState, x):
@@ -195,9 +201,9 @@ def _projections(module, state: GatedMLPState, x):
             return None
         calls.append(args)
     present = [c for c in calls if c is not None]
-    if len({c["training"] for c in present}) != 1:
+    if len({c["training"] for c in present}) != 1 or len({c.get("dtype", x.dtype) for c in present}) != 1:
         return None
     projections = tuple(None if c is None else LoraProjection(c["weight"], c["lora_A"], c["lora_B"], c["scaling"],
                                                               c["bias"], c["dropout_p"], c["rounding"])
                         for c in calls)
-    return present[0]["training"], projections
+    return present[0]["training"], present[0].get("dtype", x.dtype), projections

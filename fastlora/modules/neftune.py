@@ -7,10 +7,18 @@ sequence's real length and puts no noise on padding. For ``"per_sequence"`` the 
 given a pre-hook that hands the ``attention_mask`` / ``position_ids`` keyword arguments of the current
 call to the embedding (removed again by unpatch).
 
-Noise is added only while the embedding module is in training mode, as in transformers. If a
-transformers NEFTune hook (``neftune_post_forward_hook``, installed by ``Trainer`` when
-``neftune_noise_alpha`` is set) is also on the module, noise would be added twice: the first such call
-warns.
+Noise is added only while the embedding module is in training mode, as in transformers.
+
+transformers' Trainer with ``neftune_noise_alpha`` set puts its own NEFTune forward hook
+(``neftune_post_forward_hook``) on this same embedding when ``train()`` starts; both together would add noise
+twice. fastlora takes over: the first call of the patched embedding that finds that hook on the module removes
+it (from the module's forward-hook table, so the Trainer's later ``handle.remove()`` is a harmless no-op) and
+adds its own noise only, so noise is added exactly once, with fastlora's mode; it warns once (UserWarning) that
+it did so. The Trainer's alpha (the
+``neftune_noise_alpha`` attribute the Trainer sets on the embedding) must equal ``neftune_alpha`` of the patch:
+otherwise that call raises ValueError naming both, rather than silently training with another noise level. The
+removal is for good: unpatching afterwards leaves the embedding without the Trainer's hook for the rest of that
+``train()`` call (the next ``train()`` installs it again).
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ class NeftuneState(_instance.InstanceState):
         self.alpha, self.mode = alpha, mode
         self.call_kwargs: dict = {}
         self.hook_handles: list = []
-        self.warned_double_noise = False
 
     def __deepcopy__(self, memo):
         new = NeftuneState(self.backend, self.alpha, self.mode)
@@ -108,16 +115,26 @@ def restore(module) -> None:
     _instance.restore(module)
 
 
-def _warn_if_hooked_twice(module, state: NeftuneState) -> None:
-    if state.warned_double_noise or not module.training:
+def _take_over_trainer_hook(module, state: NeftuneState) -> None:
+    """Remove transformers' NEFTune hook from ``module`` (see the module docstring)."""
+    hooks = module._forward_hooks
+    if not hooks:
         return
-    hooked = any(getattr(hook, "__name__", "") == "neftune_post_forward_hook"
-                 for hook in module._forward_hooks.values())
-    if hooked:
-        state.warned_double_noise = True
-        warnings.warn("a transformers NEFTune hook is on the input embedding that fastlora.patch(neftune_alpha=...) "
-                      "already makes noisy: noise is added twice. Pass neftune_noise_alpha=None to the Trainer.",
-                      stacklevel=3)
+    for key, hook in list(hooks.items()):
+        if getattr(hook, "__name__", "") != "neftune_post_forward_hook":
+            continue
+        trainer_alpha = getattr(module, "neftune_noise_alpha", None)
+        if trainer_alpha is not None and float(trainer_alpha) != state.alpha:
+            raise ValueError(f"the Trainer's neftune_noise_alpha={trainer_alpha} differs from "
+                             f"fastlora.patch(neftune_alpha={state.alpha}) on the same embedding; fastlora adds the "
+                             f"noise itself (once): pass the same alpha to both, or neftune_noise_alpha=None to "
+                             f"the Trainer")
+        del hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
+        warnings.warn("a transformers NEFTune hook (Trainer neftune_noise_alpha) is on the input embedding that "
+                      "fastlora.patch(neftune_alpha=...) already makes noisy; with both, noise is added twice, so "
+                      "fastlora removed the hook and adds the noise once itself", stacklevel=4)
 
 
 def _neftune_forward(self, input_ids, *args, **kwargs):
@@ -126,7 +143,7 @@ def _neftune_forward(self, input_ids, *args, **kwargs):
                                                                                             torch.int64):
         state.fallback_calls += 1
         return type(self).forward(self, input_ids, *args, **kwargs)
-    _warn_if_hooked_twice(self, state)
+    _take_over_trainer_hook(self, state)
     extra = {}
     if state.mode == "per_sequence":
         for key, value in state.call_kwargs.items():

@@ -16,12 +16,18 @@ the module's own (PEFT) forward runs for that call and ``fallback_calls`` counts
   - extra positional / keyword arguments (e.g. ``adapter_names=`` mixed batches);
   - not exactly one active adapter, or the active one is not plain LoRA (a patched layer follows
     ``set_adapter``: whichever single plain adapter is active is computed fused), merged, adapters disabled;
-  - autocast is enabled for x's device;
+  - autocast is enabled for x's device and x is float64, the base is fastlora's own 4-bit linear, or the
+    adapter is DoRA (a call under autocast is otherwise fused: see below);
   - dense base: x's dtype differs from the base weight's (PEFT would raise or promote in F.linear) or
     the bias's; 4-bit base: the bitsandbytes ``compute_dtype`` is set and differs from x's dtype, the bias
     dtype differs, the weight lost its ``quant_state`` or bitsandbytes repacked it for its CPU kernel;
   - lora_A / lora_B are neither float32 nor x's dtype;
   - the base weight was made trainable since patching.
+Under ``torch.autocast`` (what the Trainer's ``bf16=True`` / ``fp16=True`` turn on) PEFT's layer runs every
+``F.linear`` in the autocast dtype; the fused call does the same (:mod:`fastlora.modules._autocast`): x, a dense
+base weight (cast per call, as autocast does), the bias and lora_A / lora_B are cast to the autocast dtype, a
+bitsandbytes 4-bit weight is decoded straight to it (its ``compute_dtype`` is then irrelevant: autocast casts
+bitsandbytes' own ``F.linear`` too), and the result is in the autocast dtype, as PEFT's is.
 Dropout is active when the adapter's ``nn.Dropout`` module is in training mode (as in PEFT); its masks
 are fastlora's (Philox, regenerated in backward), not torch's, so with dropout > 0 a patched run draws
 other masks than an unpatched one.
@@ -35,7 +41,7 @@ import torch
 
 from ..ops.dora_linear import dora_linear
 from ..ops.lora_linear import lora_linear
-from . import _conv1d, _instance
+from . import _autocast, _conv1d, _instance
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -195,10 +201,18 @@ def install(module, backend: str) -> None:
 
 def call_args(module, x) -> dict | None:
     """What the fused LoRA op needs for this call of the patched PEFT layer ``module`` on ``x`` — keys
-    weight (out, in), lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, and dora:
-    the magnitude vector or None — or None when PEFT's own forward must run (see the module docstring)."""
+    weight (out, in), lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, dora (the
+    magnitude vector or None) and dtype (the dtype x must be cast to and the op computes in: the autocast
+    dtype under autocast, else x's) — or None when PEFT's own forward must run (see the module docstring).
+    Under autocast the tensors returned are already cast to ``dtype`` and the op must run with autocast off."""
     state = _instance.state_of(module)
-    adapter = _call_adapter(module, state, x) if state is not None else None
+    if state is None or not isinstance(x, torch.Tensor):
+        return None
+    amp = _autocast.compute_dtype(x)
+    if _autocast.enabled(x) and (amp is None or state.quantized):
+        return None
+    dtype = amp or x.dtype
+    adapter = _call_adapter(module, state, x, dtype, amp is not None)
     if adapter is None:
         return None
     base = module.get_base_layer()
@@ -206,16 +220,21 @@ def call_args(module, x) -> dict | None:
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     scaling = float(module.scaling[adapter])
     dora = module.lora_magnitude_vector[adapter].weight if _is_dora(module, adapter) else None
-    if dora is not None and p > 0.0 and dropout.training:
-        return None  # PEFT's DoRA then needs dropout(x)·Wᵀ: another GEMM, not fused
-    bias = base.bias
+    if dora is not None and (amp is not None or (p > 0.0 and dropout.training)):
+        return None  # PEFT's DoRA then needs dropout(x)·Wᵀ: another GEMM, not fused; autocast: not handled
+    bias = _autocast.cast(base.bias, dtype)
     lora_bias = module.lora_B[adapter].bias
     if lora_bias is not None:  # lora_bias=True: B(z) = z·Bᵀ + b, scaled, is a bias s·b on the output
-        scaled = (lora_bias * scaling).to(x.dtype)
+        scaled = (lora_bias * scaling).to(dtype)
         bias = scaled if bias is None else bias + scaled
-    return dict(weight=state.base_weight(base), lora_A=module.lora_A[adapter].weight,
-                lora_B=module.lora_B[adapter].weight, scaling=scaling, bias=bias, dropout_p=p,
-                training=dropout.training, rounding=state.rounding, backend=state.backend, dora=dora)
+    weight = state.base_weight(base)
+    lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if amp is not None:
+        lora_A, lora_B = _autocast.cast(lora_A, amp), _autocast.cast(lora_B, amp)
+        if not state.four_bit:
+            weight = _autocast.cast(weight, amp)
+    return dict(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=p,
+                training=dropout.training, rounding=state.rounding, backend=state.backend, dora=dora, dtype=dtype)
 
 
 def _fast_forward(self, x, *args, **kwargs):
@@ -226,9 +245,14 @@ def _fast_forward(self, x, *args, **kwargs):
     if args_["dora"] is not None:
         return dora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"], args_["dora"],
                            bias=args_["bias"], backend=args_["backend"])
-    return lora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"], bias=args_["bias"],
-                       dropout_p=args_["dropout_p"], training=args_["training"], rounding=args_["rounding"],
-                       backend=args_["backend"])
+    if x.dtype == args_["dtype"] and not _autocast.enabled(x):
+        return lora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"],
+                           bias=args_["bias"], dropout_p=args_["dropout_p"], training=args_["training"],
+                           rounding=args_["rounding"], backend=args_["backend"])
+    with _autocast.off(x):
+        return lora_linear(x.to(args_["dtype"]), args_["weight"], args_["lora_A"], args_["lora_B"],
+                           args_["scaling"], bias=args_["bias"], dropout_p=args_["dropout_p"],
+                           training=args_["training"], rounding=args_["rounding"], backend=args_["backend"])
 
 
 def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
@@ -243,9 +267,10 @@ def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
     return cached[1]
 
 
-def _call_adapter(module, state: PeftLoraState, x) -> str | None:
-    """The adapter the fused op computes for this call, or None when PEFT's own forward must run."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
+def _call_adapter(module, state: PeftLoraState, x, dtype: torch.dtype, amp: bool) -> str | None:
+    """The adapter the fused op computes for this call (in ``dtype``; ``amp``: under autocast, where every
+    float32 / bfloat16 / float16 tensor is cast to it), or None when PEFT's own forward must run."""
+    if x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
         return None
     if module.merged or module.disable_adapters:
         return None
@@ -253,24 +278,21 @@ def _call_adapter(module, state: PeftLoraState, x) -> str | None:
     if len(active) != 1 or not _plain_adapter(module, state, active[0]):
         return None
     adapter = active[0]
-    if torch.is_autocast_enabled(x.device.type):
-        return None
+    castable = _autocast.CASTABLE if amp else (dtype,)
     base = module.get_base_layer()
-    if base.bias is not None and base.bias.dtype != x.dtype:
+    if base.bias is not None and base.bias.dtype not in castable:
         return None
     a_dtype = module.lora_A[adapter].weight.dtype
-    if a_dtype not in (torch.float32, x.dtype) or module.lora_B[adapter].weight.dtype != a_dtype:
+    if module.lora_B[adapter].weight.dtype != a_dtype or a_dtype not in (torch.float32, dtype, *castable):
         return None
     if state.quantized:  # fastlora's 4-bit linear decodes to any x dtype and is always frozen
         return adapter
     if base.weight.requires_grad:
         return None
-    a_dtype = module.lora_A[adapter].weight.dtype
-    if a_dtype not in (torch.float32, x.dtype) or module.lora_B[adapter].weight.dtype != a_dtype:
-        return None
     if not state.four_bit:
-        return adapter if base.weight.dtype == x.dtype else None
+        return adapter if base.weight.dtype in castable else None
     quant_state = getattr(base.weight, "quant_state", None)
     if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
         return None
-    return adapter if base.compute_dtype is None or base.compute_dtype == x.dtype else None
+    # under autocast bitsandbytes' own F.linear is cast to the autocast dtype whatever its compute_dtype
+    return adapter if amp or base.compute_dtype is None or base.compute_dtype == dtype else None
