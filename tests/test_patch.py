@@ -4,6 +4,7 @@ without gradient checkpointing), unpatch is bit-exact, state_dict and parameters
 models live side by side, unsupported layers are reported, bad input errors and PEFT save/load works."""
 
 import copy
+import warnings
 import sys
 
 import pytest
@@ -483,3 +484,22 @@ def test_patched_models_pickle_and_deepcopy(tmp_path):
         text = repr(loaded)  # fastlora's 4-bit layers (quantize=) stay; nothing else of fastlora does
         assert "fastlora(" not in text and "fastlora.neftune" not in text and "lora(r=" not in text
         assert not loaded._forward_pre_hooks
+
+
+def test_unexpected_fallbacks_warn_once_with_the_reason():
+    """fp32 hidden states into bitsandbytes layers whose compute_dtype is bf16 (prepare_model_for_kbit_training
+    on a bf16-compute QLoRA model): every call falls back; the user is told why, once."""
+    pm = _peft_model("llama", four_bit="nf4")
+    for m in pm.modules():
+        if hasattr(m, "compute_dtype"):
+            m.compute_dtype = torch.bfloat16
+    handle = fastlora.patch(pm)
+    ids = _ids()
+    sys.modules["fastlora.modules.peft_lora"].WARNED_FALLBACKS.clear()
+    with pytest.warns(RuntimeWarning, match="compute_dtype is torch.bfloat16") as record:
+        pm(input_ids=ids)
+    assert len([w for w in record if "compute_dtype" in str(w.message)]) == 1
+    assert len(handle.report()["fallback_calls"]) == 14 + 2
+    with pm.disable_adapter(), warnings.catch_warnings():  # an expected fallback: silent
+        warnings.simplefilter("error")
+        pm(input_ids=ids)

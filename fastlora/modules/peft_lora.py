@@ -36,6 +36,7 @@ other masks than an unpatched one.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
@@ -237,10 +238,51 @@ def call_args(module, x) -> dict | None:
                 training=dropout.training, rounding=state.rounding, backend=state.backend, dora=dora, dtype=dtype)
 
 
+WARNED_FALLBACKS: set[str] = set()  # each reason is warned about once per process
+
+
+def unexpected_fallback(module, x) -> str | None:
+    """Why a call of the patched layer ``module`` on ``x`` runs PEFT's forward, when that is a setup a user
+    would not expect to be slow (a dtype mismatch, a repacked or trainable weight); None for the expected
+    cases (adapters disabled / merged / several active, extra arguments, DoRA with active dropout)."""
+    state = _instance.state_of(module)
+    if state is None or not isinstance(x, torch.Tensor) or _autocast.enabled(x):
+        return None
+    active = _active_here(module)
+    if module.merged or module.disable_adapters or len(active) != 1:
+        return None
+    lora_dtype = module.lora_A[active[0]].weight.dtype
+    if lora_dtype not in (torch.float32, x.dtype):
+        return f"the adapters are {lora_dtype}, neither float32 nor the input's {x.dtype}"
+    base = module.get_base_layer()
+    if state.quantized:
+        return None
+    if base.weight.requires_grad:
+        return "the base weight is trainable"
+    if not state.four_bit:
+        if base.weight.dtype != x.dtype:
+            return f"the input is {x.dtype}, the base weight {base.weight.dtype}"
+        return None
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
+        return ("bitsandbytes repacked the 4-bit weight for its CPU kernel (it does so in eval-mode forwards "
+                "without grad on AVX512-BF16 CPUs)")
+    if base.compute_dtype is not None and base.compute_dtype != x.dtype:
+        return (f"the input is {x.dtype} but bitsandbytes' compute_dtype is {base.compute_dtype} (e.g. "
+                f"prepare_model_for_kbit_training upcast the hidden states); bitsandbytes casts per call and "
+                f"fastlora does not reproduce that rounding")
+    return None
+
+
 def _fast_forward(self, x, *args, **kwargs):
     args_ = None if args or kwargs else call_args(self, x)
     if args_ is None:
         _instance.state_of(self).fallback_calls += 1
+        reason = None if args or kwargs else unexpected_fallback(self, x)
+        if reason is not None and reason not in WARNED_FALLBACKS:
+            WARNED_FALLBACKS.add(reason)
+            warnings.warn(f"fastlora: a patched PEFT layer runs PEFT's own forward because {reason}; such "
+                          f"calls are counted in handle.report()['fallback_calls']", RuntimeWarning, stacklevel=2)
         return type(self).forward(self, x, *args, **kwargs)
     if args_["dora"] is not None:
         return dora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"], args_["dora"],
