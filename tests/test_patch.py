@@ -4,8 +4,8 @@ without gradient checkpointing), unpatch is bit-exact, state_dict and parameters
 models live side by side, unsupported layers are reported, bad input errors and PEFT save/load works."""
 
 import copy
-import warnings
 import sys
+import warnings
 
 import pytest
 import torch
