@@ -206,7 +206,8 @@ def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, progress
                     notes.append(f"{op} {dtype_name}: peer left out: {exc}")
                     break
                 op_name = op if op in ("dequantize_4bit", "neftune_embedding") else f"{op} {name}"
-                t = measure(fn, setup=setup, warmup=1, min_runs=1 if max_runs == 1 else 3, max_runs=max_runs,
+                t = measure(fn, setup=setup, warmup=0 if max_runs == 1 else 1, min_runs=min(3, max_runs),
+                            max_runs=max_runs,
                             budget_s=budget_s, device=device)
                 progress(f"  {op_name:<20} {dtype_name} {provider.name:<16} {t.median_ms:10.3f} ms ({t.runs} runs)")
                 rows.append(results.row(op_name, provider.name, provider.role, label(tokens, k, n), dtype_name,
