@@ -183,3 +183,21 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert main(["bench", "--plot", "--results", str(tmp_path)]) == 2
     assert "matplotlib" in capsys.readouterr().err
+
+
+def test_timer_counts_runs_and_uses_setup():
+    from fastlora.bench.timing import measure
+
+    calls = {"setup": 0, "fn": []}
+
+    def setup():
+        calls["setup"] += 1
+        return calls["setup"]
+
+    t = measure(lambda arg: calls["fn"].append(arg), setup=setup, warmup=2, min_runs=4, max_runs=4, budget_s=0.0)
+    assert t.runs == 4 and calls["setup"] == 6 and calls["fn"] == [1, 2, 3, 4, 5, 6]  # each run gets its own setup
+    assert 0 <= t.min_ms <= t.median_ms
+    slow = measure(lambda: __import__("time").sleep(0.02), warmup=1, min_runs=3, max_runs=5, budget_s=0.01)
+    assert slow.runs == 1 and slow.median_ms >= 20  # a warm-up that alone spends the budget: one timed run
+    with pytest.raises(ValueError, match="min_runs"):
+        measure(lambda: None, min_runs=0)

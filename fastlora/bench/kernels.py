@@ -219,7 +219,7 @@ def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, progress
 
 def format_rows(rows: list[dict]) -> str:
     """One line per (op, shape, dtype, provider): median ms, x torch-reference, peer / this."""
-    lines = [f"{'op':<20}{'shape':<20}{'dtype':<6}{'provider':<17}{'median ms':>11}{'ref/this':>10}{'peer/this':>11}"]
+    lines = [f"{'op':<20}{'shape':<26}{'dtype':<6}{'provider':<17}{'median ms':>11}{'ref/this':>10}{'peer/this':>11}"]
     lines.append("-" * len(lines[0]))
     by_key: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -231,7 +231,7 @@ def format_rows(rows: list[dict]) -> str:
             t = r["value"]
             rr = f"{ref / t:>10.2f}" if ref and r["role"] != "reference" else f"{'':>10}"
             pr = f"{peer / t:>11.2f}" if peer and r["role"] != "peer" else f"{'':>11}"
-            lines.append(f"{op:<20}{shape:<20}{dtype:<6}{r['provider']:<17}{t:>11.3f}{rr}{pr}")
+            lines.append(f"{op:<20}{shape:<26}{dtype:<6}{r['provider']:<17}{t:>11.3f}{rr}{pr}")
     lines.append("ratios > 1: this provider is faster than the torch reference (ref/this) or the peer (peer/this)")
     return "\n".join(lines)
 

@@ -25,6 +25,12 @@ def _latest_runs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["run_id"] == latest[r["suite"]]]
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def _speedup_chart(plt, rows: list[dict], path: pathlib.Path) -> bool:
     items = results.speedups(_latest_runs(rows))
     if not items:
@@ -38,13 +44,17 @@ def _speedup_chart(plt, rows: list[dict], path: pathlib.Path) -> bool:
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    times_x = matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(times_x)
+    ax.xaxis.set_minor_formatter(times_x)  # a range within one decade has no major tick but 1
+    ax.set_xlim(min(0.9, min(values) / 1.2), max(1.1, max(values) * 1.3))  # room for the value labels
     ax.set_xlabel("speedup = peer time / fastlora time (log scale; > 1: fastlora faster)")
     devices = sorted({i["device"] for i in items})
     ax.set_title(f"fastlora vs peers, latest run per suite ({', '.join(devices)})", fontsize=9)
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:.2f}x", va="center", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -69,7 +79,7 @@ def _memory_chart(plt, rows: list[dict], path: pathlib.Path) -> bool:
     ax.set_title("QLoRA step peak memory per provider (memory suite, estimated)", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
