@@ -64,6 +64,14 @@ def test_kernels_suite_rows(kernels_run, capsys):
     assert this_run["suite"] == "kernels" and this_run["rows"] == rows
 
 
+def test_kernels_options_select_ops_dtypes_shape(tmp_path, capsys):
+    assert _run(tmp_path, "--suite", "kernels", "--quick", "--ops", "dequantize_4bit", "--dtype", "bf16",
+                "--shape", "192x128", "--tokens", "8", "--no-reference") == 0
+    rows = _check_results(tmp_path, "kernels")
+    assert {(r["op"], r["dtype"], r["shape"]) for r in rows} == {("dequantize_4bit", "bf16", "128x192")}
+    assert "torch-reference" not in {r["provider"] for r in rows} and {r["role"] for r in rows} == {"fastlora", "peer"}
+
+
 def test_plot_draws_speedup_png(kernels_run, capsys):
     tmp_path, _, _ = kernels_run
     assert main(["bench", "--plot", "--results", str(tmp_path / "res")]) == 0
@@ -116,7 +124,7 @@ def test_compile_suite_quick(tmp_path):
 
 
 @pytest.mark.parametrize("suite, options", [
-    ("kernels", ("--ops", "--dtype", "--tokens", "--shape", "--quick", "--seconds", "--device")),
+    ("kernels", ("--ops", "--dtype", "--tokens", "--shape", "--quick", "--seconds", "--no-reference", "--device")),
     ("train", ("--preset", "--dtype", "--steps", "--warmup", "--dropout", "--backend", "--quick")),
     ("compile", ("--arch", "--no-triton", "--no-cuda", "--quick")),
 ])

@@ -185,10 +185,11 @@ CASES = {  # op -> (builder, the peer's modules, shape label)
 }
 
 
-def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, progress=print) -> tuple[list[dict], list[str]]:
+def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, reference: bool = True,
+              progress=print) -> tuple[list[dict], list[str]]:
     """Time every (op, pass, provider, dtype); returns (result rows, notes)."""
     rows, notes = [], []
-    providers = fastlora_providers(device)
+    providers = [p for p in fastlora_providers(device) if reference or p.role != "reference"]
     for op in ops:
         builder, peer_modules, label = CASES[op]
         missing = _peer_missing(*peer_modules)
@@ -273,6 +274,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny shapes and one timed run per case: checks the suite in seconds")
     parser.add_argument("--seconds", type=float, default=0.5,
                         help="time budget per case: runs repeat until it is spent (3..15 runs); default 0.5")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave out the torch reference (plain torch, slow: the NEFTune reference draws its "
+                             "Philox noise with int64 arithmetic, minutes per call at real sizes)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the ops run; default cpu")
 
 
@@ -295,7 +299,7 @@ def run(args) -> int:
              f"({torch.get_num_threads()} threads)")
     rows, notes = run_suite(args.ops, args.dtype, tokens, k, n, args.device,
                             budget_s=0.0 if args.quick else args.seconds, max_runs=1 if args.quick else 15,
-                            progress=progress)
+                            reference=not args.no_reference, progress=progress)
     print(format_rows(rows))
     for note in notes:
         print(f"note: {note}")
