@@ -81,7 +81,7 @@ def to_rows(spec: ts.Spec, dtype: str, dropout: float, out: dict) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'config':<14}{'shape':<26}{'dtype':<6}{'provider':<10}{'ms/step':>10}{'min ms':>10}{'tokens/s':>10}"
+    lines = [f"{'config':<17}{'shape':<26}{'dtype':<6}{'provider':<10}{'ms/step':>10}{'min ms':>10}{'tokens/s':>10}"
              f"{'saved MiB':>11}{'initial loss':>14}"]
     lines.append("-" * len(lines[0]))
     by_key: dict[tuple, dict] = {}
@@ -90,7 +90,7 @@ def format_rows(rows: list[dict]) -> str:
     for (op, shape, dtype), provs in by_key.items():
         for provider in PROVIDERS:
             p = provs[provider]
-            lines.append(f"{op:<14}{shape:<26}{dtype:<6}{provider:<10}{p['ms']['value']:>10.1f}"
+            lines.append(f"{op:<17}{shape:<26}{dtype:<6}{provider:<10}{p['ms']['value']:>10.1f}"
                          f"{min(p['ms']['extra']['step_ms']):>10.1f}"
                          f"{p['tokens/s']['value']:>10.0f}{p['bytes']['value'] / MiB:>11.2f}"
                          f"{p['ms']['extra']['initial_loss']:>14.6f}")
