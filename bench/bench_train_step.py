@@ -4,7 +4,7 @@
     python bench/bench_train_step.py --help                     (same, with options as flags)
     python bench/bench_train_step.py --preset-fp32 tiny --preset-bf16 tiny --steps 2   (checks the bench itself)
 
-Model: a random-init Llama built from a LlamaConfig (nothing downloaded; bench/train_setup.py), its seven
+Model: a random-init Llama built from a LlamaConfig (nothing downloaded; fastlora/bench/train_setup.py), its seven
 projections bitsandbytes Linear4bit nf4 double quant (blocksize 64), PEFT LoRA r=16, alpha 16 on all seven,
 fp32 adapters (PEFT's default). fp32 runs: everything else (norms, embeddings, lm_head) fp32, as after
 prepare_model_for_kbit_training; bf16 runs: the model and the 4-bit compute dtype bf16, adapters fp32.
@@ -55,7 +55,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 if __name__ == "__main__":  # run as a script: benchmark this checkout's fastlora, not an installed one
     sys.path.insert(0, str(_HERE.parent))
-import train_setup as ts  # noqa: E402
+from fastlora.bench import train_setup as ts  # noqa: E402
 
 ENV = "FASTLORA_TRAIN_BENCH_"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

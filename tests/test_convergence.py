@@ -11,8 +11,6 @@ compared); NEFTune (neftune_alpha=5) with backend "cpp" vs "reference" (the same
 transformers' hook draws torch noise, so again only the level); fastlora's own ``lora=`` adapters vs
 PEFT's with the same initial weights."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ from fastlora import backends
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import train_setup as ts  # noqa: E402
+from fastlora.bench import train_setup as ts
 
 STEPS = 32
 SPEC = ts.Spec(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=96, batch=4, seq=24)

@@ -1,22 +1,36 @@
 """``python -m fastlora bench``: benchmark suites.
 
 Each suite is an entry of :data:`SUITES`: name -> (module, help). The module provides
-``add_arguments(parser)`` (its own options) and ``run(args) -> int``. Suites are added by adding a
-row; the dispatcher knows nothing else about them.
+``add_arguments(parser)`` (its own options) and ``run(args) -> int``; ``run`` appends its measurements
+to ``args.rows`` (:func:`fastlora.bench.results.row`). The dispatcher stamps them (suite, fastlora version,
+git commit, time) and appends them to the results folder (``--results``, CSV and JSON); ``--output``
+writes this run's JSON. ``--plot`` draws PNG charts from the results folder (:mod:`fastlora.bench.plot`).
+Suites are added by adding a row; the dispatcher knows nothing else about them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pathlib
 import sys
+
+from . import results
 
 SUITES = {
     "memory": ("fastlora.bench.memory",
                "peak memory of one QLoRA training step at real model scale (Llama 1B / 8B / 70B shapes), "
                "fastlora vs PEFT + bitsandbytes, estimated under FakeTensorMode on this CPU"),
+    "kernels": ("fastlora.bench.kernels",
+                "every op (4-bit dequantize, LoRA linear, NEFTune embedding, gated MLP; fwd / bwd / full): "
+                "fastlora's backends vs the torch reference vs bitsandbytes / PEFT / transformers"),
+    "train": ("fastlora.bench.train",
+              "one QLoRA training step of a small Llama, fastlora.patch vs PEFT + bitsandbytes: time, saved bytes"),
+    "compile": ("fastlora.bench.compile",
+                "the compile-check table: every Triton and CUDA kernel compiled ahead of time for sm_80 / sm_90"),
 }
+DEFAULT_RESULTS = pathlib.Path("fastlora-bench-results")
 
 
 def _parser(suite: str | None) -> argparse.ArgumentParser:
@@ -25,10 +39,15 @@ def _parser(suite: str | None) -> argparse.ArgumentParser:
         description="Run a benchmark suite. Suites: " + "; ".join(f"{name}: {text}" for name, (_, text)
                                                                    in SUITES.items()),
         epilog="`python -m fastlora bench --suite NAME --help` lists that suite's own options.")
-    parser.add_argument("--suite", required=True, metavar="NAME",
-                        help=f"which suite to run: {', '.join(SUITES)}")
+    parser.add_argument("--suite", metavar="NAME", help=f"which suite to run: {', '.join(SUITES)}")
     parser.add_argument("--output", type=pathlib.Path, default=None,
-                        help="also write the results as JSON to this file")
+                        help="also write this run's results as JSON to this file")
+    parser.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS, metavar="DIR",
+                        help="folder the results are appended to (results.csv, results.json) and --plot reads; "
+                             f"default ./{DEFAULT_RESULTS}")
+    parser.add_argument("--plot", action="store_true",
+                        help="draw PNG charts (speedup per op; memory per provider) from the results folder into it; "
+                             "with --suite, after the run")
     if suite in SUITES:
         importlib.import_module(SUITES[suite][0]).add_arguments(parser)
     return parser
@@ -43,17 +62,75 @@ def _suite_named(argv: list[str]) -> str | None:
     return None
 
 
+def _memory_rows(memory_rows: list[dict]) -> list[dict]:
+    """The memory suite (which prints and writes its own JSON) as result rows: one per provider and peak."""
+    out = []
+    for r in memory_rows:
+        shape = f"{r['model']} seq{r['seq']} b{r['batch']} r{r['rank']} ckpt {'on' if r['checkpointing'] else 'off'}"
+        for provider, m in r["providers"].items():
+            role = "fastlora" if provider == "fastlora" else "peer"
+            for metric, key in (("step peak", "peak"), ("decoder peak", "decoder_peak")):
+                out.append(results.row("train_step memory", provider, role, shape, "bf16", metric, m[key], "bytes",
+                                       device="estimate (FakeTensorMode, CUDA workspaces)",
+                                       breakdown=m["breakdown"] if key == "peak" else {}))
+    return out
+
+
+def _run_memory(module, args) -> int:
+    # memory.run returns no rows: read them back from its own --output JSON (a scratch file when not asked)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        asked = args.output
+        if asked is None:
+            args.output = pathlib.Path(scratch) / "memory.json"
+        status = int(module.run(args) or 0)
+        if args.output.exists():
+            args.rows.extend(_memory_rows(json.loads(args.output.read_text())["rows"]))
+        args.output = asked
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     suite = _suite_named(argv)
     if suite is not None and suite not in SUITES:
         print(f"fastlora bench: unknown suite {suite!r}; available: {', '.join(SUITES)}", file=sys.stderr)
         return 2
-    args = _parser(suite).parse_args(argv)  # argparse exits 2 with a message on bad options
+    parser = _parser(suite)
+    args = parser.parse_args(argv)  # argparse exits 2 with a message on bad options
+    if args.suite is None and not args.plot:
+        parser.print_usage(sys.stderr)
+        print(f"fastlora bench: give --suite NAME ({', '.join(SUITES)}) and/or --plot", file=sys.stderr)
+        return 2
     if args.output is not None:
         folder = args.output.parent if str(args.output.parent) else pathlib.Path(".")
         if not folder.is_dir():
             print(f"fastlora bench: --output folder {str(folder)!r} does not exist", file=sys.stderr)
             return 2
-    module = importlib.import_module(SUITES[args.suite][0])
-    return int(module.run(args) or 0)
+    if args.suite is not None:
+        problem = results.check_folder(args.results)
+        if problem:
+            print(f"fastlora bench: --results: {problem}", file=sys.stderr)
+            return 2
+        module = importlib.import_module(SUITES[args.suite][0])
+        args.rows = []
+        if args.suite == "memory":
+            status = _run_memory(module, args)
+        else:
+            status = int(module.run(args) or 0)
+        rows = results.stamp(args.rows, args.suite)
+        if rows:
+            results.append(args.results, rows)
+            print(f"{len(rows)} result rows appended to {args.results / results.CSV_NAME} and "
+                  f"{args.results / results.JSON_NAME}")
+        if args.output is not None and args.suite != "memory":  # memory writes its own --output
+            args.output.write_text(json.dumps({"suite": args.suite, "rows": rows}, indent=1) + "\n")
+            print(f"results written to {args.output}")
+        if status:
+            return status
+    if args.plot:
+        from . import plot
+
+        return plot.main(args.results)
+    return 0

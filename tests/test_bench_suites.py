@@ -1,0 +1,211 @@
+"""``python -m fastlora bench``: the kernels, train and compile suites in --quick mode, the results folder
+(CSV and JSON, re-read), --output, --plot and bad input. Through ``fastlora.__main__.main`` in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fastlora.__main__ import main
+from fastlora.bench import results
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+STAMPED = set(results.KEYS)
+
+
+def _run(tmp_path, *args):
+    return main(["bench", *args, "--results", str(tmp_path / "res")])
+
+
+def _check_results(tmp_path, suite: str) -> list[dict]:
+    folder = tmp_path / "res"
+    from_json = [r for r in results.load_json(folder / results.JSON_NAME) if r["suite"] == suite]
+    from_csv = [r for r in results.load_csv(folder / results.CSV_NAME) if r["suite"] == suite]
+    assert from_json and len(from_json) == len(from_csv)
+    for a, b in zip(from_json, from_csv, strict=True):
+        assert set(a) == STAMPED
+        assert a["value"] == pytest.approx(b["value"])
+        assert a["extra"] == b["extra"]
+        assert {k: a[k] for k in STAMPED - {"value", "extra"}} == {k: b[k] for k in STAMPED - {"value", "extra"}}
+        assert a["fastlora_version"] and a["git_commit"] and a["device"]
+    return from_json
+
+
+@pytest.fixture(scope="module")
+def kernels_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("kernels")
+    out = tmp_path / "run.json"
+    status = _run(tmp_path, "--suite", "kernels", "--quick", "--output", str(out))
+    return tmp_path, out, status
+
+
+def test_kernels_suite_rows(kernels_run, capsys):
+    tmp_path, out, status = kernels_run
+    assert status == 0
+    rows = _check_results(tmp_path, "kernels")
+    ops = {r["op"] for r in rows}
+    assert ops == {"dequantize_4bit", "neftune_embedding", *(f"{op} {p}" for op in ("lora_linear", "gated_mlp")
+                                                             for p in ("fwd", "bwd", "full"))}
+    for op in ops:  # every op: a fastlora provider, the torch reference and the peer
+        roles = {r["role"] for r in rows if r["op"] == op}
+        assert roles == {"fastlora", "reference", "peer"}, op
+    peers = {r["provider"] for r in rows if r["role"] == "peer"}
+    assert peers == {"bitsandbytes", "peft", "transformers"}
+    assert all(r["unit"] == "ms" and r["value"] > 0 and r["dtype"] == "fp32" for r in rows)
+    this_run = json.loads(out.read_text())
+    assert this_run["suite"] == "kernels" and this_run["rows"] == rows
+
+
+def test_kernels_options_select_ops_dtypes_shape(tmp_path, capsys):
+    assert _run(tmp_path, "--suite", "kernels", "--quick", "--ops", "dequantize_4bit", "--dtype", "bf16",
+                "--shape", "192x128", "--tokens", "8", "--no-reference") == 0
+    rows = _check_results(tmp_path, "kernels")
+    assert {(r["op"], r["dtype"], r["shape"]) for r in rows} == {("dequantize_4bit", "bf16", "128x192")}
+    assert "torch-reference" not in {r["provider"] for r in rows} and {r["role"] for r in rows} == {"fastlora", "peer"}
+
+
+def test_plot_draws_speedup_png(kernels_run, capsys):
+    tmp_path, _, _ = kernels_run
+    assert main(["bench", "--plot", "--results", str(tmp_path / "res")]) == 0
+    png = tmp_path / "res" / "speedup.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in capsys.readouterr().out
+
+
+def test_speedups_pair_fastlora_with_peer():
+    base = {"suite": "kernels", "run_id": "1", "shape": "s", "dtype": "fp32", "device": "cpu", "unit": "ms"}
+    rows = [{**base, "op": "a", "provider": "fastlora:cpp", "role": "fastlora", "value": 2.0},
+            {**base, "op": "a", "provider": "torch-reference", "role": "reference", "value": 8.0},
+            {**base, "op": "a", "provider": "peft", "role": "peer", "value": 5.0},
+            {**base, "op": "b", "provider": "fastlora:cpp", "role": "fastlora", "value": 1.0}]
+    (s,) = results.speedups(rows)
+    assert (s["op"], s["fastlora"], s["peer"], s["speedup"]) == ("a", "fastlora:cpp", "peft", 2.5)
+
+
+def test_train_suite_tiny_one_step(tmp_path, capsys):
+    assert _run(tmp_path, "--suite", "train", "--quick") == 0
+    rows = _check_results(tmp_path, "train")
+    assert {(r["provider"], r["role"]) for r in rows} == {("peft+bnb", "peer"), ("fastlora", "fastlora")}
+    assert {r["unit"] for r in rows} == {"ms", "tokens/s", "bytes"}
+    times = {r["provider"]: r for r in rows if r["unit"] == "ms"}
+    assert len(times["fastlora"]["extra"]["step_ms"]) == 1
+    # same weights and batch, dropout 0: the same first loss
+    assert times["fastlora"]["extra"]["initial_loss"] == pytest.approx(times["peft+bnb"]["extra"]["initial_loss"],
+                                                                       rel=1e-5)
+    assert times["fastlora"]["extra"]["fallback_calls"] == 0
+    out = capsys.readouterr().out
+    assert "speed PEFT/fastlora" in out and "h64" in out
+
+
+def test_compile_suite_quick(tmp_path):
+    # a fresh process: this one runs under TRITON_INTERPRET=1 (tests/conftest.py), whose kernels cannot be
+    # compiled for a GPU target (fastlora/compile_check.py)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastlora", "bench", "--suite", "compile", "--quick", "--results",
+                           str(tmp_path / "res")], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent)
+    status, out = proc.returncode, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    rows = _check_results(tmp_path, "compile")
+    assert status == (1 if any(r["extra"]["status"] == "failed" for r in rows) else 0)
+    assert {r["device"] for r in rows} == {"sm_80"}
+    assert {r["provider"] for r in rows} <= {"triton"}
+    ok = [r for r in rows if r["extra"]["status"] == "ok"]
+    assert ok and all(r["value"] > 0 for r in ok)
+    assert "regs" in out
+
+
+@pytest.mark.parametrize("suite, options", [
+    ("kernels", ("--ops", "--dtype", "--tokens", "--shape", "--quick", "--seconds", "--no-reference", "--device")),
+    ("train", ("--preset", "--dtype", "--steps", "--warmup", "--dropout", "--backend", "--quick")),
+    ("compile", ("--arch", "--no-triton", "--no-cuda", "--quick")),
+])
+def test_suite_help_lists_options(suite, options, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--suite", suite, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in (*options, "--output", "--results", "--plot"):
+        assert option in out, option
+
+
+@pytest.mark.parametrize("args", [
+    ["--suite", "kernels", "--shape", "100x64"],
+    ["--suite", "kernels", "--shape", "wide"],
+    ["--suite", "kernels", "--tokens", "0"],
+    ["--suite", "kernels", "--ops", "matmul"],
+    ["--suite", "train", "--preset", "huge"],
+    ["--suite", "train", "--dropout", "1.5"],
+    ["--suite", "train", "--steps", "-1"],
+])
+def test_bad_options_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *args])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_input_messages(tmp_path, capsys):
+    assert main(["bench", "--suite", "kernel"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'kernel'" in err and "kernels" in err and "compile" in err
+    assert main(["bench"]) == 2
+    assert "--suite" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "--suite", "kernels", "--quick", "--results", str(blocker / "res")]) == 2
+    assert "--results" in capsys.readouterr().err
+    assert main(["bench", "--plot", "--results", str(tmp_path / "empty")]) == 2
+    assert "no results" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert main(["bench", "--suite", "kernels", "--device", "cuda", "--results", str(tmp_path / "r")]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_plot_memory_chart(tmp_path, capsys):
+    """The memory chart from memory-suite rows (as the dispatcher converts them) appended to a folder."""
+    from fastlora.bench import _memory_rows
+
+    providers = {"peft+bnb": {"peak": 10 * 2**30, "decoder_peak": 6 * 2**30, "breakdown": {}},
+                 "fastlora": {"peak": 7 * 2**30, "decoder_peak": 4 * 2**30, "breakdown": {}}}
+    memory_rows = [{"model": "llama-3-8b", "seq": seq, "batch": 1, "rank": 16, "checkpointing": False,
+                    "providers": providers} for seq in (2048, 8192)]
+    rows = results.stamp(_memory_rows(memory_rows), "memory")
+    assert len(rows) == 8 and {r["metric"] for r in rows} == {"step peak", "decoder peak"}
+    results.append(tmp_path, rows)
+    assert main(["bench", "--plot", "--results", str(tmp_path)]) == 0
+    assert "memory.png" in capsys.readouterr().out
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "speedup.png").exists()  # no fastlora vs peer times in these results
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["bench", "--plot", "--results", str(tmp_path)]) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+def test_timer_counts_runs_and_uses_setup():
+    from fastlora.bench.timing import measure
+
+    calls = {"setup": 0, "fn": []}
+
+    def setup():
+        calls["setup"] += 1
+        return calls["setup"]
+
+    t = measure(lambda arg: calls["fn"].append(arg), setup=setup, warmup=2, min_runs=4, max_runs=4, budget_s=0.0)
+    assert t.runs == 4 and calls["setup"] == 6 and calls["fn"] == [1, 2, 3, 4, 5, 6]  # each run gets its own setup
+    assert 0 <= t.min_ms <= t.median_ms
+    slow = measure(lambda: __import__("time").sleep(0.02), warmup=1, min_runs=3, max_runs=5, budget_s=0.01)
+    assert slow.runs == 1 and slow.median_ms >= 20  # a warm-up that alone spends the budget: one timed run
+    with pytest.raises(ValueError, match="min_runs"):
+        measure(lambda: None, min_runs=0)
