@@ -26,7 +26,7 @@ GLOBAL_BATCH, SEQ = 4, 12
 LR = {"adamw": 1e-2, "sgd": 10.0}  # SGD: updates linear in the gradient, for the equality tests
 
 
-def build(*, r=16, dropout=0.0, neftune=None, peft_model=False, checkpointing=True):
+def build(*, r=16, dropout=0.0, neftune=None, peft_model=False, checkpointing=True, reentrant=False):
     """The patched tiny Llama QLoRA model: nf4 base (double quant), LoRA on every linear, training mode.
     The base weights and the LoRA initialisation come from seed 0 (tiny_model), the same on every rank."""
     model = tiny_model("llama")
@@ -41,7 +41,7 @@ def build(*, r=16, dropout=0.0, neftune=None, peft_model=False, checkpointing=Tr
                                                                 target_modules="all-linear"),
                                 quantize="nf4", neftune_alpha=neftune)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.config.use_cache = False
     return model.train(), handle
 
@@ -98,6 +98,17 @@ def scenario_ddp_equal(rank):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model, _ = build()
+    torch.manual_seed(1000 + rank)
+    ddp = DDP(model, broadcast_buffers=False)
+    losses = train(ddp, [p for p in model.parameters() if p.requires_grad], _rows(rank), "sgd")
+    return {"adapter": adapter_state(model), "losses": losses}
+
+
+def scenario_ddp_reentrant(rank):
+    """As ddp_equal with reentrant checkpointing (what the Trainer's gradient_checkpointing=True gives by default)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, _ = build(reentrant=True)
     torch.manual_seed(1000 + rank)
     ddp = DDP(model, broadcast_buffers=False)
     losses = train(ddp, [p for p in model.parameters() if p.requires_grad], _rows(rank), "sgd")
@@ -180,7 +191,11 @@ def scenario_wrapped(rank):
 
     ddp = DDP(tiny_model("llama"))
     refused = _error(lambda: fastlora.patch(ddp, lora=fastlora.LoraConfig(r=16), quantize="nf4"))
-    result = {"refused": refused}
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = fully_shard(tiny_model("llama"), mesh=init_device_mesh("cpu", (2,)))
+    result = {"refused": refused, "refused_fsdp": _error(lambda: fastlora.patch(sharded, lora={"r": 16}))}
     for order in ("before", "after"):
         import peft
 

@@ -56,8 +56,8 @@ def launch(tmp_path, *scenarios, timeout=240, expect_ok=True):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    _, results = launch(out, "ddp_equal", "fsdp_equal", "ddp_noise", "same_seed", "check_ok", "wrapped",
-                        "mismatch")
+    _, results = launch(out, "ddp_equal", "ddp_reentrant", "fsdp_equal", "ddp_noise", "same_seed", "check_ok",
+                        "wrapped", "mismatch")
     return results
 
 
@@ -97,6 +97,12 @@ def test_ddp_matches_single_process(run, reference):
     # the mean of the two ranks' mean losses is the global mean loss
     ranks = [run[r]["ddp_equal"]["losses"] for r in (0, 1)]
     assert torch.allclose(torch.tensor(ranks).mean(0), torch.tensor(reference["losses"]), rtol=1e-6, atol=0)
+
+
+def test_ddp_with_reentrant_checkpointing_matches(run, reference):
+    got = run[0]["ddp_reentrant"]["adapter"]
+    _assert_same(got, run[1]["ddp_reentrant"]["adapter"])
+    assert _max_rel(got, reference["adapter"]) <= RTOL
 
 
 def test_fsdp2_shards_lora_keeps_4bit_replicated_and_matches(run, reference):
@@ -180,6 +186,7 @@ def test_patch_after_wrapping(run):
     w = run[0]["wrapped"]
     assert w["refused"].startswith("ValueError: model is wrapped by DistributedDataParallel")
     assert "patch the model first, then wrap it" in w["refused"]
+    assert w["refused_fsdp"].startswith("ValueError: model is wrapped by fully_shard"), w["refused_fsdp"]
     # a wrapped PEFT model: patch finds the LoRA layers through the wrapper, no fallback, same training
     assert w["after_patched"] > 0 and w["fallback_calls"] == {}
     _assert_same(w["after"]["adapter"], w["before"]["adapter"])
