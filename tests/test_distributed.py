@@ -220,3 +220,12 @@ def test_check_consistent_without_process_group():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fl_dist.check_consistent("model")
     assert fl_dist.wrapper_kind(model) is None
+
+
+@pytest.mark.slow
+def test_noisy_run_repeats_in_a_new_job(run, tmp_path):
+    """The dropout + NEFTune run of the module's job, launched again in fresh processes: bitwise the same."""
+    _, again = launch(tmp_path, "ddp_noise")
+    for r in (0, 1):
+        _assert_same(again[r]["ddp_noise"]["first"]["adapter"], run[r]["ddp_noise"]["first"]["adapter"])
+        assert torch.equal(again[r]["ddp_noise"]["first"]["noise"], run[r]["ddp_noise"]["first"]["noise"])
