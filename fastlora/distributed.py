@@ -19,6 +19,11 @@ Randomness: dropout masks and NEFTune noise come from seeds drawn from torch's C
 seed on every rank (the transformers Trainer's default) the ranks draw the same noise for their different
 data, as torch's own dropout would.
 
+Patching after wrapping: :func:`fastlora.patch` refuses ``lora=`` / ``quantize=`` / ``neftune_alpha`` on a DDP
+or FSDP wrapper; patching a wrapped PEFT model (forwards only) works. Patching the inner model of a DDP wrapper
+with ``lora=`` cannot be seen from the model: DDP does not sync the new adapters and raises nothing, so each
+rank trains its own; ``check_consistent(ddp_model)`` detects it.
+
 Frozen 4-bit weights (``quantize=`` / fastlora ``Linear4bit``) are non-persistent buffers, not parameters:
 FSDP2 shards parameters only, so the 4-bit codes stay whole on every rank (replicated by design; they are 4-bit
 already and are never all-gathered), while the LoRA parameters and any frozen dense parameters are sharded.
@@ -81,6 +86,18 @@ def _unwrapped(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _unsynced(model) -> list[str]:
+    """Names of trainable parameters a DDP wrapper does not synchronize: they did not exist when it was built
+    (``fastlora.patch(model, lora=...)`` on the inner model after ``DistributedDataParallel(model)``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    known = getattr(model, "_module_parameters", None) if isinstance(model, DistributedDataParallel) else None
+    if known is None:
+        return []
+    ids = {id(p) for p in known}
+    return [n for n, p in model.module.named_parameters() if p.requires_grad and id(p) not in ids]
+
+
 def _jsonable(value):
     if dataclasses.is_dataclass(value):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items() if k != "extra"}
@@ -96,13 +113,15 @@ def _jsonable(value):
 def fingerprint(model: torch.nn.Module) -> dict:
     """What fastlora did to ``model`` (a DDP wrapper is looked through), JSON-able: ``patched`` (bool),
     ``options`` of :func:`fastlora.patch`, ``modules`` {name: kind} of the patched modules, ``lora``
-    {name: [r, alpha, dropout, rslora]} of fastlora adapters and ``trainable`` {name: global shape} of the
-    parameters that require grad (PEFT adapters included; DTensors give their full shape)."""
+    {name: [r, alpha, dropout, rslora]} of fastlora adapters, ``trainable`` {name: global shape} of the
+    parameters that require grad (PEFT adapters included; DTensors give their full shape) and ``unsynced``
+    [names] of trainable parameters a DDP ``model`` does not synchronize (added after it was built)."""
     from .modules import lora as lora_module
     from .patch import patch_handle
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    unsynced = _unsynced(model)
     model = _unwrapped(model)
     handle = patch_handle(model)
     lora = {}
@@ -114,7 +133,8 @@ def fingerprint(model: torch.nn.Module) -> dict:
             "options": _jsonable(handle.options) if handle is not None else None,
             "modules": dict(handle.kinds) if handle is not None else {},
             "lora": lora,
-            "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}}
+            "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+            "unsynced": unsynced}
 
 
 def _flat(value, path=""):
@@ -129,7 +149,7 @@ def _flat(value, path=""):
 def _differences(a: dict, b: dict, limit: int = 3) -> list[str]:
     fa, fb = _flat(a), _flat(b)
     missing = object()
-    order = ("patched", "options", "lora", "modules", "trainable")  # the cause first, its consequences after
+    order = ("patched", "options", "lora", "modules", "trainable", "unsynced")  # cause first, consequences after
     keys = sorted(set(fa) | set(fb), key=lambda k: (order.index(k.split(".")[0]), k))
     diffs = [f"{k}: {fa.get(k, '<absent>')!r} vs {fb.get(k, '<absent>')!r}" for k in keys
              if fa.get(k, missing) != fb.get(k, missing)]
@@ -143,14 +163,18 @@ def check_consistent(model: torch.nn.Module, *, timeout: float = 60.0) -> dict:
     Raises ValueError on every rank when the fingerprints differ, naming the ranks and the first differing
     fields (e.g. ``options.lora.r: 16 vs 8``); TimeoutError when a rank has not called it within ``timeout``
     seconds, naming that rank. Without an initialized process group (or with one rank) it only returns the
-    fingerprint. The exchange goes through the process group's key-value store, no collective op."""
+    fingerprint. The exchange goes through the process group's key-value store, no collective op.
+
+    Given the ``DistributedDataParallel`` wrapper it also raises (ValueError, every rank) when trainable
+    parameters exist that DDP does not synchronize: the inner model was patched with ``lora=`` after it was
+    wrapped, which DDP itself does not notice (each rank silently trains its own adapters)."""
     import torch.distributed as dist
 
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     mine = fingerprint(model)
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return mine
+        return _check_synced(mine)
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
     prefix = f"{_KEY}/{next(_calls)}"
@@ -169,4 +193,15 @@ def check_consistent(model: torch.nn.Module, *, timeout: float = 60.0) -> dict:
         lines = "; ".join(f"rank {r} vs rank 0: " + ", ".join(_differences(prints[r], prints[0])) for r in bad)
         raise ValueError(f"fastlora.distributed.check_consistent: ranks patched the model differently "
                          f"(patch every rank with the same options): {lines}")
+    return _check_synced(mine)  # after the exchange: every rank got here and raises alike
+
+
+def _check_synced(mine: dict) -> dict:
+    names = mine["unsynced"]
+    if names:
+        raise ValueError(f"fastlora.distributed.check_consistent: {len(names)} trainable parameter(s) ({names[0]}"
+                         f"{', ...' if len(names) > 1 else ''}) are not synchronized by DistributedDataParallel: they "
+                         f"were added after it wrapped the model (fastlora.patch(model, lora=...) after "
+                         f"DistributedDataParallel(model)?), so each rank would train its own copy; patch the model "
+                         f"first, then wrap it")
     return mine

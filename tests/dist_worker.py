@@ -196,6 +196,16 @@ def scenario_wrapped(rank):
 
     sharded = fully_shard(tiny_model("llama"), mesh=init_device_mesh("cpu", (2,)))
     result = {"refused": refused, "refused_fsdp": _error(lambda: fastlora.patch(sharded, lora={"r": 16}))}
+    inner = tiny_model("llama")  # the inner model patched after wrapping: DDP syncs nothing of the adapters
+    ddp = DDP(inner, broadcast_buffers=False)
+    fastlora.patch(inner, lora=fastlora.LoraConfig(r=16), quantize="nf4")
+    result["inner_check"] = _error(lambda: fl_dist.check_consistent(ddp, timeout=30))
+    torch.manual_seed(1000 + rank)
+    train(ddp, [p for p in inner.parameters() if p.requires_grad], _rows(rank), "sgd")
+    mine = inner.model.layers[0].self_attn.q_proj.lora_B.weight.detach().contiguous()
+    both = [torch.empty_like(mine) for _ in range(2)]
+    torch.distributed.all_gather(both, mine)
+    result["inner_replicas_differ_by"] = (both[0] - both[1]).abs().max().item()
     for order in ("before", "after"):
         import peft
 

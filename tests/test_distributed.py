@@ -171,6 +171,7 @@ def test_check_consistent_passes_on_equal_ranks(run):
     fp = prints[0]
     assert fp["patched"] and fp["options"]["lora"]["r"] == 16 and fp["options"]["neftune_alpha"] == 5.0
     assert fp["options"]["quantize"] == "nf4" and len(fp["lora"]) == 14 and len(fp["trainable"]) == 28
+    assert fp["unsynced"] == []
 
 
 def test_ranks_patched_differently_fail_on_every_rank(run):
@@ -187,6 +188,9 @@ def test_patch_after_wrapping(run):
     assert w["refused"].startswith("ValueError: model is wrapped by DistributedDataParallel")
     assert "patch the model first, then wrap it" in w["refused"]
     assert w["refused_fsdp"].startswith("ValueError: model is wrapped by fully_shard"), w["refused_fsdp"]
+    # the inner model patched after wrapping: DDP raises nothing and the replicas drift apart; the check sees it
+    assert w["inner_replicas_differ_by"] > 1e-3
+    assert "are not synchronized by DistributedDataParallel" in w["inner_check"], w["inner_check"]
     # a wrapped PEFT model: patch finds the LoRA layers through the wrapper, no fallback, same training
     assert w["after_patched"] > 0 and w["fallback_calls"] == {}
     _assert_same(w["after"]["adapter"], w["before"]["adapter"])
