@@ -20,6 +20,7 @@ import torch
 
 from . import adapters
 from . import backends as _backends
+from . import distributed as _distributed
 from .modules import _instance, bnb_linear4bit, gated_mlp, linear4bit, neftune, peft_lora, plain_linear
 from .modules import lora as lora_module
 
@@ -165,6 +166,7 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     options = _check_options(backend, neftune_alpha, neftune_mode, lora, quantize, fuse_projections)
+    _distributed.refuse_wrapped(model, options)
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         if existing.options != options:
