@@ -18,6 +18,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -171,8 +172,9 @@ def test_gpu_workspace_model():
 
 
 def _cli(*args):
+    # in a fresh folder: a run appends its rows to ./fastlora-bench-results
     return subprocess.run([sys.executable, "-m", "fastlora", "bench", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=tempfile.mkdtemp(prefix="fastlora-bench-test-"))
 
 
 def test_cli_bad_input(capsys):
