@@ -83,7 +83,7 @@ class SavedTensorBytes:
 
 class PeakTensorMemory(TorchDispatchMode):
     """Peak bytes of the tensors created while active and still alive, tracked per storage at the
-    dispatcher (every op's outputs; a storage is counted from its first appearance until it is freed).
+    dispatcher (every op's outputs on a storage none of its inputs has; counted until the storage is freed).
     Storages in ``exclude`` (what exists between steps) are not counted. Scratch memory a compiled
     kernel allocates and frees inside one op is not seen; on CUDA use the allocator's statistics."""
 
@@ -100,11 +100,15 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output on an input's storage (in-place ops, views) is not new memory: if it is not tracked
+        # yet, it existed before the tracker started.
+        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             key = _storage_key(t)
-            if key in self.exclude or key in self._tracked:
+            if key in self.exclude or key in self._tracked or key in inputs:
                 continue
             storage = t.untyped_storage()
             nbytes = storage.nbytes()

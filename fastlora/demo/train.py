@@ -4,6 +4,7 @@ taken on one step."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -56,13 +57,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def without_noise(model: torch.nn.Module):
+    """Evaluate ``model`` without NEFTune noise: its input embedding in eval mode, every other module in
+    training mode (the demo's models have no dropout). Not ``model.eval()``: bitsandbytes 0.50's
+    ``Linear4bit`` in eval mode on a CPU with AVX512-BF16 repacks its weight for good into an inference
+    format that computes in bf16, which would change the PEFT run's numbers after its first evaluation."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    model.get_input_embeddings().eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def eval_loss(model: torch.nn.Module, batches: Batches, device: torch.device) -> float:
-    """Mean loss on the held-out windows, in eval mode (no NEFTune noise)."""
-    was_training = model.training
-    model.eval()
-    losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches.eval_batches()]
-    model.train(was_training)
+    """Mean loss on the held-out windows, without NEFTune noise."""
+    with without_noise(model):
+        losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches.eval_batches()]
     return sum(losses) / len(losses)
 
 
@@ -126,7 +141,6 @@ def train(name: str, model: torch.nn.Module, batches: Batches, *, steps: int, lr
     finally:
         bar.close()
     result.eval_loss_end = eval_loss(model, batches, device)
-    model.eval()
     return result
 
 
