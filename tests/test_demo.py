@@ -18,7 +18,7 @@ from fastlora.demo.train import without_noise
 
 transformers = pytest.importorskip("transformers")
 
-STEPS = 60  # tiny preset, lr 1e-2: the held-out loss falls from ~7.9 to ~4.1 (seed 0)
+STEPS = 40  # tiny preset, lr 1e-2: the held-out loss falls from ~7.9 to ~4.2 (seed 0)
 FILES = ["table.md", "table.json", "loss_curves.csv", "loss_curves.json", "loss_curves.png", "generation.txt",
          "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
 OPTIONS = ["--preset", "--steps", "--batch", "--seq-len", "--rank", "--alpha", "--lr", "--neftune-alpha", "--dtype",
@@ -94,6 +94,7 @@ def _held_out(seq_len=64):
     return b.eval_batches()
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's call
 def test_saved_adapter_loads_into_peft_with_the_tuned_models_logits(compared):
     peft = pytest.importorskip("peft")
     folder, _ = compared
@@ -135,7 +136,8 @@ def test_no_compare_runs_fastlora_only(tmp_path, capsys):
 
 def test_bf16_and_no_neftune(tmp_path, capsys):
     code, out, err = _demo(capsys, "--steps", "3", "--no-compare", "--dtype", "bf16", "--neftune-alpha", "0",
-                           "--rank", "4", "--alpha", "8", "--output", str(tmp_path), "--device", "cpu")
+                           "--rank", "4", "--alpha", "8", "--batch", "2", "--seq-len", "16", "--output", str(tmp_path),
+                           "--device", "cpu")
     assert code == 0, err
     assert "NEFTune embedding" not in out and "LoRA r=4 alpha=8" in out
     assert json.loads((tmp_path / "table.json").read_text())["settings"]["dtype"] == "bf16"

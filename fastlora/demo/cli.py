@@ -30,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    presets = "; ".join(f"{name}: {p.about}" for name, p in PRESETS.items())
+    presets = "; ".join(f"{name}: {p.about}, {p.steps} steps of {p.batch} x {p.seq_len} tokens, lr {p.lr:g}"
+                        for name, p in PRESETS.items())
     parser = _Parser(
         prog=PROG,
         description="Fine-tune a small Llama-style model (built from a config, random weights) with fastlora's "
@@ -38,29 +39,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "ships with fastlora (byte-level tokenizer, nothing downloaded). Then the same run with PEFT + "
                     "bitsandbytes, and a side-by-side table. Writes the table, loss curves, a plot, the adapter (PEFT "
                     "format) and a short generation to --output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     parser.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
-                        help=f"model size and its default steps / batch / sequence length / learning rate: {presets}")
+                        help=f"model size, with its default steps / batch / sequence length / learning rate (default "
+                             f"%(default)s). {presets}")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's; "
                         "at least 3: the first warms up, the second is measured)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens (bytes) per sequence (default: the preset's)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the adapters are scaled by alpha / r)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default %(default)s)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the adapters are scaled by alpha / r "
+                                                                   "(default %(default)g)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
     parser.add_argument("--neftune-alpha", type=float, default=5.0,
-                        help="NEFTune noise alpha on the input embeddings during training; 0 turns NEFTune off")
+                        help="NEFTune noise alpha on the input embeddings during training; 0 turns NEFTune off "
+                             "(default %(default)g)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                         help="compute dtype of the model (LoRA weights stay fp32). On a CPU bf16 is slow, and much "
-                             "slower for the PEFT + bitsandbytes run: use fp32 there, bf16 on a GPU")
+                             "slower for the PEFT + bitsandbytes run: use fp32 there, bf16 on a GPU "
+                             "(default %(default)s)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR",
-                        help="results folder (created; files in it are overwritten)")
+                        help="results folder, created if needed; files of an earlier run are overwritten "
+                             "(default ./%(default)s)")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the PEFT + bitsandbytes run (it is skipped anyway when they are not installed)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where to train: auto picks cuda when a GPU is available, else cpu")
+                        help="where to train: auto (default) picks cuda when a GPU is available, else cpu")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the model's weights, the LoRA init, the batch order and the NEFTune noise")
+                        help="seed of the model's weights, the LoRA init, the batch order and the NEFTune noise "
+                             "(default %(default)s)")
     return parser
 
 
@@ -72,8 +79,8 @@ def _check_positive(name: str, value, minimum=1) -> None:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the preset's defaults and check every option; raises DemoError naming the bad one."""
     if args.preset not in PRESETS:
-        raise DemoError(f"unknown --preset {args.preset!r}; choose one of: "
-                        + ", ".join(f"{n} ({p.about})" for n, p in PRESETS.items()))
+        raise DemoError(f"unknown --preset {args.preset!r}; choose one of: {', '.join(PRESETS)} (--help describes "
+                        f"them)")
     preset = PRESETS[args.preset]
     for key in ("steps", "batch", "seq_len", "lr"):
         if getattr(args, key) is None:

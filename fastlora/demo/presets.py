@@ -29,11 +29,11 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset(64, 128, 2, 4, 2, steps=60, batch=4, seq_len=64, lr=1e-2,
-                   about="hidden 64, 2 layers: seconds; for tests"),
+                   about="hidden 64, 2 layers (for tests: seconds)"),
     "small": Preset(512, 1408, 4, 8, 8, steps=200, batch=4, seq_len=256, lr=3e-3,
-                    about="hidden 512, 4 layers: about two minutes per run on a 2-core CPU in fp32 (default)"),
+                    about="hidden 512, 4 layers (default: about two minutes per run on a 2-core CPU in fp32)"),
     "medium": Preset(1024, 2816, 8, 16, 8, steps=300, batch=4, seq_len=512, lr=2e-3,
-                     about="hidden 1024, 8 layers: for a GPU, slow on a CPU"),
+                     about="hidden 1024, 8 layers (for a GPU; slow on a CPU)"),
 }
 DEFAULT_PRESET = "small"
 OUTPUT_LOGIT_REACH = 16.0
