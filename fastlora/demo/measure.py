@@ -13,17 +13,6 @@ def _storage_key(t: torch.Tensor):
     return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
-def resident_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> set:
-    """Keys of the storages that exist between steps: parameters, buffers (fastlora's 4-bit codes are
-    buffers, bitsandbytes' are parameters), gradients and optimizer state."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return {_storage_key(t) for t in tensors if t.device.type != "meta"}
-
-
 def _quant_state_tensors(param) -> list[torch.Tensor]:
     """The statistics a bitsandbytes ``Params4bit`` keeps outside parameters and buffers (absmax, code and
     the nested ones of double quant); fastlora keeps them as buffers."""
@@ -35,21 +24,29 @@ def _quant_state_tensors(param) -> list[torch.Tensor]:
     return out
 
 
-def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Bytes of the distinct storages of :func:`resident_storages`, plus bitsandbytes' quantization
-    statistics."""
-    seen, total = set(), 0
+def _resident_tensors(model, optimizer, grads: bool) -> list[torch.Tensor]:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [t for p in model.parameters() for t in _quant_state_tensors(p)]
+    if grads:
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
         for state in optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        key = _storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    return [t for t in tensors if t.device.type != "meta"]
+
+
+def resident_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> set:
+    """Keys of the storages that exist between steps: parameters, buffers (fastlora's 4-bit codes are
+    buffers, bitsandbytes' are parameters with their statistics on the side), gradients and optimizer
+    state."""
+    return {_storage_key(t) for t in _resident_tensors(model, optimizer, grads=True)}
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the distinct storages of the weights (4-bit codes and statistics included), LoRA
+    parameters and optimizer state."""
+    sizes = {_storage_key(t): t.untyped_storage().nbytes() for t in _resident_tensors(model, optimizer, grads=False)}
+    return sum(sizes.values())
 
 
 class SavedTensorBytes:
