@@ -18,7 +18,7 @@ from fastlora.demo.train import without_noise
 
 transformers = pytest.importorskip("transformers")
 
-STEPS = 40  # tiny preset, lr 1e-2: the held-out loss falls from ~7.9 to ~4.2 (seed 0)
+STEPS = 30  # tiny preset, lr 1e-2: the held-out loss falls from ~7.9 to ~4.3 (seed 0)
 FILES = ["table.md", "table.json", "loss_curves.csv", "loss_curves.json", "loss_curves.png", "generation.txt",
          "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
 OPTIONS = ["--preset", "--steps", "--batch", "--seq-len", "--rank", "--alpha", "--lr", "--neftune-alpha", "--dtype",

@@ -83,7 +83,8 @@ def markdown(table: dict) -> str:
         if compare:
             row += f" {fmt.format(runs[PEFT][key])} | {_ratio_text(table['ratios'][key], kind)} |"
         lines.append(row)
-    foot = ("\nStep time: median over the steps after the first (warm-up) and the measured one. Saved for backward: "
+    foot = ("\nStep time: median over the steps after the first (warm-up) and the measured one; the runs are one "
+            "after the other, so other load on the machine skews the time ratio. Saved for backward: "
             "distinct storages autograd keeps from one forward (saved_tensors_hooks), parameters and buffers left "
             "out. Peak memory of a step: " + ("CUDA allocator peak above the memory in use before the step."
                                              if env["device"].startswith("cuda") else
