@@ -71,7 +71,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastlora", "fastlora.ops", "fastlora.kernels"],
+    packages=["fastlora", "fastlora.ops", "fastlora.kernels", "fastlora.demo"],
+    package_data={"fastlora": ["data/*.txt"]},
     package_dir={"fastlora": "fastlora", "fastlora.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "demo": ("fastlora.demo", "fine-tune a small model with fastlora's QLoRA vs PEFT + bitsandbytes: table, plot"),
     "info": ("fastlora.info", "versions, compiled extension, CPU features, GPU and available backends"),
     "roundtrip": ("fastlora.roundtrip", "quantize a real-sized weight to 4 bits and back: error and speed"),
     "compile-check": ("fastlora.compile_check",
