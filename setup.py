@@ -71,7 +71,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastlora", "fastlora.ops", "fastlora.kernels", "fastlora.demo"],
+    packages=["fastlora", "fastlora.bench", "fastlora.demo", "fastlora.kernels", "fastlora.modules", "fastlora.ops"],
     package_data={"fastlora": ["data/*.txt"]},
     package_dir={"fastlora": "fastlora", "fastlora.kernels": "kernels"},
     ext_modules=ext_modules,
