@@ -28,7 +28,7 @@ def test_python_block_runs(index, tmp_path):
 
 def test_ci_runs_the_readme_test_command():
     """The README's test quick-start command is exactly what CI runs (.ci/run): it is executed on every push."""
-    commands = re.findall(r"^```\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    commands = re.findall(r"^ *```\n(.*?)^ *```", README.read_text(), flags=re.S | re.M)
     test_command = next(c.strip() for c in commands if c.strip().endswith("python -m pytest -q"))
     ci = (README.parent / ".ci" / "run").read_text()
     assert test_command in ci
