@@ -487,19 +487,51 @@ def test_patched_models_pickle_and_deepcopy(tmp_path):
 
 
 def test_unexpected_fallbacks_warn_once_with_the_reason():
-    """fp32 hidden states into bitsandbytes layers whose compute_dtype is bf16 (prepare_model_for_kbit_training
-    on a bf16-compute QLoRA model): every call falls back; the user is told why, once."""
-    pm = _peft_model("llama", four_bit="nf4")
-    for m in pm.modules():
-        if hasattr(m, "compute_dtype"):
-            m.compute_dtype = torch.bfloat16
+    """Adapters made bf16 while the hidden states stay fp32: every call falls back to PEFT; the user is told
+    why, once; an expected fallback (adapters disabled) stays silent."""
+    pm = _peft_model("llama")
     handle = fastlora.patch(pm)
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
     ids = _ids()
     sys.modules["fastlora.modules.peft_lora"].WARNED_FALLBACKS.clear()
-    with pytest.warns(RuntimeWarning, match="compute_dtype is torch.bfloat16") as record:
+    with pytest.warns(RuntimeWarning, match="adapters are torch.bfloat16") as record:
         pm(input_ids=ids)
-    assert len([w for w in record if "compute_dtype" in str(w.message)]) == 1
+    assert len([w for w in record if "adapters are" in str(w.message)]) == 1
     assert len(handle.report()["fallback_calls"]) == 14 + 2
-    with pm.disable_adapter(), warnings.catch_warnings():  # an expected fallback: silent
+    with pm.disable_adapter(), warnings.catch_warnings():
         warnings.simplefilter("error")
         pm(input_ids=ids)
+
+
+@pytest.mark.parametrize("loaded_in_4bit", [True, False], ids=["lora.bnb.Linear4bit", "lora.Linear-over-4bit"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp32_hidden_states_into_bf16_compute_layers(loaded_in_4bit, dropout):
+    """prepare_model_for_kbit_training on a bf16-compute QLoRA model: fp32 hidden states enter bitsandbytes
+    layers that compute in bf16. fastlora runs the base like bitsandbytes (x cast to bf16, linear_4bit) and the
+    LoRA term on the fp32 x (lora_branch), with no fallback; with dropout 0 it equals PEFT, and with dropout the
+    cpp and reference backends agree (fastlora's masks)."""
+    def model():
+        pm = _peft_model("llama", four_bit="nf4", loaded_in_4bit=loaded_in_4bit, dropout=dropout)
+        for m in pm.modules():
+            if hasattr(m, "compute_dtype"):
+                m.compute_dtype = torch.bfloat16
+        return pm
+
+    ids = _ids()
+    pm = model()
+    want = loss_and_grads(pm, ids)
+    handle = fastlora.patch(pm, backend="cpp")
+    torch.manual_seed(4)
+    got = loss_and_grads(pm, ids)
+    assert handle.report()["fallback_calls"] == {"base_model.model.model.layers.0.mlp": 1,
+                                                 "base_model.model.model.layers.1.mlp": 1}
+    if dropout == 0.0:
+        # the base products are bitsandbytes' bf16 GEMMs on both sides; the LoRA terms fp32
+        _assert_close(got, want, rtol=1e-5)
+    else:
+        ref = model()
+        fastlora.patch(ref, backend="reference")
+        torch.manual_seed(4)
+        _assert_close(got, loss_and_grads(ref, ids), rtol=1e-5)

@@ -41,6 +41,8 @@ import warnings
 import torch
 
 from ..ops.dora_linear import dora_linear
+from ..ops.linear_4bit import linear_4bit
+from ..ops.lora_branch import lora_branch
 from ..ops.lora_linear import lora_linear
 from . import _autocast, _conv1d, _instance
 
@@ -268,15 +270,51 @@ def unexpected_fallback(module, x) -> str | None:
         return ("bitsandbytes repacked the 4-bit weight for its CPU kernel (it does so in eval-mode forwards "
                 "without grad on AVX512-BF16 CPUs)")
     if base.compute_dtype is not None and base.compute_dtype != x.dtype:
-        return (f"the input is {x.dtype} but bitsandbytes' compute_dtype is {base.compute_dtype} (e.g. "
-                f"prepare_model_for_kbit_training upcast the hidden states); bitsandbytes casts per call and "
-                f"fastlora does not reproduce that rounding")
+        return f"the input is {x.dtype} but bitsandbytes' compute_dtype is {base.compute_dtype}"
     return None
+
+
+def _compute_dtype_call(module, x):
+    """A bitsandbytes base whose ``compute_dtype`` is not x's dtype (e.g. fp32 hidden states after
+    ``prepare_model_for_kbit_training`` into bf16-compute layers): PEFT runs the base on x cast to the compute
+    dtype and the LoRA term on the uncast x. Computed the same way, as two ops: :func:`linear_4bit` (saves only
+    the weight) and :func:`lora_branch` (saves x, S and the seed). None when this is not such a call."""
+    state = _instance.state_of(module)
+    if not state.four_bit or not isinstance(x, torch.Tensor) or _autocast.enabled(x):
+        return None
+    if x.dtype not in _autocast.CASTABLE or x.dim() < 1 or module.merged or module.disable_adapters:
+        return None
+    base = module.get_base_layer()
+    compute = base.compute_dtype
+    if compute is None or compute == x.dtype or compute not in _autocast.CASTABLE or base.weight.requires_grad:
+        return None
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+        return None
+    active = _active_here(module)
+    if len(active) != 1 or not _plain_adapter(module, state, active[0]) or _is_dora(module, active[0]):
+        return None
+    adapter = active[0]
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    if lora_B.bias is not None or lora_A.weight.dtype not in _autocast.CASTABLE:
+        return None
+    bias = None if base.bias is None else base.bias.to(compute)
+    base_out = linear_4bit(x.to(compute), base.weight, bias, backend=state.backend).to(x.dtype)
+    dropout = module.lora_dropout[adapter]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    lora = lora_branch(x.to(lora_A.weight.dtype), lora_A.weight, lora_B.weight, float(module.scaling[adapter]),
+                       dropout_p=p, training=dropout.training, backend=state.backend)
+    if state.rounding == "linear4bit":  # PEFT's 4-bit class rounds the LoRA term to the result's dtype first
+        return base_out + lora.to(base_out.dtype)
+    return (base_out + lora).to(x.dtype)
 
 
 def _fast_forward(self, x, *args, **kwargs):
     args_ = None if args or kwargs else call_args(self, x)
     if args_ is None:
+        split = None if args or kwargs else _compute_dtype_call(self, x)
+        if split is not None:
+            return split
         _instance.state_of(self).fallback_calls += 1
         reason = None if args or kwargs else unexpected_fallback(self, x)
         if reason is not None and reason not in WARNED_FALLBACKS:

@@ -6,6 +6,7 @@ from .dequantize_4bit_into import dequantize_4bit_into
 from .dequantize_absmax import dequantize_absmax
 from .dora_linear import dora_linear
 from .linear_4bit import linear_4bit
+from .lora_branch import lora_branch
 from .lora_dropout import lora_dropout
 from .lora_gated_mlp import lora_gated_mlp
 from .lora_linear import lora_linear
@@ -17,6 +18,6 @@ from .quantize_absmax import quantize_absmax
 
 __all__ = [
     "LoraProjection", "dequantize_4bit", "dequantize_4bit_into", "dequantize_absmax", "dora_linear", "linear_4bit",
-    "lora_dropout", "lora_gated_mlp", "lora_linear", "lora_qkv", "neftune_embedding", "quantize_4bit",
+    "lora_branch", "lora_dropout", "lora_gated_mlp", "lora_linear", "lora_qkv", "neftune_embedding", "quantize_4bit",
     "quantize_absmax",
 ]

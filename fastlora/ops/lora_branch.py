@@ -1,0 +1,75 @@
+"""``lora_branch``: the LoRA term alone, ``scaling · (dropout(x)·Aᵀ)·Bᵀ``, with a backward that recomputes.
+
+For layers whose base product runs apart from the LoRA term — a bitsandbytes layer that casts x to its
+``compute_dtype`` (e.g. fp32 hidden states after ``prepare_model_for_kbit_training`` into bf16-compute
+layers: PEFT computes the base in bf16 and the LoRA term in fp32 on the uncast x). The base then runs on
+:func:`fastlora.ops.linear_4bit` (which saves nothing but the weight) and this op adds the LoRA term.
+
+Shapes and dtypes: x (..., K) of lora_A's dtype; lora_A (r, K), lora_B (N, r) of one float dtype.
+Returns (..., N) in that dtype, computed like PEFT's ``lora_B(lora_A(dropout(x))) * scaling``.
+Saved for backward: x, S = dropout(x)·Aᵀ (M, r), lora_A, lora_B and the dropout seed (a CPU int64 scalar);
+the mask is regenerated from the seed (Philox, :func:`fastlora.ops.lora_dropout`), never stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._dropout_seed import consume_seed, draw_seed
+from ._registry import check_tensor
+from .lora_dropout import check_dropout_p, lora_dropout
+
+
+class _LoraBranchFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, lora_A, lora_B, seed_t, call_site, scaling, p, backend):
+        seed = int(seed_t.item())
+        dropped = lora_dropout(x2d, p, seed, backend=backend) if p > 0.0 else x2d
+        S = F.linear(dropped, lora_A)
+        ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t)
+        ctx.scaling, ctx.p, ctx.backend, ctx.call_site = scaling, p, backend, call_site
+        return F.linear(S, lora_B) * scaling
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, S, lora_A, lora_B, seed_t = ctx.saved_tensors
+        seed = int(seed_t.item())
+        scaled = grad * ctx.scaling
+        dS = scaled @ lora_B
+        dx = dA = dB = None
+        if ctx.needs_input_grad[2]:
+            dB = scaled.t() @ S
+        if ctx.needs_input_grad[1]:
+            dropped = lora_dropout(x2d, ctx.p, seed, backend=ctx.backend) if ctx.p > 0.0 else x2d
+            dA = dS.t() @ dropped
+        if ctx.needs_input_grad[0]:
+            dx = dS @ lora_A
+            if ctx.p > 0.0:
+                dx = lora_dropout(dx.contiguous(), ctx.p, seed, backend=ctx.backend)
+        if ctx.p > 0.0:
+            consume_seed(ctx.call_site, seed)
+        return dx, dA, dB, None, None, None, None, None
+
+
+def lora_branch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+                dropout_p: float = 0.0, training: bool = True, backend: str = "auto") -> torch.Tensor:
+    """``scaling · (dropout(x)·Aᵀ)·Bᵀ`` (see the module docstring); dropout only when ``training``."""
+    check_tensor(lora_A, "lora_A", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ndim=2)
+    check_tensor(lora_B, "lora_B", (lora_A.dtype,), ndim=2)
+    check_tensor(x, "x", (lora_A.dtype,))
+    if x.dim() < 1 or x.shape[-1] != lora_A.shape[1]:
+        raise ValueError(f"x must be (..., in_features={lora_A.shape[1]}), got shape {tuple(x.shape)}")
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"lora_B must be (out_features, r={lora_A.shape[0]}), got {tuple(lora_B.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+    check_dropout_p(dropout_p)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(lora_A) if p > 0.0 else 0
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _LoraBranchFunction.apply(x2d, lora_A, lora_B, torch.tensor(seed, dtype=torch.int64), lora_A,
+                                  float(scaling), p, backend)
+    return y.reshape(*x.shape[:-1], lora_B.shape[0])
