@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import results
+from .arg_types import positive_int
 from .timing import measure
 
 OPS = ("dequantize_4bit", "lora_linear", "neftune_embedding", "gated_mlp")
@@ -248,22 +249,12 @@ def _shape(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops; default all")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32"],
                         help="activation / output dtype(s); default fp32 (PEFT's bf16 GEMMs are very slow on CPUs "
                              "without native bf16)")
-    parser.add_argument("--tokens", type=_positive_int, default=None,
+    parser.add_argument("--tokens", type=positive_int, default=None,
                         help=f"tokens M per call; default {DEFAULT[0]} ({QUICK[0]} with --quick)")
     parser.add_argument("--shape", type=_shape, default=None, metavar="KxN",
                         help=f"in x out features K x N (dequantize: an (N, K) weight; NEFTune: vocab N, dim K; "

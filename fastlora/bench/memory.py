@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import memory_model
+from .arg_types import positive_int
 from .memory_tracker import CATEGORIES, MemoryTracker
 from .op_workspace import gpu_workspace
 
@@ -211,16 +212,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _dropout(text: str) -> float:
     try:
         value = float(text)
@@ -235,12 +226,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(memory_model.PRESETS),
                         help="model shape preset (Llama architecture, built from a config, nothing downloaded); "
                              "default llama-3-8b")
-    parser.add_argument("--seq", type=_positive_int, nargs="+", default=[2048, 8192],
+    parser.add_argument("--seq", type=positive_int, nargs="+", default=[2048, 8192],
                         help="sequence length(s) in tokens; default 2048 8192")
-    parser.add_argument("--batch", type=_positive_int, default=1, help="sequences per step; default 1")
-    parser.add_argument("--rank", type=_positive_int, default=16,
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per step; default 1")
+    parser.add_argument("--rank", type=positive_int, default=16,
                         help="LoRA rank r on all seven projections; default 16")
-    parser.add_argument("--alpha", type=_positive_int, default=32, help="LoRA alpha; default 32")
+    parser.add_argument("--alpha", type=positive_int, default=32, help="LoRA alpha; default 32")
     parser.add_argument("--lora-dropout", type=_dropout, default=0.0, help="LoRA dropout p; default 0 (PEFT's)")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                         help="gradient checkpointing of the decoder layers; default both")

@@ -21,6 +21,7 @@ import torch
 
 from . import results
 from . import train_setup as ts
+from .arg_types import positive_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("peft+bnb", "fastlora")
@@ -105,16 +106,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _dropouts(text: str) -> list[float]:
     try:
         values = [float(p) for p in text.split(",") if p.strip()]
@@ -131,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "2 layers, 2x128), tiny (hidden 64, 2 layers, 2x32); default small (tiny with --quick)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="fp32",
                         help="model / activation dtype (adapters stay fp32); default fp32")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="timed steps per provider; default 5 (1 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per provider first; default 1 "
                                                                    "(0 with --quick)")
