@@ -68,9 +68,10 @@ def main() -> None:
     def case(dtype, p, dense):
         xx, gg = x.to(dtype), g.to(dtype)
         weight, am = (w_dense.to(dtype), None) if dense else (packed, absmax)
-        fwd_args = (xx, weight, am, 64, "nf4", N, A, B, 2.0, None, p, 123, "linear4bit")
+        seed = torch.tensor(123)  # the ops take the seed as an int64 tensor
+        fwd_args = (xx, weight, am, 64, "nf4", N, A, B, 2.0, None, p, seed, "linear4bit")
         S = ops.lora_linear_fwd(*fwd_args)[1]
-        bwd_args = (gg, xx, S, weight, am, 64, "nf4", N, A, B, 2.0, p, 123, True, True, True)
+        bwd_args = (gg, xx, S, weight, am, 64, "nf4", N, A, B, 2.0, p, seed, True, True, True)
         return (lambda: ops.lora_linear_fwd(*fwd_args)), (lambda: ops.lora_linear_bwd(*bwd_args))
 
     cases = {

@@ -43,6 +43,7 @@ def _impls(batch, seq, dtype, vocab, d, alpha):
     input_ids = torch.randint(0, vocab, (batch, seq), device="cuda")
     ids = input_ids.reshape(-1)
     mag = torch.full((ids.numel(),), alpha / math.sqrt(seq * d), dtype=torch.float32, device="cuda")
+    seed = torch.tensor(1234, device="cuda")  # the op and the launcher take the seed as an int64 tensor
     impls = {
         "lookup": lambda: F.embedding(ids, weight),
         "hf-hook": lambda: hf_hook(F.embedding(input_ids, weight), alpha),
@@ -50,14 +51,14 @@ def _impls(batch, seq, dtype, vocab, d, alpha):
     try:
         op = torch.ops.fastlora.neftune_embedding
         if backends.available("cuda")["cuda"]:
-            impls["fastlora-cuda-checked"] = lambda: op(ids, weight, mag, 1234)
+            impls["fastlora-cuda-checked"] = lambda: op(ids, weight, mag, seed)
     except (AttributeError, RuntimeError) as exc:
         print(f"torch.ops.fastlora.neftune_embedding unavailable ({exc})", file=sys.stderr)
     try:
         from fastlora.kernels.neftune_embedding import neftune_embedding as triton_neft
 
-        impls["fastlora-triton-checked"] = lambda: triton_neft(ids, weight, mag, 1234)
-        impls["fastlora-triton-kernel"] = lambda: triton_neft(ids, weight, mag, 1234, check_ids=False)
+        impls["fastlora-triton-checked"] = lambda: triton_neft(ids, weight, mag, seed)
+        impls["fastlora-triton-kernel"] = lambda: triton_neft(ids, weight, mag, seed, check_ids=False)
     except Exception as exc:  # noqa: BLE001 - no Triton: no column
         print(f"Triton kernel unavailable ({exc})", file=sys.stderr)
     try:

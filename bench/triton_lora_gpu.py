@@ -38,11 +38,12 @@ def dense(m=4096, k=4096, n=4096, r=16):
     for adt in (torch.float32, torch.bfloat16):
         a = (torch.randn(r, k, device=dev) / k**0.5).to(adt)
         b = (torch.randn(n, r, device=dev) * 0.01).to(adt)
+        seed = torch.tensor(1234, device=dev)  # the launchers take the seed as an int64 tensor on the device
         for p in (0.0, 0.1):
-            fwd = partial(LL.lora_linear_fwd, x, w, None, 64, "nf4", n, a, b, 2.0, None, p, 1234, "linear")
+            fwd = partial(LL.lora_linear_fwd, x, w, None, 64, "nf4", n, a, b, 2.0, None, p, seed, "linear")
             t_f = bench(fwd)
             _, s = fwd()
-            bwd = partial(LL.lora_linear_bwd, g, x, s, w, None, 64, "nf4", n, a, b, 2.0, p, 1234)
+            bwd = partial(LL.lora_linear_bwd, g, x, s, w, None, 64, "nf4", n, a, b, 2.0, p, seed)
             t_b = bench(partial(bwd, True, True, True))
             t_bx = bench(partial(bwd, True, False, False))
             print(f"dense A={str(adt)[6:]:8s} p={p}: fwd {t_f:.3f} ms ({t_f / t_fwd_ref:.2f}x cuBLAS)  "
@@ -61,7 +62,9 @@ def nf4_sweep(ms, k=4096, n=4096, r=16):
     try:
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            fwd = partial(LL.lora_linear_fwd, x, packed, absmax, 64, "nf4", n, a, b, 2.0, None, 0.0, 0, "linear4bit")
+            no_seed = torch.zeros((), dtype=torch.int64, device=dev)
+            fwd = partial(LL.lora_linear_fwd, x, packed, absmax, 64, "nf4", n, a, b, 2.0, None, 0.0, no_seed,
+                          "linear4bit")
             LL.SMALL_M = 1 << 30
             t_fused = bench(fwd)
             LL.SMALL_M = 0

@@ -23,26 +23,27 @@ TORCH_LIBRARY(fastlora, m) {
   m.def("quantize_absmax(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)");
 
   // LoRA ops (shapes, dtypes and rounding: fastlora/ops/lora_linear.py and fastlora/reference_lora.py;
-  // randomness: include/fastlora/philox.h).
+  // randomness: include/fastlora/philox.h). `seed` is an int64 tensor with one element, value in [0, 2^63):
+  // on the CPU for CPU kernels, on the GPU (read by the kernel at run time, CUDA-graph safe) for GPU ones.
   // x: any shape, fp32/bf16/fp16. Returns round(x * scale) where Philox(seed) keeps the element, else 0.
-  m.def("lora_dropout(Tensor x, float p, int seed) -> Tensor");
+  m.def("lora_dropout(Tensor x, float p, Tensor seed) -> Tensor");
   // x (M, K); weight dense (N, K) of x's dtype when absmax is None, else uint8[ceil(N*K/2)] codes with
   // fp32 absmax[ceil(N*K/blocksize)]; lora_A (r, K), lora_B (N, r) fp32 or x's dtype; bias (N,) or None.
   // Returns (y (M, N) x's dtype, S = dropout(x)·Aᵀ (M, r) lora_A's dtype).
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? absmax, int blocksize, str quant_type, int out_features, "
-      "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, float dropout_p, int seed, str rounding) "
+      "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, float dropout_p, Tensor seed, str rounding) "
       "-> (Tensor, Tensor)");
   // Returns (dx (M, K), dA (r, K), dB (N, r)); an output whose need_* is false is an empty tensor.
   m.def(
       "lora_linear_bwd(Tensor grad_y, Tensor x, Tensor S, Tensor weight, Tensor? absmax, int blocksize, "
-      "str quant_type, int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
+      "str quant_type, int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, "
       "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
 
   // NEFTune (fastlora/ops/neftune_embedding.py, fastlora/reference_neftune.py; randomness: philox.h stream 1).
   // ids int64 (T,) in [0, V); weight (V, d) fp32/bf16/fp16; mag fp32 (T,) per-token noise magnitude.
   // Returns (T, d) weight's dtype: round(weight[ids[t], j] + u(t*d + j) * mag[t]), u in [-1, 1); mag 0 rows copied.
-  m.def("neftune_embedding(Tensor ids, Tensor weight, Tensor mag, int seed) -> Tensor");
+  m.def("neftune_embedding(Tensor ids, Tensor weight, Tensor mag, Tensor seed) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

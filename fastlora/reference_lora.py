@@ -44,9 +44,21 @@ def _mulhilo(m: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo
 
 
-def philox4x32_10(seed: int, n: torch.Tensor, stream: int) -> tuple[torch.Tensor, ...]:
-    """The four 32-bit words (int64 tensors) of Philox4x32-10 for block counters ``n`` (int64)."""
-    seed &= (1 << 64) - 1
+def seed_value(seed) -> int:
+    """A seed as a Python int: an int, or an int64 tensor with one element (the ops' ``Tensor seed``,
+    read on the host: this is the reference, not a kernel)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed must be an int64 tensor with one element, got {seed.dtype} of shape "
+                            f"{tuple(seed.shape)}")
+        return int(seed.item())
+    return seed
+
+
+def philox4x32_10(seed, n: torch.Tensor, stream: int) -> tuple[torch.Tensor, ...]:
+    """The four 32-bit words (int64 tensors) of Philox4x32-10 for block counters ``n`` (int64);
+    ``seed`` an int or a one-element int64 tensor."""
+    seed = seed_value(seed) & ((1 << 64) - 1)
     k0, k1 = seed & _MASK32, seed >> 32
     c0, c1 = n & _MASK32, (n >> 32) & _MASK32
     c2 = torch.full_like(n, stream & _MASK32)

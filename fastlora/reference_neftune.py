@@ -30,7 +30,7 @@ def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
     return ((words >> 8) - 8388608).to(torch.float32) * (2.0 ** -23)
 
 
-def neftune_uniform(seed: int, shape: tuple[int, int], device=None) -> torch.Tensor:
+def neftune_uniform(seed, shape: tuple[int, int], device=None) -> torch.Tensor:
     """fp32 (T, d): u of every element of the op's output (before scaling by mag)."""
     t, d = shape
     return uniform_from_words(philox_words(seed, t * d, STREAM_NEFTUNE, device)).reshape(t, d)
@@ -46,7 +46,7 @@ def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "ids") -> None
         raise ValueError(f"{name} must be in [0, {vocab}) (the weight's rows), got {bad}")
 
 
-def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
+def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed) -> torch.Tensor:
     """The op on flat ``ids`` (T,) int64, ``weight`` (V, d), fp32 ``mag`` (T,); returns (T, d) in weight's dtype."""
     check_ids_in_range(ids, weight.shape[0])
     rows = weight[ids]

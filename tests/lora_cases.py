@@ -52,10 +52,11 @@ def make_adapters(rank: int, out_features: int, in_features: int, dtype: torch.d
     return a, b
 
 
-def next_seed() -> int:
-    """The dropout seed the next lora_linear call will draw from torch's CPU generator."""
-    with torch.random.fork_rng(devices=[]):
-        return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+def next_seed(device: str | torch.device = "cpu") -> int:
+    """The dropout seed the next lora_linear call on ``device`` will draw from that device's generator."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device).item())
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

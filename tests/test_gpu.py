@@ -94,13 +94,13 @@ def test_lora_linear_on_gpu_against_float64(shape, kind, dtype, p, seed):
     a, b = (t.detach().to(GPU) for t in make_adapters(16, n, k))
     bias = torch.randn(n).to(dtype).to(GPU)
     g = torch.randn(m, n).to(dtype).to(GPU)
-    used = next_seed() if p > 0 else 0
+    used = next_seed(GPU) if p > 0 else 0  # drawn from the GPU's generator
     y64, dx64, da64, db64, dbias64 = expected64(x, gw, a, b, 2.0, bias, p, used, g)
     for backend in ["triton"] + (["cuda"] if kind != "dense" and m <= 16 and "cuda" in _gpu_backends() else []):
         xs = x.clone().requires_grad_()
         ag, bg = (t.clone().requires_grad_() for t in (a, b))
         biasg = bias.clone().requires_grad_()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[GPU], device_type="cuda"):
             y = lora_linear(xs, gw, ag, bg, 2.0, bias=biasg, dropout_p=p, backend=backend)
         y.backward(g)
         tol = REL_TOL[dtype]
@@ -168,3 +168,35 @@ def test_checkpoint_on_gpu(reentrant, preserve, seed):
     for g0, g1 in zip(grads(False), grads(True), strict=True):
         # The same kernels on the same inputs and mask: equal up to atomics' summation order.
         assert rel_err(g1, g0) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replays_draw_fresh_dropout_masks(backend, seed):
+    """The seed is a tensor drawn on the GPU (graph-safe ``torch.randint``) and read by the kernels at run time:
+    every replay of a captured graph draws a new seed and applies a new mask; none is baked in at capture."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available on this GPU")
+    weight = make_weight("nf4-dq", 256, 128, torch.bfloat16).to(GPU)
+    a, b = (t.detach().to(GPU) for t in make_adapters(16, 256, 128))
+    x = torch.randn(8, 128, device=GPU).to(torch.bfloat16)  # M = 8: the CUDA backend's small-M kernel
+
+    def run():
+        return lora_linear(x, weight, a, b, 2.0, dropout_p=0.5, backend=backend)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside capture (Triton compiles, allocator settles)
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        outs.append(y.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    no_dropout = lora_linear(x, weight, a, b, 2.0, backend=backend)
+    assert all(rel_err(o, no_dropout) < 0.5 for o in outs)  # the same op, only the mask differs

@@ -26,7 +26,7 @@ from fastlora import backends, nf4
 
 pytestmark = pytest.mark.skipif(not backends.available("cpu")["cpp"], reason="compiled extension not available")
 
-OPS = torch.ops.fastlora
+OPS = torch.ops.fastlora  # the ops take the seed as an int64 tensor: torch.tensor(seed)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ULP = {torch.float32: None, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -73,17 +73,18 @@ def test_dropout_bitwise(seed, dtype, shape):
         flat[1], flat[2] = float("inf"), -float("inf")
     for p in (0.0, 0.1, 0.5, 0.97):
         s = seed * 7919 + int(p * 100)
-        got, want = OPS.lora_dropout(x, p, s), OPS.lora_dropout_reference(x, p, s)
+        got, want = OPS.lora_dropout(x, p, torch.tensor(s)), OPS.lora_dropout_reference(x, p, torch.tensor(s))
         assert got.shape == x.shape and got.dtype == dtype
         assert torch.equal(_bits(got), _bits(want)), (p, s)
 
 
 def test_dropout_extreme_seeds_and_probabilities(seed):
     x = torch.randn(999)
-    for s in (0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**63), seed):
+    for s in (0, 1, 2**32 - 1, 2**32, 2**63 - 1, seed):
         for p in (1e-9, 2.0**-24, 0.5, 1 - 2.0**-25):
-            assert torch.equal(_bits(OPS.lora_dropout(x, p, s)), _bits(OPS.lora_dropout_reference(x, p, s))), (s, p)
-    assert torch.equal(OPS.lora_dropout(x, 1 - 2.0**-25, 3), torch.zeros_like(x))
+            got, want = OPS.lora_dropout(x, p, torch.tensor(s)), OPS.lora_dropout_reference(x, p, torch.tensor(s))
+            assert torch.equal(_bits(got), _bits(want)), (s, p)
+    assert torch.equal(OPS.lora_dropout(x, 1 - 2.0**-25, torch.tensor(3)), torch.zeros_like(x))
 
 
 def test_dropout_nan_and_noncontiguous(seed):
@@ -91,14 +92,14 @@ def test_dropout_nan_and_noncontiguous(seed):
     x[3, 5] = float("nan")
     y = x.t()  # non-contiguous: element order is the logical row-major order
     for p in (0.0, 0.3):
-        got, want = OPS.lora_dropout(y, p, seed), OPS.lora_dropout_reference(y, p, seed)
+        got, want = OPS.lora_dropout(y, p, torch.tensor(seed)), OPS.lora_dropout_reference(y, p, torch.tensor(seed))
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_dropout_keeps_the_right_fraction(seed):
     x = torch.ones(1 << 16)
     for p in (0.1, 0.5):
-        kept = (OPS.lora_dropout(x, p, seed) != 0).float().mean().item()
+        kept = (OPS.lora_dropout(x, p, torch.tensor(seed)) != 0).float().mean().item()
         assert abs(kept - (1 - p)) < 0.01
 
 
@@ -138,13 +139,13 @@ def make_case(kind, x_dtype, a_dtype, M, K, N, blocksize, rank, has_bias):
 
 def run_both(x, weight, absmax, bs, qt, A, B, bias, scaling, p, seed, rounding, needs=(True, True, True), g=None):
     N = B.shape[0]
-    fwd_args = (x, weight, absmax, bs, qt, N, A, B, scaling, bias, p, seed, rounding)
+    fwd_args = (x, weight, absmax, bs, qt, N, A, B, scaling, bias, p, torch.tensor(seed), rounding)
     y, S = OPS.lora_linear_fwd(*fwd_args)
     y_ref, S_ref = OPS.lora_linear_fwd_reference(*fwd_args)
     if g is None:
         g = torch.randn(x.shape[0], N).to(x.dtype)
     # Backward from the reference S so that a 1-ulp difference in S does not propagate into dB.
-    bwd_args = (g, x, S_ref, weight, absmax, bs, qt, N, A, B, scaling, p, seed, *needs)
+    bwd_args = (g, x, S_ref, weight, absmax, bs, qt, N, A, B, scaling, p, torch.tensor(seed), *needs)
     return (y, S, *OPS.lora_linear_bwd(*bwd_args)), (y_ref, S_ref, *OPS.lora_linear_bwd_reference(*bwd_args))
 
 
@@ -183,7 +184,7 @@ def test_portable_path_matches_avx2_bitwise(seed, monkeypatch, x_dtype):
         torch.manual_seed(seed)
         g = torch.randn(29, 66).to(x_dtype)
         got, _ = run_both(*case, scaling=1.5, p=0.25, seed=seed, rounding="linear", g=g)
-        outs.append([OPS.lora_dropout(x, 0.3, seed), *got])
+        outs.append([OPS.lora_dropout(x, 0.3, torch.tensor(seed)), *got])
     for a, b in zip(*outs, strict=True):
         assert torch.equal(_bits(a), _bits(b))
 
@@ -215,6 +216,7 @@ def test_noncontiguous_inputs(seed):
     g = torch.randn(40, 30).to(torch.bfloat16)
     nc = [t.t().contiguous().t() for t in (x, weight, A, B, g)]
     assert not any(t.is_contiguous() for t in nc)
+    seed = torch.tensor(seed)
     fwd = OPS.lora_linear_fwd(nc[0], nc[1], None, bs, qt, 30, nc[2], nc[3], 1.0, bias[::1], 0.3, seed, "linear")
     want = OPS.lora_linear_fwd(x, weight, None, bs, qt, 30, A, B, 1.0, bias, 0.3, seed, "linear")
     for a, b in zip(fwd, want, strict=True):
@@ -232,6 +234,7 @@ def test_need_flags(seed, kind):
     x, weight, absmax, bs, qt, A, B, bias = make_case(kind, torch.bfloat16, torch.float32, 50, 72, 40, 64, 8, False)
     N = B.shape[0]
     g = torch.randn(50, N).to(torch.bfloat16)
+    seed = torch.tensor(seed)
     y, S = OPS.lora_linear_fwd(x, weight, absmax, bs, qt, N, A, B, 1.0, None, 0.2, seed, "linear4bit")
     full = OPS.lora_linear_bwd(g, x, S, weight, absmax, bs, qt, N, A, B, 1.0, 0.2, seed, True, True, True)
     for needs in [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)]:
@@ -272,6 +275,7 @@ def test_autograd_op_on_cpp_backend(seed):
 
 
 def test_opcheck_lora_ops(seed):
+    seed = torch.tensor(seed)
     torch.library.opcheck(OPS.lora_dropout, (torch.randn(7, 33).to(torch.bfloat16), 0.25, seed))
     torch.library.opcheck(OPS.lora_dropout, (torch.randn(10), 0.0, seed))
     for kind, dtype, p in (("dense", torch.float32, 0.0), ("nf4-dq", torch.bfloat16, 0.2)):
@@ -289,7 +293,8 @@ def _fwd_args(**change):
     x = torch.randn(6, 64)
     q = nf4.quantize(torch.randn(10, 64), 64, "nf4", False)
     args = dict(x=x, weight=q.packed_bytes(), absmax=q.absmax, blocksize=64, quant_type="nf4", out_features=10,
-                lora_A=torch.randn(4, 64), lora_B=torch.randn(10, 4), scaling=1.0, bias=None, dropout_p=0.0, seed=1,
+                lora_A=torch.randn(4, 64), lora_B=torch.randn(10, 4), scaling=1.0, bias=None, dropout_p=0.0,
+                seed=torch.tensor(1),
                 rounding="linear")
     args.update(change)
     return args
@@ -320,6 +325,9 @@ BAD_FWD = [
     (dict(dropout_p=-0.1), ValueError, "dropout_p"),
     (dict(dropout_p=float("nan")), ValueError, "dropout_p"),
     (dict(rounding="peft"), ValueError, "rounding"),
+    (dict(seed=torch.tensor(1.0)), TypeError, "seed"),
+    (dict(seed=torch.tensor([1, 2])), ValueError, "seed"),
+    (dict(seed=torch.tensor(-1)), ValueError, r"seed must be in \[0, 2\^63\)"),
 ]
 
 
@@ -337,6 +345,8 @@ BAD_BWD = [
     (dict(x=torch.randn(5, 64)), ValueError, "grad_y"),
     (dict(lora_B=torch.randn(9, 4)), ValueError, "lora_B"),
     (dict(dropout_p=2.0), ValueError, "dropout_p"),
+    (dict(seed=torch.tensor(1, dtype=torch.int32)), TypeError, "seed"),
+    (dict(seed=torch.tensor(-(2**63))), ValueError, "seed"),
 ]
 
 
@@ -345,7 +355,7 @@ def test_bad_bwd_input_raises_named_error(change, exc, word):
     a = _fwd_args()
     args = dict(grad_y=torch.randn(6, 10), x=a["x"], S=torch.randn(6, 4), weight=a["weight"], absmax=a["absmax"],
                 blocksize=64, quant_type="nf4", out_features=10, lora_A=a["lora_A"], lora_B=a["lora_B"], scaling=1.0,
-                dropout_p=0.0, seed=1, need_dx=True, need_dA=True, need_dB=True)
+                dropout_p=0.0, seed=torch.tensor(1), need_dx=True, need_dA=True, need_dB=True)
     args.update(change)
     with pytest.raises(exc, match=word):
         OPS.lora_linear_bwd(*args.values())
@@ -353,12 +363,19 @@ def test_bad_bwd_input_raises_named_error(change, exc, word):
 
 def test_bad_dropout_input_raises_named_error():
     with pytest.raises(TypeError, match="x"):
-        OPS.lora_dropout(torch.zeros(4, dtype=torch.int32), 0.1, 1)
+        OPS.lora_dropout(torch.zeros(4, dtype=torch.int32), 0.1, torch.tensor(1))
     with pytest.raises(TypeError, match="x"):
-        OPS.lora_dropout(torch.zeros(4, dtype=torch.float64), 0.1, 1)
+        OPS.lora_dropout(torch.zeros(4, dtype=torch.float64), 0.1, torch.tensor(1))
     for p in (1.0, -0.5, float("nan")):
         with pytest.raises(ValueError, match="p"):
-            OPS.lora_dropout(torch.zeros(4), p, 1)
+            OPS.lora_dropout(torch.zeros(4), p, torch.tensor(1))
+    bad_seeds = ((torch.tensor(1.5), TypeError), (torch.zeros(3, dtype=torch.int64), ValueError),
+                 (torch.tensor(-7), ValueError))
+    for seed, exc in bad_seeds:
+        with pytest.raises(exc, match="seed"):
+            OPS.lora_dropout(torch.zeros(4), 0.1, seed)
+    with pytest.raises(RuntimeError, match="seed"):  # the schema itself: a Python int is not a Tensor
+        OPS.lora_dropout(torch.zeros(4), 0.1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +450,7 @@ def test_bf16_gemm_mode_fp32_bias(seed, monkeypatch):
     more than the reference, so only the elementwise bound holds (documented in lora_linear.cpp)."""
     monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "1")
     x, weight, absmax, bs, qt, A, B, bias = make_case("nf4", torch.bfloat16, torch.float32, 50, 72, 40, 64, 8, True)
-    args = (x, weight, absmax, bs, qt, 40, A, B, 1.0, bias.float() * 1.001, 0.0, seed, "linear")
+    args = (x, weight, absmax, bs, qt, 40, A, B, 1.0, bias.float() * 1.001, 0.0, torch.tensor(seed), "linear")
     y, _ = OPS.lora_linear_fwd(*args)
     y_ref, _ = OPS.lora_linear_fwd_reference(*args)
     err, scale = (y.double() - y_ref.double()).abs(), y_ref.double().abs().max().item()
@@ -446,6 +463,7 @@ def test_bf16_gemm_mode_need_flags(seed, monkeypatch, kind):
     match and dx is rounded differently."""
     x, weight, absmax, bs, qt, A, B, _ = make_case(kind, torch.bfloat16, torch.float32, 50, 72, 40, 64, 8, False)
     g = torch.randn(50, 40).to(torch.bfloat16)
+    seed = torch.tensor(seed)
     S = OPS.lora_linear_fwd(x, weight, absmax, bs, qt, 40, A, B, 1.0, None, 0.2, seed, "linear4bit")[1]
     res = {}
     for mode in ("0", "1"):

@@ -85,7 +85,7 @@ def test_lookup_equals_embedding(seed, dtype, backend):
     flat = ids.reshape(-1)
     op = {"reference": torch.ops.fastlora.neftune_embedding_reference, "cpp": torch.ops.fastlora.neftune_embedding,
           "triton": torch.ops.fastlora.neftune_embedding_triton}[backend]
-    out = op(flat, weight, torch.zeros(flat.numel()), 12345)
+    out = op(flat, weight, torch.zeros(flat.numel()), torch.tensor(12345))
     _assert_bitwise(out, ref.reshape(-1, 33))
 
 
@@ -128,8 +128,8 @@ def test_padding_idx_like_torch(seed, padding_idx):
 def test_cpp_matches_reference_bitwise(seed, dtype, dim, tokens):
     ids, weight, mag = _op_args(tokens, 61, dim, dtype)
     for s in (0, 1, seed, 2**32 + 7, 2**63 - 1):
-        _assert_bitwise(torch.ops.fastlora.neftune_embedding(ids, weight, mag, s),
-                        torch.ops.fastlora.neftune_embedding_reference(ids, weight, mag, s))
+        _assert_bitwise(torch.ops.fastlora.neftune_embedding(ids, weight, mag, torch.tensor(s)),
+                        torch.ops.fastlora.neftune_embedding_reference(ids, weight, mag, torch.tensor(s)))
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=TRITON_REASON or "")
@@ -139,8 +139,8 @@ def test_cpp_matches_reference_bitwise(seed, dtype, dim, tokens):
 def test_triton_matches_reference_bitwise(seed, dtype, dim, tokens):
     ids, weight, mag = _op_args(tokens, 31, dim, dtype)
     for s in (0, seed, 2**63 - 1):
-        _assert_bitwise(torch.ops.fastlora.neftune_embedding_triton(ids, weight, mag, s),
-                        torch.ops.fastlora.neftune_embedding_reference(ids, weight, mag, s))
+        _assert_bitwise(torch.ops.fastlora.neftune_embedding_triton(ids, weight, mag, torch.tensor(s)),
+                        torch.ops.fastlora.neftune_embedding_reference(ids, weight, mag, torch.tensor(s)))
 
 
 def test_reference_formula_spot_check():
@@ -381,13 +381,14 @@ def test_frozen_weight_gets_no_grad(seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(seed, suffix, dtype):
     ids, weight, mag = _op_args(13, 20, 37, dtype)
-    torch.library.opcheck(getattr(torch.ops.fastlora, "neftune_embedding" + suffix), (ids, weight, mag, 2**40 + 3))
+    args = (ids, weight, mag, torch.tensor(2**40 + 3))
+    torch.library.opcheck(getattr(torch.ops.fastlora, "neftune_embedding" + suffix), args)
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=TRITON_REASON or "")
 def test_opcheck_triton(seed):
     ids, weight, mag = _op_args(5, 20, 37, torch.float32)
-    torch.library.opcheck(torch.ops.fastlora.neftune_embedding_triton, (ids, weight, mag, 5))
+    torch.library.opcheck(torch.ops.fastlora.neftune_embedding_triton, (ids, weight, mag, torch.tensor(5)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,26 +436,31 @@ def test_op_rejects_ids_out_of_range(suffix, bad):
     ids, weight, mag = _op_args(6, 20, 8, torch.float32)
     ids[3] = bad
     with pytest.raises(ValueError, match="ids"):
-        getattr(torch.ops.fastlora, "neftune_embedding" + suffix)(ids, weight, mag, 1)
+        getattr(torch.ops.fastlora, "neftune_embedding" + suffix)(ids, weight, mag, torch.tensor(1))
 
 
 def test_cpp_op_checks_arguments():
     ids, weight, mag = _op_args(6, 20, 8, torch.float32)
     op = torch.ops.fastlora.neftune_embedding
     with pytest.raises(TypeError, match="ids"):
-        op(ids.int(), weight, mag, 1)
+        op(ids.int(), weight, mag, torch.tensor(1))
     with pytest.raises(TypeError, match="mag"):
-        op(ids, weight, mag.double(), 1)
+        op(ids, weight, mag.double(), torch.tensor(1))
     with pytest.raises(ValueError, match="mag"):
-        op(ids, weight, mag[:5], 1)
+        op(ids, weight, mag[:5], torch.tensor(1))
     with pytest.raises(ValueError, match="seed"):
-        op(ids, weight, mag, -1)
+        op(ids, weight, mag, torch.tensor(-1))
+    with pytest.raises(TypeError, match="seed"):
+        op(ids, weight, mag, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="seed"):
+        op(ids, weight, mag, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="weight"):
-        op(ids, weight.view(-1), mag, 1)
+        op(ids, weight.view(-1), mag, torch.tensor(1))
 
 
 def test_torch_compile_matches_eager(seed):
-    """Under torch.compile (graph breaks at the seed draw) the same generator gives the same noise and grads."""
+    """Under torch.compile the seed draw is in the graph; with inductor's ``fallback_random`` (torch's switch
+    for eager-identical random ops) the same generator gives the same noise and grads as eager."""
     weight = torch.randn(50, 32)
     ids = torch.randint(0, 50, (2, 7))
 
@@ -462,13 +468,14 @@ def test_torch_compile_matches_eager(seed):
         return neftune_embedding(ids, w, 5.0, mode="per_sequence") * 2
 
     outs, grads = [], []
-    for fn in (f, torch.compile(f)):
-        w = weight.clone().requires_grad_()
-        torch.manual_seed(5)
-        out = fn(ids, w)
-        out.sum().backward()
-        outs.append(out.detach())
-        grads.append(w.grad)
+    with torch._inductor.config.patch(fallback_random=True):
+        for fn in (f, torch.compile(f)):
+            w = weight.clone().requires_grad_()
+            torch.manual_seed(5)
+            out = fn(ids, w)
+            out.sum().backward()
+            outs.append(out.detach())
+            grads.append(w.grad)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
 
 

@@ -43,17 +43,17 @@ void dropout_kernel(const void* in, void* out, int64_t numel, double p, uint64_t
   });
 }
 
-at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
+at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_tensor(x, "x");
   check_dropout_p(p, "p");
   check_device(x, "x", at::kCPU);
+  const uint64_t s = read_cpu_seed(seed);
   if (p == 0.0) return x.clone();
   const at::Tensor xc = x.detach().contiguous();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
   const int64_t numel = xc.numel();
   if (numel == 0) return out;
-  const uint64_t s = static_cast<uint64_t>(seed);
   switch (float_dt(xc.scalar_type())) {
     case DT::F32: dropout_kernel<DT::F32>(xc.data_ptr(), out.data_ptr(), numel, p, s); break;
     case DT::BF16: dropout_kernel<DT::BF16>(xc.data_ptr(), out.data_ptr(), numel, p, s); break;

@@ -434,13 +434,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, c
                                                        c10::string_view quant_type, int64_t out_features,
                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                        double scaling, const std::optional<at::Tensor>& bias,
-                                                       double dropout_p, int64_t seed, c10::string_view rounding) {
+                                                       double dropout_p, const at::Tensor& seed_t, c10::string_view rounding) {
   // The ATen calls below work on plain tensors: keep them out of autograd (the inputs may require
   // grad when the op runs inside an autograd.Function).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Problem pr = check_problem(x_in, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B);
   const bool linear4bit = check_rounding(rounding);
   check_dropout_p(dropout_p, "dropout_p");
+  const uint64_t seed = read_cpu_seed(seed_t);
   const bool bf16_gemm = pr.x_dt == DT::BF16 && use_bf16_gemm();
   at::Tensor bias32, bias16;  // bias16: a bf16 bias that enters the bf16 GEMM
   if (bias.has_value()) {
@@ -468,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, c
     at::mm_out(S32raw, x32, A32.t());  // dropout(x) with p = 0 is x itself
   } else {
     dispatch_xa(pr.x_dt, pr.a_dt, [&](auto xt, auto at_) {
-      lora_down_dropout<decltype(xt)::value, decltype(at_)::value>(x, A32, dropout_p, static_cast<uint64_t>(seed), M,
+      lora_down_dropout<decltype(xt)::value, decltype(at_)::value>(x, A32, dropout_p, seed, M,
                                                                    K, S32raw, avx2);
     });
   }
@@ -616,11 +617,12 @@ void ds_stg_bf16(const at::Tensor& G16, const at::Tensor& B32, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& S, const at::Tensor& weight,
     const std::optional<at::Tensor>& absmax, int64_t blocksize, c10::string_view quant_type, int64_t out_features,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed, bool need_dx,
-    bool need_dA, bool need_dB) {
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, const at::Tensor& seed_t,
+    bool need_dx, bool need_dA, bool need_dB) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Problem pr = check_problem(x_in, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B);
   check_dropout_p(dropout_p, "dropout_p");
+  const uint64_t seed = read_cpu_seed(seed_t);
   const int64_t M = pr.M, K = pr.K, N = pr.N, r = pr.r;
   check_float_tensor(grad_y, "grad_y");
   TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N,
@@ -666,7 +668,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     at::mm_out(dA32, dS.t(), to_f32(x));  // dropout(x) with p = 0 is x itself
   } else {
     dispatch_xa(pr.x_dt, pr.a_dt, [&](auto xt, auto at_) {
-      bwd_impl<decltype(xt)::value, decltype(at_)::value>(pr, x, G32, G16, dS, A32, dropout_p, static_cast<uint64_t>(seed),
+      bwd_impl<decltype(xt)::value, decltype(at_)::value>(pr, x, G32, G16, dS, A32, dropout_p, seed,
                                                           need_dx, need_dA, dx, dA32, avx2);
     });
   }

@@ -86,7 +86,7 @@ void neftune_kernel(const int64_t* ids, const char* weight, const float* mag, ch
 }
 
 at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& mag,
-                                 int64_t seed) {
+                                 const at::Tensor& seed) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
@@ -95,7 +95,7 @@ at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight
   TORCH_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
   TORCH_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must be (T,) = (", ids.size(0),
                     ",), got shape ", mag.sizes());
-  TORCH_CHECK_VALUE(seed >= 0, "seed must be in [0, 2**63), got ", seed);
+  const uint64_t s = read_cpu_seed(seed);
   check_device(ids, "ids", at::kCPU);
   check_device(weight, "weight", at::kCPU);
   check_device(mag, "mag", at::kCPU);
@@ -110,7 +110,6 @@ at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight
   }
   at::Tensor out = at::empty({tokens, d}, wc.options().memory_format(at::MemoryFormat::Contiguous));
   if (tokens == 0 || d == 0) return out;
-  const auto s = static_cast<uint64_t>(seed);
   const char* w = static_cast<const char*>(wc.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   const float* m = mc.data_ptr<float>();

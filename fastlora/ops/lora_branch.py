@@ -7,7 +7,7 @@ layers: PEFT computes the base in bf16 and the LoRA term in fp32 on the uncast x
 
 Shapes and dtypes: x (..., K) of lora_A's dtype; lora_A (r, K), lora_B (N, r) of one float dtype.
 Returns (..., N) in that dtype, computed like PEFT's ``lora_B(lora_A(dropout(x))) * scaling``.
-Saved for backward: x, S = dropout(x)·Aᵀ (M, r), lora_A, lora_B and the dropout seed (a CPU int64 scalar);
+Saved for backward: x, S = dropout(x)·Aᵀ (M, r), lora_A, lora_B and the dropout seed (an int64 0-dim tensor);
 the mask is regenerated from the seed (Philox, :func:`fastlora.ops.lora_dropout`), never stored.
 """
 
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dropout_seed import consume_seed, draw_seed
+from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from ._registry import check_tensor
 from .lora_dropout import check_dropout_p, lora_dropout
 
@@ -26,31 +26,31 @@ from .lora_dropout import check_dropout_p, lora_dropout
 class _LoraBranchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, lora_A, lora_B, seed_t, call_site, scaling, p, backend):
-        seed = int(seed_t.item())
-        dropped = lora_dropout(x2d, p, seed, backend=backend) if p > 0.0 else x2d
+        dropped = lora_dropout(x2d, p, seed_t, backend=backend) if p > 0.0 else x2d
         S = F.linear(dropped, lora_A)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t)
         ctx.scaling, ctx.p, ctx.backend, ctx.call_site = scaling, p, backend, call_site
+        if call_site is not None:
+            ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
         return F.linear(S, lora_B) * scaling
 
     @staticmethod
     def backward(ctx, grad):
         x2d, S, lora_A, lora_B, seed_t = ctx.saved_tensors
-        seed = int(seed_t.item())
         scaled = grad * ctx.scaling
         dS = scaled @ lora_B
         dx = dA = dB = None
         if ctx.needs_input_grad[2]:
             dB = scaled.t() @ S
         if ctx.needs_input_grad[1]:
-            dropped = lora_dropout(x2d, ctx.p, seed, backend=ctx.backend) if ctx.p > 0.0 else x2d
+            dropped = lora_dropout(x2d, ctx.p, seed_t, backend=ctx.backend) if ctx.p > 0.0 else x2d
             dA = dS.t() @ dropped
         if ctx.needs_input_grad[0]:
             dx = dS @ lora_A
             if ctx.p > 0.0:
-                dx = lora_dropout(dx.contiguous(), ctx.p, seed, backend=ctx.backend)
-        if ctx.p > 0.0:
-            consume_seed(ctx.call_site, seed)
+                dx = lora_dropout(dx.contiguous(), ctx.p, seed_t, backend=ctx.backend)
+        if ctx.p > 0.0 and ctx.call_site is not None:
+            consume_seed(ctx.call_site, ctx.seed_entry)
         return dx, dA, dB, None, None, None, None, None
 
 
@@ -68,8 +68,8 @@ def lora_branch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
     check_dropout_p(dropout_p)
     p = float(dropout_p) if training else 0.0
-    seed = draw_seed(lora_A) if p > 0.0 else 0
+    call_site = call_site_of(lora_A)
+    seed_t = draw_seed(call_site, x.device) if p > 0.0 else no_seed(x.device)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = _LoraBranchFunction.apply(x2d, lora_A, lora_B, torch.tensor(seed, dtype=torch.int64), lora_A,
-                                  float(scaling), p, backend)
+    y = _LoraBranchFunction.apply(x2d, lora_A, lora_B, seed_t, call_site, float(scaling), p, backend)
     return y.reshape(*x.shape[:-1], lora_B.shape[0])

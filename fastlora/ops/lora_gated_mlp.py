@@ -14,7 +14,7 @@ gate_up (2I, K) projection with ``up=None`` (Phi-3: ``g, u = gate_up(x).chunk(2,
 
 Saved for backward (``ctx.save_for_backward``): x, S = dropout(input)·Aᵀ of each projection
 (M × r), g and u (the gate and up outputs, M × I each, x's dtype; one M × 2I tensor when fused), each
-projection's lora_A, lora_B, bias, dropout seed (CPU int64 scalar) and the weight's own tensors
+projection's lora_A, lora_B, bias, dropout seed (int64 0-dim tensor) and the weight's own tensors
 (references, not copies). NOT saved: act(g), h = act(g)·u (the down projection's input), decoded
 weights, dropout masks. Backward recomputes h from g and u, then runs the down projection's
 backward, the activation's and product's backward (the same aten kernels autograd would call) and
@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from ._registry import FLOAT_DTYPES, check_tensor
 from .lora_projection import (
     LoraProjection,
-    PreparedProjection,
     backward,
     draw_seeds,
     flatten_2d,
     forward,
     prepare,
+    seed_objects,
+    split_runs,
 )
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -52,19 +53,11 @@ def _act_backward(name: str, grad: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return torch.ops.aten.gelu_backward(grad, g, approximate="tanh")
 
 
-def _split(flat, preps: tuple[PreparedProjection, ...]) -> list[list]:
-    runs, at = [], 0
-    for prep in preps:
-        runs.append(list(flat[at:at + prep.width]))
-        at += prep.width
-    return runs
-
-
 class _LoraGatedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, spec, *flat):
         activation, preps = spec  # (gate, up, down) or (gate_up, down)
-        runs = _split(flat, preps)
+        runs = split_runs(flat, preps)
         if len(preps) == 2:
             gu, s_gu = forward(preps[0], x2d, runs[0])
             g, u = gu.chunk(2, dim=-1)
@@ -76,7 +69,7 @@ class _LoraGatedMLPFunction(torch.autograd.Function):
         h = (_act(activation, g) * u).contiguous()
         y, s_down = forward(preps[-1], h, runs[-1])
         ctx.save_for_backward(x2d, *upstream_s, s_down, *kept, *flat)
-        ctx.spec = spec
+        ctx.spec, ctx.seeds = spec, seed_objects(preps, flat)
         return y
 
     @staticmethod
@@ -87,7 +80,7 @@ class _LoraGatedMLPFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x2d, upstream_s, s_down = saved[0], saved[1:1 + n_up], saved[1 + n_up]
         kept = saved[2 + n_up:2 + 2 * n_up]
-        runs = _split(saved[2 + 2 * n_up:], preps)
+        runs = split_runs(saved[2 + 2 * n_up:], preps, ctx.seeds)
         needs = ctx.needs_input_grad
         need_x = needs[0]
         param_needs, at = [], 2

@@ -13,8 +13,10 @@ Rounding follows PEFT exactly (fastlora/reference_lora.py has the formulas): ``"
 
 Saved for backward, all through ``ctx.save_for_backward``: x, S, lora_A, lora_B, the weight's own
 tensors (references, no copies: dense weight, or packed codes + raw statistics) and the dropout
-seed (a CPU int64 scalar). Never the decoded weight, the dropout mask, dropout(x) or y: backward
-decodes the weight again and regenerates the mask from the seed with Philox.
+seed (an int64 0-dim tensor on x's device, see fastlora/ops/_dropout_seed.py). Never the decoded
+weight, the dropout mask, dropout(x) or y: backward decodes the weight again and regenerates the
+mask from the seed with Philox. The seed is a tensor argument of the ops (``Tensor seed``) and is
+never read on the host here, so torch.compile traces the op without a graph break.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ import math
 import torch
 
 from .. import backends, reference_lora
-from ._dropout_seed import consume_seed, draw_seed
+from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from ._registry import FLOAT_DTYPES, check_same_device, check_tensor, define_native
 from .dequantize_absmax import dequantize_absmax
 from .lora_dropout import check_dropout_p
 
 FWD_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? absmax, int blocksize, str quant_type, int out_features, "
-    "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, float dropout_p, int seed, str rounding) "
+    "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, float dropout_p, Tensor seed, str rounding) "
     "-> (Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor grad_y, Tensor x, Tensor S, Tensor weight, Tensor? absmax, int blocksize, str quant_type, "
-    "int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
+    "int out_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, "
     "bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)"
 )
 MAX_RANK = 256
@@ -62,7 +64,7 @@ torch.library.register_fake("fastlora::lora_linear_fwd")(_fake_fwd)
 def _fwd_reference(
     x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, blocksize: int, quant_type: str,
     out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None,
-    dropout_p: float, seed: int, rounding: str,
+    dropout_p: float, seed: torch.Tensor, rounding: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return reference_lora.lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B,
                                           scaling, bias, dropout_p, seed, rounding)
@@ -72,7 +74,7 @@ def _fwd_reference(
 def _fwd_triton(
     x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, blocksize: int, quant_type: str,
     out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None,
-    dropout_p: float, seed: int, rounding: str,
+    dropout_p: float, seed: torch.Tensor, rounding: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import lora_linear as triton_kernels
 
@@ -103,7 +105,7 @@ torch.library.register_fake("fastlora::lora_linear_bwd")(_fake_bwd)
 def _bwd_reference(
     grad_y: torch.Tensor, x: torch.Tensor, S: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
     blocksize: int, quant_type: str, out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool,
+    scaling: float, dropout_p: float, seed: torch.Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return reference_lora.lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_features,
                                           lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
@@ -113,7 +115,7 @@ def _bwd_reference(
 def _bwd_triton(
     grad_y: torch.Tensor, x: torch.Tensor, S: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None,
     blocksize: int, quant_type: str, out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool,
+    scaling: float, dropout_p: float, seed: torch.Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import lora_linear as triton_kernels
 
@@ -200,9 +202,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         weight, absmax = _WeightParts.kernel_args(meta, weight_tensors)
         y, S = _op("lora_linear_fwd", fwd_backend)(
             x2d, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
-            dropout_p, int(seed_t.item()), rounding)
+            dropout_p, seed_t, rounding)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t, *weight_tensors)
         ctx.meta, ctx.cfg, ctx.call_site = meta, cfg, call_site
+        if call_site is not None:
+            ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
         return y
 
     @staticmethod
@@ -211,21 +215,20 @@ class _LoraLinearFunction(torch.autograd.Function):
         fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = ctx.cfg
         blocksize, quant_type = ctx.meta[2:]
         need_dx, need_dA, need_dB, need_dbias = ctx.needs_input_grad[:4]
-        seed = int(seed_t.item())
         dx = dA = dB = dbias = None
         if need_dx or need_dA or need_dB:
             weight, absmax = _WeightParts.kernel_args(ctx.meta, weight_tensors)
             gx, gA, gB = _op("lora_linear_bwd", bwd_backend)(
                 grad_y.contiguous(), x2d, S, weight, absmax, blocksize, quant_type, out_features,
-                lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
+                lora_A, lora_B, scaling, dropout_p, seed_t, need_dx, need_dA, need_dB)
             dx = gx if need_dx else None
             dA = gA if need_dA else None
             dB = gB if need_dB else None
         if need_dbias:
             wide = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
             dbias = grad_y.sum(0, dtype=wide).to(grad_y.dtype)
-        if dropout_p > 0.0:
-            consume_seed(ctx.call_site, seed)
+        if dropout_p > 0.0 and ctx.call_site is not None:
+            consume_seed(ctx.call_site, ctx.seed_entry)
         return dx, dA, dB, dbias, None, None, None, None, *([None] * len(weight_tensors))
 
 
@@ -333,15 +336,15 @@ def lora_linear(
     out_features = parts.shape[0]
 
     p = float(dropout_p) if training else 0.0
-    seed = draw_seed(lora_A) if p > 0.0 else 0
+    call_site = call_site_of(lora_A)
+    seed_t = draw_seed(call_site, x.device) if p > 0.0 else no_seed(x.device)
     fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None)
     cfg = (fwd_backend, bwd_backend, out_features, float(scaling), p, rounding)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    seed_t = torch.tensor(seed, dtype=torch.int64)
-    y = _LoraLinearFunction.apply(x2d, lora_A.contiguous(), lora_B.contiguous(), bias, seed_t, lora_A,
+    y = _LoraLinearFunction.apply(x2d, lora_A.contiguous(), lora_B.contiguous(), bias, seed_t, call_site,
                                   parts.meta(), cfg, *parts.tensors())
     return y.reshape(*lead, out_features)
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._dropout_seed import consume_seed, draw_seed
+from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from .lora_linear import _backends, _op, _WeightParts, check_projection
 
 
@@ -50,7 +50,7 @@ class PreparedProjection(NamedTuple):
     scaling: float
     dropout_p: float  # 0 when not training
     rounding: str
-    call_site: torch.Tensor  # the user's lora_A: the key of the dropout seed stash
+    call_site: torch.Tensor | None  # the user's lora_A: the key of the dropout seed stash (None: compiling)
 
     @property
     def width(self) -> int:
@@ -72,9 +72,8 @@ def prepare(x: torch.Tensor, in_features: int, proj, name: str, training: bool, 
     weight_tensors = parts.tensors()
     p = float(proj.dropout_p) if training else 0.0
     prep = PreparedProjection(parts.meta(), len(weight_tensors), fwd_backend, bwd_backend, parts.shape[0],
-                              float(proj.scaling), p, rounding, proj.lora_A)
-    flat = [proj.lora_A.contiguous(), proj.lora_B.contiguous(), proj.bias, torch.tensor(0, dtype=torch.int64),
-            *weight_tensors]
+                              float(proj.scaling), p, rounding, call_site_of(proj.lora_A))
+    flat = [proj.lora_A.contiguous(), proj.lora_B.contiguous(), proj.bias, no_seed(x.device), *weight_tensors]
     return prep, flat
 
 
@@ -82,7 +81,31 @@ def draw_seeds(preps, flats) -> None:
     """Draw the dropout seed of every projection with dropout (call site: its own lora_A), in order."""
     for prep, flat in zip(preps, flats, strict=True):
         if prep.dropout_p > 0.0:
-            flat[3] = torch.tensor(draw_seed(prep.call_site), dtype=torch.int64)
+            flat[3] = draw_seed(prep.call_site, flat[0].device)
+
+
+def seed_objects(preps, flat) -> list[torch.Tensor]:
+    """The seed tensor of each projection in a call's flat run. A grouped op keeps these very objects
+    on ctx and puts them back into the runs in backward, so the seed stash is consumed by identity
+    even when saved-tensor hooks (checkpointing, save_on_cpu) hand backward copies."""
+    seeds, at = [], 0
+    for prep in preps:
+        seeds.append(flat[at + 3])
+        at += prep.width
+    return seeds
+
+
+def split_runs(flat, preps, seeds=None) -> list[list]:
+    """The flat tensors of a call as one list per projection, with ``seeds`` (from
+    :func:`seed_objects`) in the seed slots when given."""
+    runs, at = [], 0
+    for i, prep in enumerate(preps):
+        run = list(flat[at:at + prep.width])
+        if seeds is not None:
+            run[3] = seeds[i]
+        runs.append(run)
+        at += prep.width
+    return runs
 
 
 def forward(prep: PreparedProjection, inp: torch.Tensor, flat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +115,7 @@ def forward(prep: PreparedProjection, inp: torch.Tensor, flat) -> tuple[torch.Te
     blocksize, quant_type = prep.meta[2:]
     return _op("lora_linear_fwd", prep.fwd_backend)(
         inp, weight, absmax, blocksize, quant_type, prep.out_features, lora_A, lora_B, prep.scaling, bias,
-        prep.dropout_p, int(seed_t.item()), prep.rounding)
+        prep.dropout_p, seed_t, prep.rounding)
 
 
 def backward(prep: PreparedProjection, grad_y: torch.Tensor, inp: torch.Tensor, S: torch.Tensor, flat,
@@ -101,14 +124,13 @@ def backward(prep: PreparedProjection, grad_y: torch.Tensor, inp: torch.Tensor, 
     False; forgets the projection's dropout seed afterwards (its backward is done)."""
     lora_A, lora_B, bias, seed_t, *weight_tensors = flat
     need_dx, need_dA, need_dB, need_dbias = needs
-    seed = int(seed_t.item())
     dx = dA = dB = dbias = None
     if need_dx or need_dA or need_dB:
         weight, absmax = _WeightParts.kernel_args(prep.meta, weight_tensors)
         blocksize, quant_type = prep.meta[2:]
         gx, gA, gB = _op("lora_linear_bwd", prep.bwd_backend)(
             grad_y.contiguous(), inp, S, weight, absmax, blocksize, quant_type, prep.out_features, lora_A, lora_B,
-            prep.scaling, prep.dropout_p, seed, need_dx, need_dA, need_dB)
+            prep.scaling, prep.dropout_p, seed_t, need_dx, need_dA, need_dB)
         dx = gx if need_dx else None
         dA = gA if need_dA else None
         dB = gB if need_dB else None
@@ -116,7 +138,7 @@ def backward(prep: PreparedProjection, grad_y: torch.Tensor, inp: torch.Tensor, 
         wide = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
         dbias = grad_y.sum(0, dtype=wide).to(grad_y.dtype)
     if prep.dropout_p > 0.0:
-        consume_seed(prep.call_site, seed)
+        consume_seed(prep.call_site, seed_t)
     return dx, dA, dB, dbias
 
 

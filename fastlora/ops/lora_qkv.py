@@ -7,7 +7,7 @@ Each projection is the math of ``fastlora.ops.lora_linear`` (PEFT's rounding) on
 
 Shapes: x (..., K); projection i maps K to N_i. Returns a tuple of (..., N_i) tensors in x's dtype.
 Saved for backward (``ctx.save_for_backward``): x once, S = dropout(x)·Aᵀ of each projection
-(M × r_i), each projection's lora_A, lora_B, bias, dropout seed (CPU int64) and weight tensors
+(M × r_i), each projection's lora_A, lora_B, bias, dropout seed (int64 0-dim tensor) and weight tensors
 (references). Not saved: the outputs, decoded weights, dropout masks. Backward adds the projections'
 contributions to dx in x's dtype, in order, as autograd adds them for separate PEFT layers;
 an output that gets no gradient costs no backward work.
@@ -20,20 +20,28 @@ from collections.abc import Sequence
 import torch
 
 from ._registry import FLOAT_DTYPES, check_tensor
-from .lora_projection import LoraProjection, backward, draw_seeds, flatten_2d, forward, prepare
+from .lora_projection import (
+    LoraProjection,
+    backward,
+    draw_seeds,
+    flatten_2d,
+    forward,
+    prepare,
+    seed_objects,
+    split_runs,
+)
 
 
 class _LoraQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, preps, *flat):
-        ys, ss, at = [], [], 0
-        for prep in preps:
-            y, s = forward(prep, x2d, flat[at:at + prep.width])
+        ys, ss = [], []
+        for prep, run in zip(preps, split_runs(flat, preps), strict=True):
+            y, s = forward(prep, x2d, run)
             ys.append(y)
             ss.append(s)
-            at += prep.width
         ctx.save_for_backward(x2d, *ss, *flat)
-        ctx.preps = preps
+        ctx.preps, ctx.seeds = preps, seed_objects(preps, flat)
         ctx.set_materialize_grads(False)
         return tuple(ys)
 
@@ -44,8 +52,7 @@ class _LoraQKVFunction(torch.autograd.Function):
         x2d, ss, flat = saved[0], saved[1:1 + len(preps)], saved[1 + len(preps):]
         needs = ctx.needs_input_grad
         dx, grads, at = None, [], 0
-        for prep, s, grad_y in zip(preps, ss, grad_ys, strict=True):
-            run = flat[at:at + prep.width]
+        for prep, s, grad_y, run in zip(preps, ss, grad_ys, split_runs(flat, preps, ctx.seeds), strict=True):
             pn = tuple(needs[2 + at:2 + at + 3])  # lora_A, lora_B, bias
             at += prep.width
             if grad_y is None:  # this output is unused: nothing flows back, but its seed is done with

@@ -5,8 +5,9 @@ The op (the contract every backend meets bit for bit; formulas in fastlora/refer
   ids     int64 (T,) flat token ids in [0, V)
   weight  (V, d) float32 / bfloat16 / float16
   mag     float32 (T,) noise magnitude per token (0: that row is an exact copy of weight[id])
-  seed    int in [0, 2^63): the noise is Philox4x32-10 on stream 1 keyed by the seed and the element
-          index t*d + j, generated inside the kernel; no noise tensor exists.
+  seed    int64 tensor with one element, value in [0, 2^63) (CPU for the CPU kernel, the weight's device
+          for GPU kernels, which read it at run time): the noise is Philox4x32-10 on stream 1 keyed by the
+          seed and the element index t*d + j, generated inside the kernel; no noise tensor exists.
   returns (T, d) of weight's dtype.
 Backends: ``fastlora::neftune_embedding`` (C++ CPU; CUDA where built), ``..._triton``
 (fastlora.kernels.neftune_embedding) and ``..._reference``; each with a fake implementation.
@@ -25,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference_neftune
-from ._dropout_seed import consume_seed, draw_seed, in_backward
+from ._dropout_seed import call_site_of, consume_seed, draw_seed, in_backward
 from ._registry import FLOAT_DTYPES, check_same_device, check_tensor, define_native, pick
 
-SCHEMA = "(Tensor ids, Tensor weight, Tensor mag, int seed) -> Tensor"
+SCHEMA = "(Tensor ids, Tensor weight, Tensor mag, Tensor seed) -> Tensor"
 MODES = reference_neftune.MODES
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -43,12 +44,12 @@ torch.library.register_fake("fastlora::neftune_embedding")(_fake)
 
 
 @torch.library.custom_op("fastlora::neftune_embedding_reference", mutates_args=())
-def _reference_op(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
+def _reference_op(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     return reference_neftune.neftune_embedding(ids, weight, mag, seed)
 
 
 @torch.library.custom_op("fastlora::neftune_embedding_triton", mutates_args=())
-def _triton_op(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> torch.Tensor:
+def _triton_op(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     from ..kernels import neftune_embedding as triton_kernels
 
     return triton_kernels.neftune_embedding(ids, weight, mag, seed)
@@ -75,20 +76,20 @@ def triton_kernel_available() -> bool:
 class _NeftuneFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight, mag, seed_t, call_site, op, padding_idx):
-        out = op(ids, weight, mag, int(seed_t.item()))
-        ctx.save_for_backward(ids, seed_t)
-        ctx.vocab, ctx.padding_idx, ctx.call_site = weight.shape[0], padding_idx, call_site
+        out = op(ids, weight, mag, seed_t)
+        ctx.save_for_backward(ids)
+        ctx.vocab, ctx.padding_idx, ctx.call_site, ctx.seed = weight.shape[0], padding_idx, call_site, seed_t
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        ids, seed_t = ctx.saved_tensors
+        (ids,) = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
             # What F.embedding's backward computes (dense scatter-add; padding_idx rows get none).
             grad_weight = torch.ops.aten.embedding_dense_backward(grad.contiguous(), ids, ctx.vocab, ctx.padding_idx,
                                                                   False)
-        consume_seed(ctx.call_site, int(seed_t.item()))
+        consume_seed(ctx.call_site, ctx.seed)
         return None, grad_weight, None, None, None, None, None
 
 
@@ -215,10 +216,10 @@ def neftune_embedding(
     ids = input_ids.reshape(-1).to(torch.int64).contiguous()
     mag = reference_neftune.noise_magnitudes(input_ids, dim, alpha, mode=mode, attention_mask=attention_mask,
                                              position_ids=position_ids, cu_seqlens=cu_seqlens)
-    seed = draw_seed(weight)
-    if in_backward() and not (weight.requires_grad and torch.is_grad_enabled()):
-        consume_seed(weight, seed)  # a checkpoint recompute whose backward will not run: done with it now
-    seed_t = torch.tensor(seed, dtype=torch.int64)
-    out = _NeftuneFunction.apply(ids, weight.contiguous(), mag, seed_t, weight, op,
+    call_site = call_site_of(weight)
+    seed_t = draw_seed(call_site, weight.device)
+    if call_site is not None and in_backward() and not (weight.requires_grad and torch.is_grad_enabled()):
+        consume_seed(call_site, seed_t)  # a checkpoint recompute whose backward will not run: done with it now
+    out = _NeftuneFunction.apply(ids, weight.contiguous(), mag, seed_t, call_site, op,
                                  -1 if padding_idx is None else padding_idx)
     return out.reshape(*input_ids.shape, dim)

@@ -61,4 +61,21 @@ inline void check_dequantize_absmax_args(const at::Tensor& qabsmax, const at::Te
   // offset is a scalar: it may live on the CPU while the rest is on the GPU.
 }
 
+// The dropout / NEFTune seed travels as a tensor (int64, one element) so that torch.compile traces the
+// ops without turning it into a Python int, and GPU kernels can read it at run time from device memory.
+inline void check_seed_tensor(const at::Tensor& seed) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be an int64 tensor with one element, got dtype ",
+                   seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1, "seed must be an int64 tensor with one element, got shape ", seed.sizes());
+}
+
+// A CPU seed read on the host (free: no device sync), checked to lie in [0, 2^63).
+inline uint64_t read_cpu_seed(const at::Tensor& seed) {
+  check_seed_tensor(seed);
+  check_device(seed, "seed", c10::DeviceType::CPU);
+  const int64_t value = seed.item<int64_t>();
+  TORCH_CHECK_VALUE(value >= 0, "seed must be in [0, 2^63), got ", value);
+  return static_cast<uint64_t>(value);
+}
+
 }  // namespace fastlora
