@@ -10,7 +10,7 @@
 * :func:`mul_rn`: an fp32 product rounded on its own (``mul.rn.f32``), so that ptxas cannot contract it
   with a following add into an FMA where the reference rounds twice;
 * :func:`load_w4_tile`: a tile of a bitsandbytes 4-bit weight decoded to the GEMM's dtype;
-* host side: :func:`is_interpreted`, :func:`check_device`, :func:`next_pow2`.
+* host side: :func:`is_interpreted`, :func:`check_device`, :func:`check_seed`, :func:`next_pow2`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["check_device", "convert", "is_interpreted", "load_w4_tile", "mma", "mul_rn", "next_pow2", "round_to",
-           "to_f32"]
+__all__ = ["check_device", "check_seed", "convert", "is_interpreted", "load_w4_tile", "mma", "mul_rn", "next_pow2",
+           "round_to", "to_f32"]
 
 
 def is_interpreted(fn) -> bool:
@@ -42,6 +42,34 @@ def check_device(fn, device: torch.device, **tensors: torch.Tensor | None) -> No
             f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
             "fastlora.kernels to run them on the CPU"
         )
+
+
+def check_seed(seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The dropout / NEFTune seed as the kernels take it: an int64 tensor with one element on ``device``
+    (the inputs' device), whose 64 bits are the Philox key; the kernels load it at run time (``seed_ptr``),
+    so a CUDA graph replays whatever value the tensor holds then.
+
+    ``seed`` must be an int64 tensor with one element (0-dim or (1,)) on ``device`` or on the CPU. A CPU
+    seed given with GPU inputs is copied to the device (``non_blocking``): convenient, but that copy reads
+    host memory when it is issued, so it is not CUDA-graph safe. Its value must be in [0, 2^63); that is
+    checked only for a CPU seed, whose value is free to read (reading a GPU seed would synchronize).
+    Raises TypeError / ValueError naming ``seed``."""
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"seed must be a torch.Tensor (int64, one element), got {type(seed).__name__}")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"seed must be an int64 tensor (one element), got dtype {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"seed must have exactly one element, got shape {tuple(seed.shape)}")
+    device = torch.device(device)
+    if seed.device.type == "cpu":
+        if seed.item() < 0:
+            raise ValueError(f"seed must be in [0, 2^63), got {seed.item()}")
+        if device.type != "cpu":
+            seed = seed.to(device, non_blocking=True)
+    elif seed.device != device:
+        where = "cpu" if device.type == "cpu" else f"the CPU or {device}"
+        raise ValueError(f"seed is on {seed.device}, expected {where} (the inputs are on {device})")
+    return seed
 
 
 def next_pow2(n: int) -> int:

@@ -52,10 +52,21 @@ import triton
 import triton.language as tl
 
 from . import CompileSpec
-from ._common import check_device, convert, is_interpreted, load_w4_tile, mma, mul_rn, next_pow2, round_to, to_f32
+from ._common import (
+    check_device,
+    check_seed,
+    convert,
+    is_interpreted,
+    load_w4_tile,
+    mma,
+    mul_rn,
+    next_pow2,
+    round_to,
+    to_f32,
+)
 from .dequantize_4bit import code_table, dequantize_4bit
 from .lora_dropout import dropout_keep_mask
-from .philox import dropout_constants, keep_groups, seed_halves
+from .philox import dropout_constants, keep_groups, load_key
 
 __all__ = [
     "AUTOTUNE",
@@ -117,17 +128,18 @@ def _tile_ids(pid, M, NC, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M:
 
 @triton.jit
 def _keep_tile(
-    row0, rows, col0, K, mask_ptr, seed_lo, seed_hi, threshold, dropout_mode,
+    row0, rows, col0, K, mask_ptr, k0, k1, threshold, dropout_mode,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Keep mask [BLOCK_M, BLOCK_C] (int8 0 / 1) of elements (row0 + rows, col0 + arange) of a
-    row-major (M, K) tensor. dropout_mode 0: all kept; 2 (K % 4 == 0): Philox here, one evaluation
-    per 4 elements; 1 (other K): read from the uint8 mask the launcher generated for this call.
+    row-major (M, K) tensor. dropout_mode 0: all kept; 2 (K % 4 == 0): Philox here with the key
+    halves k0, k1 (uint32, from load_key), one evaluation per 4 elements; 1 (other K): read from the
+    uint8 mask the launcher generated for this call.
     (int8, not int1: an int1 tile that ends up in shared memory crashes Triton 3.9's compiler.)"""
     if dropout_mode == 2:
         first = ((row0 + rows.to(tl.int64)) * K + col0) >> 2  # col0 and K are multiples of 4
         n = first[:, None] + tl.arange(0, BLOCK_C // 4).to(tl.int64)[None, :]
-        keep = keep_groups(n, seed_lo, seed_hi, threshold, BLOCK_M, BLOCK_C).to(tl.int8)
+        keep = keep_groups(n, k0, k1, threshold, BLOCK_M, BLOCK_C).to(tl.int8)
     elif dropout_mode == 1:
         cols = col0 + tl.arange(0, BLOCK_C)
         idx = (row0 + rows.to(tl.int64))[:, None] * K + cols[None, :]
@@ -146,14 +158,17 @@ def _dropout_x(x, keep, scale, dropout_mode, dtype: tl.constexpr, INTERP: tl.con
     return x
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "dropout_mode"])
+# The seed is read through seed_ptr at run time (a CUDA graph replays the tensor's current value); its
+# alignment does not matter to one 8-byte load, so it does not split the kernel cache.
+@triton.jit(do_not_specialize=["threshold", "dropout_mode"], do_not_specialize_on_alignment=["seed_ptr"])
 def _lora_s_kernel(
     x_ptr,  # *X (M, K)
     a_ptr,  # *D (R, K)
     s_ptr,  # *D (M, R) out
     mask_ptr,  # *u8 (M, K) keep mask (dropout_mode 1 only)
     M, K, R,
-    seed_lo, seed_hi, threshold,  # Philox key halves (i32 bit patterns) and ceil(p * 2^24)
+    seed_ptr,  # *i64 [1]: the seed (Philox key lo32, hi32), loaded once per program
+    threshold,  # ceil(p * 2^24)
     scale,  # fp32 (float)(1 / (1 - p))
     dropout_mode,  # 0: p == 0; 2: dropout, K % 4 == 0 (Philox here); 1: dropout, mask from mask_ptr
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INTERP: tl.constexpr,
@@ -165,13 +180,14 @@ def _lora_s_kernel(
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < R
     x_ptr += row0 * K
+    key0, key1 = load_key(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         x = tl.load(x_ptr + rows[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_ptr + rr[None, :] * K + rk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        keep = _keep_tile(row0, rows, k0, K, mask_ptr, seed_lo, seed_hi, threshold, dropout_mode, BLOCK_M, BLOCK_K)
+        keep = _keep_tile(row0, rows, k0, K, mask_ptr, key0, key1, threshold, dropout_mode, BLOCK_M, BLOCK_K)
         acc = mma(_dropout_x(x, keep, scale, dropout_mode, adt, INTERP), a, acc, INTERP)
     s_ptr += row0 * R
     tl.store(s_ptr + rows[:, None] * R + rr[None, :], round_to(acc, adt, INTERP), mask=m_ok[:, None] & r_ok[None, :])
@@ -325,7 +341,7 @@ def _lora_bwd_ds_kernel(
         tl.store(ds_ptr + rows[:, None] * R + rr[None, :], acc * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "dropout_mode", "M_BUCKET"])
+@triton.jit(do_not_specialize=["threshold", "dropout_mode", "M_BUCKET"], do_not_specialize_on_alignment=["seed_ptr"])
 def _lora_bwd_dx_kernel(
     g_ptr,  # *X (M, N) grad of y
     w_ptr,  # *X (N, K) dense, or *u8 packed codes (W4)
@@ -337,7 +353,7 @@ def _lora_bwd_dx_kernel(
     mask_ptr,  # *u8 (M, K) keep mask (dropout_mode 1 only)
     M, N, K, R,
     log2_bs,
-    seed_lo, seed_hi, threshold, scale, dropout_mode,  # as in _lora_s_kernel
+    seed_ptr, threshold, scale, dropout_mode,  # as in _lora_s_kernel
     M_BUCKET,  # autotune key only
     W4: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -356,7 +372,8 @@ def _lora_bwd_dx_kernel(
 
     # LoRA term dS·A (fp32 FMAs as rank-1 updates), masked and scaled; the GEMM then accumulates onto it.
     # (The mask first: Philox's temporaries and the accumulator are never live together.)
-    keep = _keep_tile(row0, rows, col0, K, mask_ptr, seed_lo, seed_hi, threshold, dropout_mode, BLOCK_M, BLOCK_N)
+    key0, key1 = load_key(seed_ptr)
+    keep = _keep_tile(row0, rows, col0, K, mask_ptr, key0, key1, threshold, dropout_mode, BLOCK_M, BLOCK_N)
     ds_ptr += row0 * R
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for r in range(0, R):
@@ -384,7 +401,8 @@ def _lora_bwd_dx_kernel(
     tl.store(dx_ptr + rows[:, None] * K + rc[None, :], round_to(acc, xdt, INTERP), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "dropout_mode", "rows_per_split"])
+@triton.jit(do_not_specialize=["threshold", "dropout_mode", "rows_per_split"],
+            do_not_specialize_on_alignment=["seed_ptr"])  # fmt: skip
 def _lora_bwd_da_kernel(
     x_ptr,  # *X (M, K)
     ds_ptr,  # *fp32 (M, R)
@@ -393,7 +411,7 @@ def _lora_bwd_da_kernel(
     a_ptr,  # *D: only its dtype is used (xd is rounded to it)
     M, K, R,
     rows_per_split,  # rows of M per program along grid axis 2 (a multiple of BLOCK_M)
-    seed_lo, seed_hi, threshold, scale, dropout_mode,  # as in _lora_s_kernel
+    seed_ptr, threshold, scale, dropout_mode,  # as in _lora_s_kernel
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     adt: tl.constexpr = a_ptr.dtype.element_ty
@@ -404,11 +422,12 @@ def _lora_bwd_da_kernel(
     first = tl.program_id(2).to(tl.int64) * rows_per_split
     last = tl.minimum(first + rows_per_split, M)
     rows = tl.arange(0, BLOCK_M)
+    key0, key1 = load_key(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
     for row0 in range(first, last, BLOCK_M):
         m_ok = rows < last - row0
         x = tl.load(x_ptr + row0 * K + rows[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        keep = _keep_tile(row0, rows, tl.program_id(0) * BLOCK_K, K, mask_ptr, seed_lo, seed_hi, threshold,
+        keep = _keep_tile(row0, rows, tl.program_id(0) * BLOCK_K, K, mask_ptr, key0, key1, threshold,
                           dropout_mode, BLOCK_M, BLOCK_K)  # fmt: skip
         xd = to_f32(_dropout_x(x, keep, scale, dropout_mode, adt, INTERP), INTERP)
         dst = tl.load(ds_ptr + row0 * R + rows[None, :] * R + rr[:, None], mask=r_ok[:, None] & m_ok[None, :],
@@ -567,9 +586,8 @@ def compile_specs() -> list[CompileSpec]:
                 kernel="lora_s", config=f"{pair} R{block_r} {c.block_m}x{c.block_c} w{c.num_warps}",
                 fn=_lora_s_kernel,
                 signature={"x_ptr": f"*{x}", "a_ptr": f"*{a}", "s_ptr": f"*{a}", "mask_ptr": "*u8", "M": "i32",
-                           "K": "i32", "R": "i32", "seed_lo": "i32", "seed_hi": "i32", "threshold": "i32",
-                           "scale": "fp32", "dropout_mode": "i32", "BLOCK_M": _C, "BLOCK_K": _C, "BLOCK_R": _C,
-                           "INTERP": _C},
+                           "K": "i32", "R": "i32", "seed_ptr": "*i64", "threshold": "i32", "scale": "fp32",
+                           "dropout_mode": "i32", "BLOCK_M": _C, "BLOCK_K": _C, "BLOCK_R": _C, "INTERP": _C},
                 constexprs={"BLOCK_M": c.block_m, "BLOCK_K": c.block_c, "BLOCK_R": block_r, "INTERP": False},
                 aligned=("x_ptr", "a_ptr", "s_ptr", "mask_ptr", "K"), num_warps=c.num_warps,
             ))  # fmt: skip
@@ -591,8 +609,8 @@ def compile_specs() -> list[CompileSpec]:
                 fn=_lora_bwd_da_kernel,
                 signature={"x_ptr": f"*{x}", "ds_ptr": "*fp32", "da_ptr": "*fp32", "mask_ptr": "*u8",
                            "a_ptr": f"*{a}", "M": "i32", "K": "i32", "R": "i32", "rows_per_split": "i32",
-                           "seed_lo": "i32", "seed_hi": "i32", "threshold": "i32", "scale": "fp32",
-                           "dropout_mode": "i32", "BLOCK_M": _C, "BLOCK_K": _C, "BLOCK_R": _C, "INTERP": _C},
+                           "seed_ptr": "*i64", "threshold": "i32", "scale": "fp32", "dropout_mode": "i32",
+                           "BLOCK_M": _C, "BLOCK_K": _C, "BLOCK_R": _C, "INTERP": _C},
                 constexprs={"BLOCK_M": c.block_m, "BLOCK_K": c.block_c, "BLOCK_R": block_r, "INTERP": False},
                 aligned=("x_ptr", "ds_ptr", "da_ptr", "mask_ptr", "a_ptr", "K"), num_warps=c.num_warps,
             ))  # fmt: skip
@@ -625,8 +643,8 @@ def compile_specs() -> list[CompileSpec]:
                     signature={"g_ptr": f"*{x}", "w_ptr": w, "absmax_ptr": "*fp32", "table_ptr": "*fp32",
                                "ds_ptr": "*fp32", "a_ptr": f"*{a}", "dx_ptr": f"*{x}", "mask_ptr": "*u8",
                                "M": "i32", "N": "i32", "K": "i32", "R": "i32", "log2_bs": "i32",
-                               "seed_lo": "i32", "seed_hi": "i32", "threshold": "i32", "scale": "fp32",
-                               "dropout_mode": "i32", "M_BUCKET": "i32", **dict.fromkeys(common, _C)},
+                               "seed_ptr": "*i64", "threshold": "i32", "scale": "fp32", "dropout_mode": "i32",
+                               "M_BUCKET": "i32", **dict.fromkeys(common, _C)},
                     constexprs=common,
                     aligned=("g_ptr", "w_ptr", "absmax_ptr", "table_ptr", "ds_ptr", "a_ptr", "dx_ptr", "mask_ptr",
                              "N", "K"),
@@ -655,16 +673,16 @@ def uses_fused_4bit(m: int, k: int, blocksize: int) -> bool:
     return m <= SMALL_M and blocksize >= _W4_MAX_TILE and k % blocksize == 0
 
 
-def _dropout_args(p: float, seed: int, m: int, k: int, like: torch.Tensor):
-    """(mask, seed_lo, seed_hi, threshold, scale, dropout_mode) kernel arguments. The mask is a
-    freshly generated uint8 (m, k) keep mask when K % 4 != 0 (dropout_mode 1), else a dummy."""
+def _dropout_args(p: float, seed: torch.Tensor, m: int, k: int, like: torch.Tensor):
+    """(mask, threshold, scale, dropout_mode) kernel arguments (the kernels also take ``seed``, the
+    checked seed tensor on like's device, whatever p). The mask is a freshly generated uint8 (m, k)
+    keep mask when K % 4 != 0 (dropout_mode 1), else a dummy."""
     if p == 0.0:
-        return like, 0, 0, 0, 1.0, 0
+        return like, 0, 1.0, 0
     threshold, scale = dropout_constants(p)
-    seed_lo, seed_hi = seed_halves(int(seed))
     if k % 4 == 0:
-        return like, seed_lo, seed_hi, threshold, scale, 2
-    return dropout_keep_mask(m * k, p, seed, like.device), seed_lo, seed_hi, threshold, scale, 1
+        return like, threshold, scale, 2
+    return dropout_keep_mask(m * k, p, seed, like.device), threshold, scale, 1
 
 
 def _check_common(x, weight, absmax, blocksize, quant_type, n, lora_A, lora_B):
@@ -754,7 +772,7 @@ def _ds_db_torch(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool
     return ds, db
 
 
-def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: int) -> torch.Tensor:
+def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """dx = rnd_X(rnd_X(G·W) + keep·scale·(dS·A)): the base term from torch (rounded to x's dtype as
     PEFT's autograd does), the LoRA term in fp32 with the Philox mask of the forward."""
     from .lora_dropout import lora_dropout
@@ -767,7 +785,8 @@ def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: int) -> torch.Tenso
 
 def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
                     dropout_p, seed, rounding):
-    """Forward of the LoRA linear layer; arguments as ``fastlora.reference_lora.lora_linear_fwd``.
+    """Forward of the LoRA linear layer; arguments as ``fastlora.reference_lora.lora_linear_fwd``, with
+    ``seed`` an int64 tensor with one element on x's device or the CPU (see ``_common.check_seed``).
     Returns (y (M, N) in x's dtype, S (M, r) in lora_A's dtype)."""
     n = int(out_features)
     _check_common(x, weight, absmax, blocksize, quant_type, n, lora_A, lora_B)
@@ -777,6 +796,7 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
         raise ValueError(f"bias must be ({n},) of x's dtype, got {bias.dtype}{tuple(bias.shape)}")
     fn = _lora_fwd_kernel
     check_device(fn, x.device, weight=weight, absmax=absmax, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    seed = check_seed(seed, x.device)
     interp = is_interpreted(fn)
     m, k = x.shape
     r = lora_A.shape[0]
@@ -787,11 +807,11 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     if m == 0:
         return y, s
 
-    keep_mask, seed_lo, seed_hi, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
+    keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
     block_r = _s_block_r(r)
     sc = _INTERP_SMALL if interp else S_CONFIGS[block_r, _width(lora_A.dtype)]
     _lora_s_kernel[(triton.cdiv(m, sc.block_m), triton.cdiv(r, block_r))](
-        x, lora_A, s, keep_mask, m, k, r, seed_lo, seed_hi, threshold, scale, mode,
+        x, lora_A, s, keep_mask, m, k, r, seed, threshold, scale, mode,
         BLOCK_M=sc.block_m, BLOCK_K=sc.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=sc.num_warps,
     )  # fmt: skip
     if n == 0:
@@ -818,9 +838,10 @@ def _da_split(m: int, k_tiles: int, r_tiles: int, block_m: int, interp: bool) ->
 
 def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling,
                     dropout_p, seed, need_dx, need_dA, need_dB):
-    """Backward of the LoRA linear layer; arguments as ``fastlora.reference_lora.lora_linear_bwd``.
-    Returns (dx (M, K) in x's dtype, dA (r, K), dB (N, r) in lora_A's dtype); an output that is not
-    needed is an empty (0,) tensor."""
+    """Backward of the LoRA linear layer; arguments as ``fastlora.reference_lora.lora_linear_bwd``, with
+    ``seed`` (the forward's) an int64 tensor with one element on x's device or the CPU. Returns
+    (dx (M, K) in x's dtype, dA (r, K), dB (N, r) in lora_A's dtype); an output that is not needed is
+    an empty (0,) tensor."""
     n = int(out_features)
     _check_common(x, weight, absmax, blocksize, quant_type, n, lora_A, lora_B)
     m, k = x.shape
@@ -831,6 +852,7 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
         raise ValueError(f"S must be ({m}, {r}) of lora_A's dtype, got {S.dtype}{tuple(S.shape)}")
     fn = _lora_bwd_dx_kernel
     check_device(fn, x.device, grad_y=grad_y, S=S, weight=weight, absmax=absmax, lora_A=lora_A, lora_B=lora_B)
+    seed = check_seed(seed, x.device)
     interp = is_interpreted(fn)
     dev, adt = x.device, lora_A.dtype
     need_dx, need_dA, need_dB = bool(need_dx), bool(need_dA), bool(need_dB)
@@ -854,15 +876,15 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
                 num_warps=dc.num_warps,
             )  # fmt: skip
         if need_ds:
-            keep_mask, seed_lo, seed_hi, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
+            keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
         if need_dx:
             fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
             w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
             if torch_gemms:
                 dx = _dx_torch(grad_y, w, ds, lora_A, float(dropout_p), seed)
             else:
-                args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed_lo, seed_hi,
-                        threshold, scale, mode, _m_bucket(m))  # fmt: skip
+                args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed, threshold,
+                        scale, mode, _m_bucket(m))  # fmt: skip
                 _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype),
                              lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(k, bn), args,
                              {"W4": w4, "INTERP": interp})  # fmt: skip
@@ -872,7 +894,7 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
             k_tiles, r_tiles = triton.cdiv(k, ac.block_c), triton.cdiv(r, block_r)
             rows_per_split = _da_split(m, k_tiles, r_tiles, ac.block_m, interp)
             _lora_bwd_da_kernel[(k_tiles, r_tiles, triton.cdiv(m, rows_per_split))](
-                x, ds, da_ws, keep_mask, lora_A, m, k, r, rows_per_split, seed_lo, seed_hi, threshold, scale, mode,
+                x, ds, da_ws, keep_mask, lora_A, m, k, r, rows_per_split, seed, threshold, scale, mode,
                 BLOCK_M=ac.block_m, BLOCK_K=ac.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=ac.num_warps,
             )  # fmt: skip
     # (outputs of a custom op must not alias each other: a fresh empty tensor for each one not needed)

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import FP_FMA_PTX, CompileSpec
-from ._common import check_device, is_interpreted, mul_rn, round_to, to_f32
-from .philox import philox4x32_10, seed_halves
+from ._common import check_device, check_seed, is_interpreted, mul_rn, round_to, to_f32
+from .philox import load_key, philox4x32_10
 
 __all__ = ["NEFTUNE_CONFIGS", "STREAM_NEFTUNE", "NeftuneConfig", "compile_specs", "neftune_config", "neftune_embedding"]
 
@@ -38,13 +38,13 @@ _U_SCALE: tl.constexpr = tl.constexpr(1.0 / 8388608.0)  # 2^-23, exact
 
 
 @triton.jit
-def _block_words(n, seed_lo, seed_hi):
-    """The four uint32 words of the Philox blocks ``n`` (int64 tile) on the NEFTune stream."""
+def _block_words(n, k0, k1):
+    """The four uint32 words of the Philox blocks ``n`` (int64 tile) on the NEFTune stream, key (k0, k1)."""
     c0 = n.to(tl.uint32)  # lo32(n)
     c1 = (n >> 32).to(tl.uint32)
     c2 = tl.full(c0.shape, _STREAM, tl.uint32)
     c3 = tl.zeros(c0.shape, tl.uint32)
-    return philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+    return philox4x32_10(c0, c1, c2, c3, k0, k1)
 
 
 @triton.jit
@@ -53,7 +53,9 @@ def _uniform(word):
     return ((word >> 8).to(tl.int32) - 8388608).to(tl.float32) * _U_SCALE
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+# The seed is read through seed_ptr at run time (a CUDA graph replays the tensor's current value); its
+# alignment does not matter to one 8-byte load, so it does not split the kernel cache.
+@triton.jit(do_not_specialize_on_alignment=["seed_ptr"])
 def _neftune_embedding_kernel(
     ids_ptr,  # *i64 [T]
     w_ptr,  # *fp32 | *bf16 | *fp16 [V, d] contiguous
@@ -62,8 +64,7 @@ def _neftune_embedding_kernel(
     T,
     V,
     d,
-    seed_lo,  # i32: lo32(seed), bit pattern
-    seed_hi,  # i32: hi32(seed)
+    seed_ptr,  # *i64 [1]: the seed, Philox key (lo32, hi32)
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUPS: tl.constexpr,  # d % 4 == 0: one Philox evaluation per 4 elements
@@ -80,18 +81,19 @@ def _neftune_embedding_kernel(
     store_mask = row_ok[:, None] & col_ok[None, :]
     load_mask = store_mask & id_ok[:, None]
     w = tl.load(w_ptr + (ids * d)[:, None] + cols[None, :], mask=load_mask, other=0.0)
+    k0, k1 = load_key(seed_ptr)
 
     if GROUPS:
         # Rows start at multiples of 4 (d % 4 == 0) and so does c0: group g of the tile is Philox block
         # (t * d + c0) / 4 + g, its words the elements 4g .. 4g + 3.
         G: tl.constexpr = BLOCK_D // 4
         n = (t * (d // 4) + c0 // 4)[:, None] + tl.arange(0, G)[None, :].to(tl.int64)
-        w0, w1, w2, w3 = _block_words(n, seed_lo, seed_hi)
+        w0, w1, w2, w3 = _block_words(n, k0, k1)
         # join(join(w0, w2), join(w1, w3))[..., j, i] = w[2j + i]: a row-major reshape puts word k at 4g + k.
         word = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_T, BLOCK_D))
     else:
         i = (t * d)[:, None] + cols[None, :].to(tl.int64)
-        w0, w1, w2, w3 = _block_words(i >> 2, seed_lo, seed_hi)
+        w0, w1, w2, w3 = _block_words(i >> 2, k0, k1)
         k = i & 3
         word = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
 
@@ -136,7 +138,7 @@ def compile_specs() -> list[CompileSpec]:
                     fn=_neftune_embedding_kernel,
                     signature={
                         "ids_ptr": "*i64", "w_ptr": f"*{name}", "mag_ptr": "*fp32", "out_ptr": f"*{name}",
-                        "T": "i32", "V": "i32", "d": "i32", "seed_lo": "i32", "seed_hi": "i32",
+                        "T": "i32", "V": "i32", "d": "i32", "seed_ptr": "*i64",
                         "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "GROUPS": "constexpr", "INTERP": "constexpr",
                     },
                     constexprs={"BLOCK_T": cfg.block_t, "BLOCK_D": cfg.block_d, "GROUPS": groups, "INTERP": False},
@@ -148,7 +150,7 @@ def compile_specs() -> list[CompileSpec]:
     return specs
 
 
-def _check_args(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int) -> int:
+def _check_args(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor) -> int:
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
         raise TypeError(f"ids must be an int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _DTYPES:
@@ -156,10 +158,6 @@ def _check_args(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed
         raise TypeError(f"weight must be a float32, bfloat16 or float16 tensor, got {got}")
     if not isinstance(mag, torch.Tensor) or mag.dtype != torch.float32:
         raise TypeError(f"mag must be a float32 tensor, got {getattr(mag, 'dtype', type(mag).__name__)}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < (1 << 63):
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     if ids.dim() != 1:
         raise ValueError(f"ids must be 1-D (T,) flat token ids, got shape {tuple(ids.shape)}")
     if weight.dim() != 2:
@@ -176,18 +174,21 @@ def _check_args(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed
 
 
 def neftune_embedding(
-    ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: int, *, check_ids: bool = True
+    ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: torch.Tensor, *, check_ids: bool = True
 ) -> torch.Tensor:
     """``weight[ids] + noise`` (T, d) in weight's dtype: see the module docstring for the exact rule.
 
     ids: int64 (T,) with 0 <= id < V; weight: (V, d) float32 / bfloat16 / float16; mag: float32 (T,) per-token
-    noise magnitude (0: the row is the plain lookup); seed in [0, 2^63). All on one device (CUDA, or CPU under
-    TRITON_INTERPRET=1). Raises TypeError / ValueError naming the argument on bad input; out-of-range ids are
-    found with one ``aminmax`` on the device (a host sync) before the launch; ``check_ids=False`` skips it for
-    callers that validated the ids already (the kernel still never reads outside weight: bad ids give NaN rows)."""
-    T = _check_args(ids, weight, mag, seed)
+    noise magnitude (0: the row is the plain lookup); seed: int64 tensor with one element, value in [0, 2^63),
+    read by the kernel at run time. All on one device (CUDA, or CPU under TRITON_INTERPRET=1); the seed may
+    also be a CPU tensor (copied to the device, see ``_common.check_seed``). Raises TypeError / ValueError
+    naming the argument on bad input; out-of-range ids are found with one ``aminmax`` on the device (a host
+    sync) before the launch; ``check_ids=False`` skips it for callers that validated the ids already (the
+    kernel still never reads outside weight: bad ids give NaN rows)."""
+    T = _check_args(ids, weight, mag)
     fn = _neftune_embedding_kernel
     check_device(fn, ids.device, ids=ids, weight=weight, mag=mag)
+    seed = check_seed(seed, ids.device)
     V, d = weight.shape
     out = torch.empty((T, d), dtype=weight.dtype, device=weight.device)
     if T == 0 or d == 0:
@@ -203,10 +204,9 @@ def neftune_embedding(
     ids_c = ids.contiguous()
     mag_c = mag.contiguous()
     cfg = neftune_config(d)
-    seed_lo, seed_hi = seed_halves(int(seed))
     grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(d, cfg.block_d))
     fn[grid](
-        ids_c, w, mag_c, out, T, V, d, seed_lo, seed_hi,
+        ids_c, w, mag_c, out, T, V, d, seed,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, GROUPS=d % 4 == 0, INTERP=is_interpreted(fn),
         num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip

@@ -5,7 +5,9 @@ These helpers implement the same function in uint32 arithmetic (``tl.umulhi`` fo
 the 32x32-bit products), so the Triton kernels match the C++ / CUDA kernels and the reference bit for
 bit:
 
-* key = (lo32(seed), hi32(seed)); counter = (lo32(n), hi32(n), stream, 0);
+* key = (lo32(seed), hi32(seed)); counter = (lo32(n), hi32(n), stream, 0). The kernels take the seed
+  as a pointer to an int64 and read it at run time (:func:`load_key`), never as a launch constant, so
+  a captured CUDA graph uses the value the seed tensor holds at each replay;
 * element i of a tensor (row-major linear index) uses word ``i & 3`` of block ``n = i >> 2``;
 * LoRA dropout (stream 0) keeps element i iff ``(word >> 8) >= ceil(p * 2^24)``, and a kept value is
   ``round(x * scale)`` with ``scale = (float)(1 / (1 - p))`` (computed on the host, see
@@ -32,8 +34,8 @@ __all__ = [
     "dropout_constants",
     "keep_elements",
     "keep_groups",
+    "load_key",
     "philox4x32_10",
-    "seed_halves",
 ]
 
 STREAM_LORA_DROPOUT = 0
@@ -50,14 +52,6 @@ def dropout_constants(p: float) -> tuple[int, float]:
     threshold = math.ceil(p * 16777216.0)
     scale = struct.unpack("f", struct.pack("f", 1.0 / (1.0 - p)))[0]  # round-to-nearest-even to fp32
     return threshold, scale
-
-
-def seed_halves(seed: int) -> tuple[int, int]:
-    """The Philox key (lo32(seed), hi32(seed)) as two *signed* int32 values, so that a kernel always
-    receives them as ``i32`` scalars (the kernels bitcast them back to uint32)."""
-    seed &= (1 << 64) - 1
-    lo, hi = seed & 0xFFFFFFFF, seed >> 32
-    return tuple(v - (1 << 32) if v >= (1 << 31) else v for v in (lo, hi))
 
 
 @triton.jit
@@ -80,35 +74,42 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _words(n, seed_lo, seed_hi, STREAM: tl.constexpr):
+def load_key(seed_ptr):
+    """The Philox key (k0, k1) = (lo32(seed), hi32(seed)) as uint32 scalars, from the int64 seed at
+    ``seed_ptr``. Both halves are truncations of the 64-bit pattern (the arithmetic shift's sign bits
+    fall outside the low 32 bits), so any int64 value gives the key of its two's-complement bits."""
+    seed = tl.load(seed_ptr)
+    return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _words(n, k0, k1, STREAM: tl.constexpr):
     # n: int64 block counters -> the four uint32 words of each block.
     c0 = n.to(tl.uint32)  # truncation: lo32(n)
     c1 = (n >> 32).to(tl.uint32)
     c2 = tl.full(c0.shape, STREAM, tl.uint32)
     c3 = tl.zeros(c0.shape, tl.uint32)
-    k0 = seed_lo.to(tl.uint32, bitcast=True)
-    k1 = seed_hi.to(tl.uint32, bitcast=True)
     return philox4x32_10(c0, c1, c2, c3, k0, k1)
 
 
 @triton.jit
-def keep_elements(idx, seed_lo, seed_hi, threshold, STREAM: tl.constexpr = 0):
+def keep_elements(idx, k0, k1, threshold, STREAM: tl.constexpr = 0):
     """bool tile: LoRA dropout keeps element ``idx`` (int64 tensor of row-major linear indices).
 
-    seed_lo, seed_hi: int32 scalars from :func:`seed_halves`; threshold: int32 scalar ``ceil(p * 2^24)``.
+    k0, k1: the uint32 key halves from :func:`load_key`; threshold: int32 scalar ``ceil(p * 2^24)``.
     One Philox evaluation per element."""
-    w0, w1, w2, w3 = _words(idx >> 2, seed_lo, seed_hi, STREAM)
+    w0, w1, w2, w3 = _words(idx >> 2, k0, k1, STREAM)
     j = idx & 3
     w = tl.where(j == 0, w0, tl.where(j == 1, w1, tl.where(j == 2, w2, w3)))
     return (w >> 8) >= threshold.to(tl.uint32)
 
 
 @triton.jit
-def keep_groups(n, seed_lo, seed_hi, threshold, ROWS: tl.constexpr, COLS: tl.constexpr, STREAM: tl.constexpr = 0):
+def keep_groups(n, k0, k1, threshold, ROWS: tl.constexpr, COLS: tl.constexpr, STREAM: tl.constexpr = 0):
     """bool [ROWS, COLS] tile from int64 block counters ``n`` of shape [ROWS, COLS // 4]: element
-    (i, 4 * g + j) of the result is element ``4 * n[i, g] + j`` of the tensor. One Philox
-    evaluation per four elements."""
-    w0, w1, w2, w3 = _words(n, seed_lo, seed_hi, STREAM)
+    (i, 4 * g + j) of the result is element ``4 * n[i, g] + j`` of the tensor (key halves k0, k1 from
+    :func:`load_key`). One Philox evaluation per four elements."""
+    w0, w1, w2, w3 = _words(n, k0, k1, STREAM)
     # join(join(w0, w2), join(w1, w3))[..., j, i] = w[2 * j + i]: a row-major reshape puts word k at 4g + k.
     w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (ROWS, COLS))
     return (w >> 8) >= threshold.to(tl.uint32)

@@ -1,14 +1,18 @@
-"""The Triton LoRA ops (kernels/lora_dropout.py, kernels/lora_linear.py) against the torch reference ops.
+"""The Triton LoRA kernels (kernels/lora_dropout.py, kernels/lora_linear.py) against the torch reference.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 before anything imports Triton); with one they run compiled on CUDA tensors.
 Shapes are tiny and odd so that every kernel sees several tiles, partial tiles and several loop
 iterations under the interpreter's small fixed configuration.
 
+The launchers are called directly (the custom ops of fastlora/ops/ only pass their arguments on) with
+the seed as the kernels take it, an int64 tensor with one element; the reference (fastlora/reference_lora.py)
+gets the same seed value.
+
 Comparisons:
-* ``fastlora::lora_dropout_triton`` vs ``lora_dropout_reference``: bitwise (the Philox mask and the
+* ``lora_dropout`` vs ``reference_lora.lora_dropout``: bitwise (the Philox mask and the
   rounding of x * scale are one definition), also the keep mask the GEMMs read for K % 4 != 0.
-* ``lora_linear_fwd_triton`` / ``lora_linear_bwd_triton`` vs ``*_reference``: the GEMMs sum in another
+* ``lora_linear_fwd`` / ``lora_linear_bwd`` vs the reference's: the GEMMs sum in another
   order, so per output ``|got - ref| <= tol * (|ref| + max|ref|)`` with tol by the output's dtype:
   float32 1e-5, bfloat16 1e-2, float16 2e-3 (outputs rounded to a 16-bit dtype may differ by one unit
   in the last place, and a 16-bit S changes L by a rounding of its own). The 4-bit weights are decoded
@@ -23,12 +27,12 @@ import torch
 
 import fastlora  # noqa: F401  (registers the ops)
 from fastlora import nf4, reference_lora
+from fastlora.kernels import lora_dropout as tl_drop
 from fastlora.kernels import lora_linear as tl_lora
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOL = {F32: 1e-5, BF16: 1e-2, F16: 2e-3}
-OPS = torch.ops.fastlora
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -53,6 +57,11 @@ def _dropout_seed(seed: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + 12345) % (1 << 63)  # uses both 32-bit halves of the key
 
 
+def _st(value: int, device=DEVICE) -> torch.Tensor:
+    """The seed as the launchers take it: an int64 0-dim tensor (on the inputs' device)."""
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
 # --------------------------------------------------------------------------------------------------
 # LoRA dropout
 # --------------------------------------------------------------------------------------------------
@@ -64,8 +73,8 @@ def test_dropout_bitwise(seed, dtype, p):
     for shape in [(1,), (3,), (1027,), (37, 71), (2, 5, 129)]:
         x = (torch.randn(shape) * 3).to(dtype).to(DEVICE)
         s = _dropout_seed(seed + len(shape))
-        got = OPS.lora_dropout_triton(x, p, s)
-        ref = OPS.lora_dropout_reference(x, p, s)
+        got = tl_drop.lora_dropout(x, p, _st(s))
+        ref = reference_lora.lora_dropout(x, p, s)
         assert got.shape == ref.shape and got.dtype == ref.dtype
         assert torch.equal(_bits(got), _bits(ref)), (shape, p)
     kept = (got != 0).double().mean().item()
@@ -77,21 +86,19 @@ def test_dropout_edge_values_and_seeds():
     for s in (0, 1, (1 << 32) - 1, 1 << 32, (1 << 63) - 1):
         for dtype in (F32, BF16, F16):
             xd = x.to(dtype)
-            got, ref = OPS.lora_dropout_triton(xd, 0.3, s), OPS.lora_dropout_reference(xd, 0.3, s)
+            got, ref = tl_drop.lora_dropout(xd, 0.3, _st(s)), reference_lora.lora_dropout(xd, 0.3, s)
             # NaN stays NaN; its payload after rounding is the device's (cvt.rn on a GPU, torch's own).
             nan = ref.isnan()
             assert torch.equal(got.isnan(), nan), (s, dtype)
             assert torch.equal(_bits(got)[~nan], _bits(ref)[~nan]), (s, dtype)
     empty = torch.empty(0, 4, device=DEVICE)
-    assert OPS.lora_dropout_triton(empty, 0.5, 3).shape == (0, 4)
+    assert tl_drop.lora_dropout(empty, 0.5, _st(3)).shape == (0, 4)
 
 
 def test_keep_mask_kernel_matches_reference(seed):
-    from fastlora.kernels.lora_dropout import dropout_keep_mask
-
     s = _dropout_seed(seed)
     for numel, p in ((1, 0.5), (37 * 37, 0.2), (4099, 0.9)):
-        got = dropout_keep_mask(numel, p, s, torch.device(DEVICE)).bool().cpu()
+        got = tl_drop.dropout_keep_mask(numel, p, _st(s), torch.device(DEVICE)).bool().cpu()
         assert torch.equal(got, reference_lora.dropout_keep_mask(s, (numel,), p))
 
 
@@ -122,16 +129,14 @@ def _run_case(m, k, n, r, xdt, adt, *, quant=None, bias=True, rounding="linear",
                                                  double_quant=double_quant)  # fmt: skip
     qt = quant or "nf4"
     s = _dropout_seed(seed)
-    fwd_args = (x, weight, absmax, blocksize, qt, n, a, b, scaling, bias_t, p, s, rounding)
-    y, S = OPS.lora_linear_fwd_triton(*fwd_args)
-    y_ref, S_ref = OPS.lora_linear_fwd_reference(*fwd_args)
+    fwd_args = (x, weight, absmax, blocksize, qt, n, a, b, scaling, bias_t, p)
+    y, S = tl_lora.lora_linear_fwd(*fwd_args, _st(s), rounding)
+    y_ref, S_ref = reference_lora.lora_linear_fwd(*fwd_args, s, rounding)
     _close(S, S_ref, "S")
     _close(y, y_ref, "y")
-    bwd_args = (g, x, S_ref, weight, absmax, blocksize, qt, n, a, b, scaling, p, s, *needs)
-    got = OPS.lora_linear_bwd_triton(*bwd_args)
-    # (the plain function: the reference custom op returns one empty tensor for all outputs not needed,
-    # which torch.library rejects as aliased outputs)
-    ref = reference_lora.lora_linear_bwd(*bwd_args)
+    bwd_args = (g, x, S_ref, weight, absmax, blocksize, qt, n, a, b, scaling, p)
+    got = tl_lora.lora_linear_bwd(*bwd_args, _st(s), *needs)
+    ref = reference_lora.lora_linear_bwd(*bwd_args, s, *needs)
     for name, gt, rf, need in zip(("dx", "dA", "dB"), got, ref, needs, strict=True):
         if need:
             _close(gt, rf, name)
@@ -188,12 +193,12 @@ def test_4bit_paths_are_taken(seed, monkeypatch):
     real = tl_lora.dequantize_4bit
     monkeypatch.setattr(tl_lora, "dequantize_4bit", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, weight, absmax, a, b, bias_t, _ = _inputs(20, 64, 40, 4, F32, F32, "nf4", True)
-    args = (x, weight, absmax, 64, "nf4", 40, a, b, 1.0, bias_t, 0.0, 0, "linear4bit")
+    args = (x, weight, absmax, 64, "nf4", 40, a, b, 1.0, bias_t, 0.0, _st(0), "linear4bit")
     monkeypatch.setattr(tl_lora, "SMALL_M", 20)
-    y_small, _ = OPS.lora_linear_fwd_triton(*args)
+    y_small, _ = tl_lora.lora_linear_fwd(*args)
     assert not calls
     monkeypatch.setattr(tl_lora, "SMALL_M", 19)
-    y_large, _ = OPS.lora_linear_fwd_triton(*args)
+    y_large, _ = tl_lora.lora_linear_fwd(*args)
     assert len(calls) == 1
     _close(y_small, y_large, "small vs large path")
 
@@ -210,11 +215,12 @@ def test_backward_need_flags(seed, monkeypatch, quant, needs):
 @pytest.mark.parametrize("quant", [None, "fp4"])
 def test_zero_tokens(quant):
     x, weight, absmax, a, b, bias_t, g = _inputs(0, 64, 48, 8, BF16, F32, quant, True)
-    fwd = (x, weight, absmax, 64, quant or "nf4", 48, a, b, 0.5, bias_t, 0.1, 7, "linear")
-    y, S = OPS.lora_linear_fwd_triton(*fwd)
+    fwd = (x, weight, absmax, 64, quant or "nf4", 48, a, b, 0.5, bias_t, 0.1, _st(7), "linear")
+    y, S = tl_lora.lora_linear_fwd(*fwd)
     assert y.shape == (0, 48) and y.dtype == BF16 and S.shape == (0, 8) and S.dtype == F32
-    bwd = (g, x, S, weight, absmax, 64, quant or "nf4", 48, a, b, 0.5, 0.1, 7, True, True, True)
-    got, ref = OPS.lora_linear_bwd_triton(*bwd), reference_lora.lora_linear_bwd(*bwd)
+    bwd = (g, x, S, weight, absmax, 64, quant or "nf4", 48, a, b, 0.5, 0.1)
+    got = tl_lora.lora_linear_bwd(*bwd, _st(7), True, True, True)
+    ref = reference_lora.lora_linear_bwd(*bwd, 7, True, True, True)
     for gt, rf in zip(got, ref, strict=True):
         assert gt.shape == rf.shape and gt.dtype == rf.dtype and not gt.any()
 
@@ -240,11 +246,11 @@ def test_autograd_op_on_triton_backend(seed):
 def test_bad_arguments():
     x, weight, absmax, a, b, bias_t, _ = _inputs(4, 64, 48, 8, F32, F32, None, True)
     with pytest.raises(TypeError):
-        tl_lora.lora_linear_fwd(x.double(), weight, None, 64, "nf4", 48, a, b, 1.0, None, 0.0, 0, "linear")
+        tl_lora.lora_linear_fwd(x.double(), weight, None, 64, "nf4", 48, a, b, 1.0, None, 0.0, _st(0), "linear")
     with pytest.raises(ValueError):
-        tl_lora.lora_linear_fwd(x, weight, None, 64, "nf4", 48, a, b, 1.0, None, 0.0, 0, "peft")
+        tl_lora.lora_linear_fwd(x, weight, None, 64, "nf4", 48, a, b, 1.0, None, 0.0, _st(0), "peft")
     with pytest.raises(ValueError):
-        tl_lora.lora_linear_fwd(x, weight, None, 64, "nf4", 47, a, b, 1.0, None, 0.0, 0, "linear")
+        tl_lora.lora_linear_fwd(x, weight, None, 64, "nf4", 47, a, b, 1.0, None, 0.0, _st(0), "linear")
 
 
 @pytest.mark.parametrize("quant", [None, "nf4"])
@@ -263,4 +269,128 @@ def test_large_m_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setattr(tl_lora, "GEMMS", "cutlass")
     x, weight, absmax, a, b, bias_t, _ = _inputs(20, 64, 40, 4, F32, F32, None, True)
     with pytest.raises(ValueError, match="GEMMS"):
-        OPS.lora_linear_fwd_triton(x, weight, absmax, 64, "nf4", 40, a, b, 1.0, bias_t, 0.0, 0, "linear")
+        tl_lora.lora_linear_fwd(x, weight, absmax, 64, "nf4", 40, a, b, 1.0, bias_t, 0.0, _st(0), "linear")
+
+
+# --------------------------------------------------------------------------------------------------
+# The seed tensor
+# --------------------------------------------------------------------------------------------------
+
+
+def _launchers() -> dict:
+    """Each launcher that takes a seed, as a function of the seed (small valid inputs otherwise)."""
+    x, weight, _, a, b, bias_t, g = _inputs(6, 16, 8, 2, F32, F32, None, True)
+    S = torch.zeros(6, 2, device=DEVICE)
+    return {
+        "lora_dropout": lambda s: tl_drop.lora_dropout(x, 0.5, s),
+        "lora_dropout-p0": lambda s: tl_drop.lora_dropout(x, 0.0, s),
+        "dropout_keep_mask": lambda s: tl_drop.dropout_keep_mask(10, 0.5, s, x.device),
+        "lora_linear_fwd": lambda s: tl_lora.lora_linear_fwd(x, weight, None, 64, "nf4", 8, a, b, 1.0, bias_t, 0.1,
+                                                             s, "linear"),
+        "lora_linear_fwd-p0": lambda s: tl_lora.lora_linear_fwd(x, weight, None, 64, "nf4", 8, a, b, 1.0, bias_t,
+                                                                0.0, s, "linear"),
+        "lora_linear_bwd": lambda s: tl_lora.lora_linear_bwd(g, x, S, weight, None, 64, "nf4", 8, a, b, 1.0, 0.1, s,
+                                                             True, True, True),
+    }  # fmt: skip
+
+
+BAD_SEEDS = {
+    "int": (lambda: 5, TypeError, r"seed must be a torch\.Tensor"),
+    "float": (lambda: torch.tensor(5.0), TypeError, "seed must be an int64 tensor"),
+    "int32": (lambda: torch.tensor(5, dtype=torch.int32), TypeError, "seed must be an int64 tensor"),
+    "two-elements": (lambda: torch.tensor([5, 6]), ValueError, "seed must have exactly one element"),
+    "empty": (lambda: torch.empty(0, dtype=torch.int64), ValueError, "seed must have exactly one element"),
+    "negative-cpu": (lambda: torch.tensor(-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
+    "other-device": (lambda: torch.tensor(5, device="meta"), ValueError, "seed is on meta"),
+}
+
+
+LAUNCHERS = ["lora_dropout", "lora_dropout-p0", "dropout_keep_mask", "lora_linear_fwd", "lora_linear_fwd-p0",
+             "lora_linear_bwd"]  # fmt: skip
+
+
+def test_launcher_list_is_complete():
+    assert sorted(_launchers()) == sorted(LAUNCHERS)
+
+
+@pytest.mark.parametrize("bad", BAD_SEEDS.keys())
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_bad_seed(launcher, bad):
+    # Checked on every path, also where p = 0 never reads the seed.
+    make, exc, message = BAD_SEEDS[bad]
+    with pytest.raises(exc, match=message):
+        _launchers()[launcher](make())
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-dim", "(1,)", "(1,1)"])
+def test_good_seed_shapes_and_devices(launcher, shape):
+    # Any one-element int64 tensor; a CPU seed with GPU inputs is copied to the device.
+    run = _launchers()[launcher]
+    ref = run(_st(12345))
+    for device in dict.fromkeys((DEVICE, "cpu")):
+        got = run(torch.full(shape, 12345, dtype=torch.int64, device=device))
+        for gt, rf in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,),
+                          strict=True):  # fmt: skip
+            if gt.dtype in TOL:  # (dA, dB sum fp32 atomics: on a GPU their last bits may vary)
+                _close(gt, rf, f"{launcher} {shape} {device}")
+            else:
+                assert torch.equal(gt, rf), (launcher, shape, device)
+
+
+def test_dropout_seed_is_read_at_run_time(seed):
+    """The kernels load the seed from memory at each launch (what a CUDA graph replay relies on): the
+    same tensor object, refilled in place, gives the mask of its new value."""
+    x = torch.randn(37, 72).to(BF16).to(DEVICE)
+    st = _st(_dropout_seed(seed))
+    outs, masks = [], []
+    for value in (_dropout_seed(seed), _dropout_seed(seed + 1), 0, (1 << 63) - 1):
+        st.fill_(value)
+        out = tl_drop.lora_dropout(x, 0.3, st)
+        assert torch.equal(_bits(out), _bits(reference_lora.lora_dropout(x, 0.3, value))), value
+        mask = tl_drop.dropout_keep_mask(x.numel(), 0.3, st, x.device).bool().cpu()
+        assert torch.equal(mask, reference_lora.dropout_keep_mask(value, (x.numel(),), 0.3)), value
+        outs.append(out)
+        masks.append(mask)
+    assert all(not torch.equal(masks[i], masks[i + 1]) for i in range(len(masks) - 1))
+
+
+@pytest.mark.parametrize(("k", "gemms"), [(72, "triton"), (37, "triton"), (72, "torch"), (37, "torch")],
+                         ids=["k72-triton", "k37-mask-triton", "k72-torch", "k37-mask-torch"])  # fmt: skip
+def test_linear_seed_is_read_at_run_time(seed, monkeypatch, k, gemms):
+    """lora_linear_fwd / _bwd (Philox in the GEMM kernels for K % 4 == 0, the keep-mask kernel otherwise;
+    the Triton or the torch GEMM path) with one seed tensor refilled in place between calls."""
+    monkeypatch.setattr(tl_lora, "GEMMS", gemms)
+    m, n, r, p = 21, 40, 4, 0.3
+    x, weight, _, a, b, bias_t, g = _inputs(m, k, n, r, BF16, F32, None, True)
+    st = _st(0)
+    s_values = []
+    for value in (_dropout_seed(seed), _dropout_seed(seed + 1)):
+        st.fill_(value)  # the same tensor object for both values
+        fwd = (x, weight, None, 64, "nf4", n, a, b, 0.75, bias_t, p)
+        y, S = tl_lora.lora_linear_fwd(*fwd, st, "linear")
+        y_ref, S_ref = reference_lora.lora_linear_fwd(*fwd, value, "linear")
+        _close(S, S_ref, "S")
+        _close(y, y_ref, "y")
+        bwd = (g, x, S_ref, weight, None, 64, "nf4", n, a, b, 0.75, p)
+        got = tl_lora.lora_linear_bwd(*bwd, st, True, True, True)
+        ref = reference_lora.lora_linear_bwd(*bwd, value, True, True, True)
+        for name, gt, rf in zip(("dx", "dA", "dB"), got, ref, strict=True):
+            _close(gt, rf, name)
+        s_values.append(S_ref)
+    assert not torch.equal(s_values[0], s_values[1])  # the two seeds give different masks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_reads_the_current_seed(seed):
+    x = torch.randn(37, 72, device="cuda").to(BF16)
+    st = _st(_dropout_seed(seed), "cuda")
+    tl_drop.lora_dropout(x, 0.3, st)  # compile before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tl_drop.lora_dropout(x, 0.3, st)
+    for value in (_dropout_seed(seed + 1), _dropout_seed(seed + 2)):
+        st.fill_(value)
+        graph.replay()
+        assert torch.equal(_bits(out), _bits(reference_lora.lora_dropout(x, 0.3, value))), value

@@ -26,7 +26,12 @@ kernels = pytest.importorskip("fastlora.kernels.neftune_embedding")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SEEDS = [0, 1, 0x1234_5678_9ABC_DEF0, 2**63 - 1]
+SEEDS = [0, 1, 0x1234_5678_9ABC_DEF0, 0xFEDC_BA98_7654_3210 >> 1, 2**63 - 1]  # lo32 / hi32 with the top bit set
+
+
+def _st(value: int, device=DEVICE) -> torch.Tensor:
+    """The seed as the kernel takes it: an int64 0-dim tensor (on the inputs' device)."""
+    return torch.tensor(value, dtype=torch.int64, device=device)
 
 
 def make_inputs(T, V, d, dtype, **kw):
@@ -41,26 +46,26 @@ def make_inputs(T, V, d, dtype, **kw):
 def test_matches_contract(dtype, T, V, d):
     ids, weight, mag = make_inputs(T, V, d, dtype, gen_seed=T * 1000 + d, zero_rows=(0,) if T > 1 else ())
     for seed in SEEDS[:2] if d > 1000 else SEEDS:
-        out = kernels.neftune_embedding(ids, weight, mag, seed)
+        out = kernels.neftune_embedding(ids, weight, mag, _st(seed))
         assert_bitwise(out, contract(ids, weight, mag, seed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_zero_mag_rows_are_the_lookup(dtype):
     ids, weight, mag = make_inputs(12, 10, 40, dtype, gen_seed=3, zero_rows=(0, 3, 4, 11))
-    out = kernels.neftune_embedding(ids, weight, mag, 2**63 - 1)
+    out = kernels.neftune_embedding(ids, weight, mag, _st(2**63 - 1))
     lookup = torch.nn.functional.embedding(ids, weight)
     zero = mag == 0
     assert_bitwise(out[zero], lookup[zero].contiguous())
     assert not torch.equal(out[~zero], lookup[~zero])  # the others got noise
-    assert_bitwise(kernels.neftune_embedding(ids, weight, torch.zeros_like(mag), 5), lookup)
+    assert_bitwise(kernels.neftune_embedding(ids, weight, torch.zeros_like(mag), _st(5)), lookup)
 
 
 def test_noise_bounds_and_seeds():
     ids, weight, mag = make_inputs(16, 16, 64, torch.float32, gen_seed=4, scale=1.0)
-    a = kernels.neftune_embedding(ids, weight, mag, 123)
-    b = kernels.neftune_embedding(ids, weight, mag, 123)
-    c = kernels.neftune_embedding(ids, weight, mag, 124)
+    a = kernels.neftune_embedding(ids, weight, mag, _st(123))
+    b = kernels.neftune_embedding(ids, weight, mag, _st(123))
+    c = kernels.neftune_embedding(ids, weight, mag, _st(124))
     assert torch.equal(a, b) and not torch.equal(a, c)
     noise = (a - weight[ids]).cpu()  # the noise up to the rounding of the sum (|weight| < 8: ulp/2 < 2^-21)
     assert (noise.abs() <= mag.cpu()[:, None] + 2**-21).all()
@@ -69,16 +74,16 @@ def test_noise_bounds_and_seeds():
 
 def test_empty_and_noncontiguous():
     ids, weight, mag = make_inputs(6, 8, 32, torch.bfloat16, gen_seed=5)
-    out = kernels.neftune_embedding(ids[:0], weight, mag[:0], 1)
+    out = kernels.neftune_embedding(ids[:0], weight, mag[:0], _st(1))
     assert out.shape == (0, 32) and out.dtype == torch.bfloat16
     ids2 = torch.stack([ids, ids]).t()[:, 0]  # strided view
     w2 = weight.t().contiguous().t()  # column-major copy
-    assert_bitwise(kernels.neftune_embedding(ids2, w2, mag, 9), contract(ids, weight, mag, 9))
+    assert_bitwise(kernels.neftune_embedding(ids2, w2, mag, _st(9)), contract(ids, weight, mag, 9))
 
 
 def _bad(**kw):
     ids, weight, mag = make_inputs(4, 8, 16, torch.float32)
-    args = {"ids": ids, "weight": weight, "mag": mag, "seed": 1} | kw
+    args = {"ids": ids, "weight": weight, "mag": mag, "seed": _st(1)} | kw
     return args
 
 
@@ -90,17 +95,22 @@ def _bad(**kw):
         (lambda a: {"weight": a["weight"].double()}, TypeError, "weight"),
         (lambda a: {"weight": a["weight"].to(torch.int64)}, TypeError, "weight"),
         (lambda a: {"mag": a["mag"].half()}, TypeError, "mag"),
-        (lambda a: {"seed": 1.5}, TypeError, "seed"),
-        (lambda a: {"seed": -1}, ValueError, "seed"),
-        (lambda a: {"seed": 2**63}, ValueError, "seed"),
+        (lambda a: {"seed": 1}, TypeError, r"seed must be a torch\.Tensor"),
+        (lambda a: {"seed": 1.5}, TypeError, r"seed must be a torch\.Tensor"),
+        (lambda a: {"seed": torch.tensor(1.5)}, TypeError, "seed must be an int64 tensor"),
+        (lambda a: {"seed": torch.tensor(1, dtype=torch.int32)}, TypeError, "seed must be an int64 tensor"),
+        (lambda a: {"seed": torch.tensor([1, 2])}, ValueError, "seed must have exactly one element"),
+        (lambda a: {"seed": torch.tensor(-1)}, ValueError, r"seed must be in \[0, 2\^63\), got -1"),
+        (lambda a: {"seed": torch.tensor(1, device="meta")}, ValueError, "seed is on meta"),
         (lambda a: {"ids": a["ids"].view(2, 2)}, ValueError, "ids"),
         (lambda a: {"weight": a["weight"].flatten()}, ValueError, "weight"),
         (lambda a: {"mag": a["mag"][:3]}, ValueError, "mag"),
         (lambda a: {"ids": torch.tensor([0, 1, 8, 2], device=DEVICE)}, ValueError, "ids"),
         (lambda a: {"ids": torch.tensor([0, -1, 3, 2], device=DEVICE)}, ValueError, "ids"),
     ],
-    ids=["ids-int32", "ids-float", "weight-f64", "weight-int", "mag-f16", "seed-float", "seed-neg", "seed-2^63",
-         "ids-2d", "weight-1d", "mag-shape", "ids-too-big", "ids-negative"],
+    ids=["ids-int32", "ids-float", "weight-f64", "weight-int", "mag-f16", "seed-int", "seed-float",
+         "seed-float-tensor", "seed-int32", "seed-2-elements", "seed-neg-cpu", "seed-other-device", "ids-2d",
+         "weight-1d", "mag-shape", "ids-too-big", "ids-negative"],
 )
 def test_bad_input(kw, exc, word):
     args = _bad()
@@ -114,7 +124,7 @@ def test_bad_device():
         pytest.skip("the interpreter-only device check is for CPU runs")
     ids, weight, mag = make_inputs(4, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="mag"):
-        kernels.neftune_embedding(ids, weight, mag.to("meta"), 1)
+        kernels.neftune_embedding(ids, weight, mag.to("meta"), _st(1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,9 +148,10 @@ def test_matches_other_backends(dtype, which):
     for T, V, d in [(1, 5, 64), (7, 9, 37), (3, 4, 4099)]:
         ids, weight, mag = make_inputs(T, V, d, dtype, gen_seed=d, zero_rows=(0,))
         for seed in (0, 2**63 - 1):
-            expected = op(ids.cpu(), weight.cpu(), mag.cpu(), seed)  # the torch reference / the C++ CPU kernel
+            # the torch reference / the C++ CPU kernel (a CPU seed)
+            expected = op(ids.cpu(), weight.cpu(), mag.cpu(), _st(seed, "cpu"))
             assert_bitwise(expected, contract(ids, weight, mag, seed))
-            assert_bitwise(kernels.neftune_embedding(ids, weight, mag, seed), expected)
+            assert_bitwise(kernels.neftune_embedding(ids, weight, mag, _st(seed)), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -149,12 +160,45 @@ def test_unchecked_bad_ids_give_nan_rows(dtype, d):
     # check_ids=False skips the host check; the kernel masks the bad ids (no out-of-bounds read), NaN rows.
     ids, weight, mag = make_inputs(4, 8, d, dtype, gen_seed=6)
     ids[1], ids[3] = 8, -5
-    out = kernels.neftune_embedding(ids, weight, mag, 3, check_ids=False)
+    out = kernels.neftune_embedding(ids, weight, mag, _st(3), check_ids=False)
     assert out[[1, 3]].isnan().all()
     fixed = ids.clone()
     fixed[[1, 3]] = 0
     good = torch.tensor([0, 2], device=DEVICE)
     assert_bitwise(out[good], contract(fixed, weight, mag, 3)[good.cpu()])
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "(1,)"])
+def test_seed_is_read_at_run_time(shape):
+    """The kernel loads the seed from memory at each launch (what a CUDA graph replay relies on): the same
+    tensor object, refilled in place, gives the noise of its new value; a CPU seed is accepted as well."""
+    for d in (37, 64):  # per-element and grouped Philox
+        ids, weight, mag = make_inputs(7, 9, d, torch.bfloat16, gen_seed=d)
+        st = torch.zeros(shape, dtype=torch.int64, device=DEVICE)
+        outs = []
+        for value in SEEDS:
+            st.fill_(value)
+            out = kernels.neftune_embedding(ids, weight, mag, st)
+            expected = contract(ids, weight, mag, value)
+            assert_bitwise(out, expected)
+            assert_bitwise(kernels.neftune_embedding(ids, weight, mag, st.cpu()), expected)
+            outs.append(out)
+        assert all(not torch.equal(outs[i], outs[i + 1]) for i in range(len(outs) - 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_reads_the_current_seed():
+    ids, weight, mag = make_inputs(7, 9, 64, torch.bfloat16, gen_seed=2)
+    st = _st(SEEDS[0])
+    kernels.neftune_embedding(ids, weight, mag, st, check_ids=False)  # compile before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.neftune_embedding(ids, weight, mag, st, check_ids=False)  # (the id check reads the host)
+    for value in SEEDS[1:]:
+        st.fill_(value)
+        graph.replay()
+        assert_bitwise(out, contract(ids, weight, mag, value))
 
 
 def test_compile_specs_cover_the_launches():
