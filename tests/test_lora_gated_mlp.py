@@ -391,6 +391,42 @@ def test_saves_less_than_peft(fused, seed):
     y.sum().backward()
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("fused", [False, True], ids=["gate-up", "fused-gate_up"])
+def test_compute_dtype_projections_match_peft(fused, dropout, seed):
+    """fp32 x into bitsandbytes layers computing in bf16 (prepare_model_for_kbit_training): each base product in
+    bf16 on the cast x (bit-identical to bitsandbytes on the CPU), the LoRA terms in fp32, as PEFT computes them;
+    saved for backward among (tokens x intermediate) tensors still only g and u (fp32)."""
+    pm, layers = _peft_mlp("nf4", "silu", fused, dropout)
+    for layer in layers:
+        layer.base_layer.compute_dtype = torch.bfloat16
+    projs = [_as_projection(layer)._replace(compute_dtype=torch.bfloat16) for layer in layers]
+    seeds = _next_seeds(len(projs)) if dropout > 0 else [0] * len(projs)
+    for layer, s in zip(layers, seeds, strict=True):
+        layer.lora_dropout["default"] = _MaskDropout(dropout, s)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    x = torch.randn(3, 41, 64, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(3, 41, 64, generator=torch.Generator().manual_seed(seed + 1))
+    x_peft = x.clone().requires_grad_()
+    y_peft = pm(x_peft)
+    y_peft.backward(g)
+    want = [y_peft.detach(), x_peft.grad] + [p.grad.clone() for p in params]
+    pm.zero_grad(set_to_none=True)
+
+    x_ours = x.clone().requires_grad_()
+    gate, up, down = (projs[0], None, projs[1]) if fused else projs
+    owned = [*pm.parameters(), *pm.buffers(), x_ours]
+    saved, y = _saved_storages(lambda: lora_gated_mlp(x_ours, gate, up, down), owned)
+    assert y.dtype == torch.float32
+    y.backward(g)
+    got = [y.detach(), x_ours.grad] + [p.grad for p in params]
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert rel_err(a, b) < PEFT_TOL[torch.float32], i
+    tokens, inter = 3 * 41, 128
+    big = sorted(shape for shape, n in saved.values() if n >= tokens * inter * 4)
+    assert big == ([(tokens, 2 * inter)] if fused else [(tokens, inter), (tokens, inter)]), big
+
+
 @pytest.mark.parametrize("which", ["x-only", "no-x", "down-only", "gate-bias"])
 def test_only_the_needed_gradients(which, seed):
     gate, up, down = _block("nf4-dq", torch.float32, False, 0.2, True)
@@ -461,6 +497,8 @@ def _bad_cases():
         (dict(activation="relu"), ValueError, "activation"),
         (dict(backend="gpu"), ValueError, "backend"),
         (dict(up=None), ValueError, "gate .*even|down.weight"),
+        (dict(gate=g["gate"]._replace(compute_dtype=torch.bfloat16)), ValueError, "gate.compute_dtype .*4-bit"),
+        (dict(gate=g["gate"]._replace(compute_dtype=torch.int8)), TypeError, "gate.compute_dtype"),
     ]
 
 

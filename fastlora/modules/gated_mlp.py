@@ -11,7 +11,9 @@ and an activation child is a candidate. It is accepted only if
     random numbers drawn), and
   - each projection is a LoRA layer fastlora accelerates on its own (PEFT's or fastlora's own LoRA).
 Under ``torch.autocast`` the fused block computes in the autocast dtype, as the unpatched block's linears would
-(:mod:`fastlora.modules._autocast`). Each call falls back to the block's own forward — whose projections are
+(:mod:`fastlora.modules._autocast`); with bitsandbytes projections whose ``compute_dtype`` is not x's (fp32
+hidden states after ``prepare_model_for_kbit_training``) each base product runs in the compute dtype and the
+LoRA terms on x, as PEFT computes them. Each call falls back to the block's own forward — whose projections are
 patched one by one — when a projection's call would not be fused on its own, it is DoRA, or the projections
 disagree on training mode.
 """
@@ -172,7 +174,14 @@ def install(module, backend: str) -> None:
 
 
 def _call_args(child, x) -> dict | None:
-    return lora.call_args(child, x) if lora.has_lora(child) else peft_lora.call_args(child, x)
+    if lora.has_lora(child):
+        return lora.call_args(child, x)
+    args = peft_lora.call_args(child, x)
+    if args is None:  # a bitsandbytes base computing in another dtype than x's
+        args = peft_lora.compute_dtype_args(child, x)
+        if args is not None and args["lora_A"].dtype != x.dtype:
+            return None  # PEFT casts x to the adapters' dtype there: left to the projection's own call
+    return args
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -204,6 +213,7 @@ def _projections(module, state: GatedMLPState, x):
     if len({c["training"] for c in present}) != 1 or len({c.get("dtype", x.dtype) for c in present}) != 1:
         return None
     projections = tuple(None if c is None else LoraProjection(c["weight"], c["lora_A"], c["lora_B"], c["scaling"],
-                                                              c["bias"], c["dropout_p"], c["rounding"])
+                                                              c["bias"], c["dropout_p"], c["rounding"],
+                                                              c.get("compute_dtype"))
                         for c in calls)
     return present[0]["training"], present[0].get("dtype", x.dtype), projections

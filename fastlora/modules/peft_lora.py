@@ -274,12 +274,14 @@ def unexpected_fallback(module, x) -> str | None:
     return None
 
 
-def _compute_dtype_call(module, x):
-    """A bitsandbytes base whose ``compute_dtype`` is not x's dtype (e.g. fp32 hidden states after
-    ``prepare_model_for_kbit_training`` into bf16-compute layers): PEFT runs the base on x cast to the compute
-    dtype and the LoRA term on the uncast x. Computed the same way, as two ops: :func:`linear_4bit` (saves only
-    the weight) and :func:`lora_branch` (saves x, S and the seed). None when this is not such a call."""
+def compute_dtype_args(module, x) -> dict | None:
+    """For a bitsandbytes base whose ``compute_dtype`` is not x's dtype (e.g. fp32 hidden states after
+    ``prepare_model_for_kbit_training`` into bf16-compute layers), where PEFT runs the base on x cast to the
+    compute dtype and the LoRA term on the uncast x: the keys of :func:`call_args` (dora None, dtype x's)
+    plus compute_dtype, with the bias in the compute dtype. None when this is not such a call."""
     state = _instance.state_of(module)
+    if state is None:
+        return None
     if not state.four_bit or not isinstance(x, torch.Tensor) or _autocast.enabled(x):
         return None
     if x.dtype not in _autocast.CASTABLE or x.dim() < 1 or module.merged or module.disable_adapters:
@@ -298,13 +300,25 @@ def _compute_dtype_call(module, x):
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if lora_B.bias is not None or lora_A.weight.dtype not in _autocast.CASTABLE:
         return None
-    bias = None if base.bias is None else base.bias.to(compute)
-    base_out = linear_4bit(x.to(compute), base.weight, bias, backend=state.backend).to(x.dtype)
     dropout = module.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
-    lora = lora_branch(x.to(lora_A.weight.dtype), lora_A.weight, lora_B.weight, float(module.scaling[adapter]),
-                       dropout_p=p, training=dropout.training, backend=state.backend)
-    if state.rounding == "linear4bit":  # PEFT's 4-bit class rounds the LoRA term to the result's dtype first
+    return dict(weight=base.weight, lora_A=lora_A.weight, lora_B=lora_B.weight, scaling=float(module.scaling[adapter]),
+                bias=None if base.bias is None else base.bias.to(compute), dropout_p=p, training=dropout.training,
+                rounding=state.rounding, backend=state.backend, dora=None, dtype=x.dtype, compute_dtype=compute)
+
+
+def _compute_dtype_call(module, x):
+    """:func:`compute_dtype_args`' calls, computed as PEFT does, as two ops: :func:`linear_4bit` (saves only
+    the weight) and :func:`lora_branch` (saves x, S and the seed). None when this is not such a call."""
+    args = compute_dtype_args(module, x)
+    if args is None:
+        return None
+    base_out = linear_4bit(x.to(args["compute_dtype"]), args["weight"], args["bias"],
+                           backend=args["backend"]).to(x.dtype)
+    lora_A = args["lora_A"]
+    lora = lora_branch(x.to(lora_A.dtype), lora_A, args["lora_B"], args["scaling"], dropout_p=args["dropout_p"],
+                       training=args["training"], backend=args["backend"])
+    if args["rounding"] == "linear4bit":  # PEFT's 4-bit class rounds the LoRA term to the result's dtype first
         return base_out + lora.to(base_out.dtype)
     return (base_out + lora).to(x.dtype)
 

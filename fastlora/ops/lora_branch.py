@@ -23,32 +23,46 @@ from ._registry import check_tensor
 from .lora_dropout import check_dropout_p, lora_dropout
 
 
+def branch_forward(x2d, lora_A, lora_B, seed_t, scaling: float, p: float, backend: str):
+    """(y (M, N), S (M, r)) of the LoRA term on x2d (M, K); all of lora_A's dtype."""
+    dropped = lora_dropout(x2d, p, seed_t, backend=backend) if p > 0.0 else x2d
+    S = F.linear(dropped, lora_A)
+    return F.linear(S, lora_B) * scaling, S
+
+
+def branch_backward(grad, x2d, S, lora_A, lora_B, seed_t, scaling: float, p: float, backend: str,
+                    need_dx: bool, need_dA: bool, need_dB: bool):
+    """(dx, dA, dB) of :func:`branch_forward`, each None where not needed; the mask comes again from the seed."""
+    scaled = grad * scaling
+    dS = scaled @ lora_B
+    dx = dA = dB = None
+    if need_dB:
+        dB = scaled.t() @ S
+    if need_dA:
+        dropped = lora_dropout(x2d, p, seed_t, backend=backend) if p > 0.0 else x2d
+        dA = dS.t() @ dropped
+    if need_dx:
+        dx = dS @ lora_A
+        if p > 0.0:
+            dx = lora_dropout(dx.contiguous(), p, seed_t, backend=backend)
+    return dx, dA, dB
+
+
 class _LoraBranchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, lora_A, lora_B, seed_t, call_site, scaling, p, backend):
-        dropped = lora_dropout(x2d, p, seed_t, backend=backend) if p > 0.0 else x2d
-        S = F.linear(dropped, lora_A)
+        y, S = branch_forward(x2d, lora_A, lora_B, seed_t, scaling, p, backend)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t)
         ctx.scaling, ctx.p, ctx.backend, ctx.call_site = scaling, p, backend, call_site
         if call_site is not None:
             ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
-        return F.linear(S, lora_B) * scaling
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x2d, S, lora_A, lora_B, seed_t = ctx.saved_tensors
-        scaled = grad * ctx.scaling
-        dS = scaled @ lora_B
-        dx = dA = dB = None
-        if ctx.needs_input_grad[2]:
-            dB = scaled.t() @ S
-        if ctx.needs_input_grad[1]:
-            dropped = lora_dropout(x2d, ctx.p, seed_t, backend=ctx.backend) if ctx.p > 0.0 else x2d
-            dA = dS.t() @ dropped
-        if ctx.needs_input_grad[0]:
-            dx = dS @ lora_A
-            if ctx.p > 0.0:
-                dx = lora_dropout(dx.contiguous(), ctx.p, seed_t, backend=ctx.backend)
+        dx, dA, dB = branch_backward(grad, x2d, S, lora_A, lora_B, seed_t, ctx.scaling, ctx.p, ctx.backend,
+                                     *ctx.needs_input_grad[:3])
         if ctx.p > 0.0 and ctx.call_site is not None:
             consume_seed(ctx.call_site, ctx.seed_entry)
         return dx, dA, dB, None, None, None, None, None
