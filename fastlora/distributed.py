@@ -1,6 +1,12 @@
 """fastlora under torch.distributed (DDP, FSDP2): a cross-rank check of what :func:`fastlora.patch` did, and
 the refusal to add parameters to a model that is already wrapped.
 
+Automatic: when a process group with several ranks is initialized, :func:`fastlora.patch` installs a one-shot
+forward pre-hook (:class:`FirstStepCheck`) that runs :func:`check_consistent` at the model's first forward, so
+differently patched ranks fail at the first step (ValueError on every rank that patched; TimeoutError after
+``FIRST_STEP_TIMEOUT`` seconds, naming the ranks, when a rank did not patch at all) instead of diverging silently.
+Calling it explicitly, as below, checks earlier and also covers ranks that did not patch.
+
 Usage, on every rank, after patching and before (or right after) wrapping::
 
     handle = fastlora.patch(model, lora=..., quantize="nf4", neftune_alpha=5.0)   # before DDP / fully_shard
@@ -13,7 +19,7 @@ a rank without NEFTune, with another dropout or another backend trains silently 
 :func:`check_consistent` exchanges a small fingerprint through the process group's store (not a collective),
 so a rank that never calls it makes the others fail after ``timeout`` seconds, naming it, instead of hanging.
 
-Randomness: dropout masks and NEFTune noise come from seeds drawn from torch's CPU generator
+Randomness: dropout masks and NEFTune noise come from seeds drawn from the generator of the inputs' device
 (:mod:`fastlora.ops._dropout_seed`). Seed each rank differently (``torch.manual_seed(seed + rank)``, what
 ``accelerate.utils.set_seed(seed, device_specific=True)`` does) for each rank to draw its own noise; with one
 seed on every rank (the transformers Trainer's default) the ranks draw the same noise for their different
@@ -42,6 +48,7 @@ import torch
 
 _KEY = "fastlora/check_consistent"
 _calls = itertools.count()  # every rank calls check_consistent in the same order: the n-th calls pair up
+FIRST_STEP_TIMEOUT = 300.0  # seconds the automatic check at the first forward waits for the other ranks
 
 
 def wrapper_kind(model) -> str | None:
@@ -194,6 +201,32 @@ def check_consistent(model: torch.nn.Module, *, timeout: float = 60.0) -> dict:
         raise ValueError(f"fastlora.distributed.check_consistent: ranks patched the model differently "
                          f"(patch every rank with the same options): {lines}")
     return _check_synced(mine)  # after the exchange: every rank got here and raises alike
+
+
+def is_multi_rank() -> bool:
+    """Whether a default process group with more than one rank is initialized."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class FirstStepCheck:
+    """The forward pre-hook :func:`fastlora.patch` installs on a model under a multi-rank process group: at the
+    model's first forward it removes itself and runs :func:`check_consistent` (``FIRST_STEP_TIMEOUT``)."""
+
+    @torch.compiler.disable  # a key-value store exchange, once: never traced
+    def __call__(self, module, args):
+        hooks = module._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if hook is self]:
+            del hooks[key]
+        check_consistent(module, timeout=FIRST_STEP_TIMEOUT)
+
+
+def install_first_step_check(model: torch.nn.Module):
+    """Install :class:`FirstStepCheck` on ``model`` when :func:`is_multi_rank`; returns the hook's handle or None."""
+    if not is_multi_rank():
+        return None
+    return model.register_forward_pre_hook(FirstStepCheck())
 
 
 def _check_synced(mine: dict) -> dict:

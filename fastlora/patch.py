@@ -49,6 +49,7 @@ class PatchHandle:
         self._added_lora: list = []  # lora=: the modules given adapters, and every parameter's requires_grad
         self._requires_grad: list = []  # before (plain data, so a patched model pickles)
         self.quantized: list[str] = []  # quantize=: replaced by fastlora Linear4bit (kept by unpatch)
+        self._first_step_check = None  # under torch.distributed: the cross-rank check at the first forward
         self.active = True
 
     @property
@@ -104,6 +105,8 @@ class PatchHandle:
             return
         _restore_all(self._modules, self._restorers)
         _remove_lora(self._added_lora, self._requires_grad)
+        if self._first_step_check is not None:
+            self._first_step_check.remove()
         self.active = False
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
@@ -162,7 +165,8 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
 
     Patching a patched model with the same options returns the existing handle; with different options
     it raises ValueError (unpatch first). All-or-nothing: if anything fails, every module already patched
-    is restored."""
+    is restored. Under a torch.distributed process group with several ranks, the model's first forward
+    checks that every rank patched it the same way (:mod:`fastlora.distributed`)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     options = _check_options(backend, neftune_alpha, neftune_mode, lora, quantize, fuse_projections)
@@ -230,6 +234,7 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
         handle = PatchHandle(model, options, patched, skipped, unchanged, modules, restorers)
         handle._added_lora, handle._requires_grad, handle.quantized = added_lora, requires_grad, quantized
         model.__dict__[_HANDLE_ATTR] = handle
+        handle._first_step_check = _distributed.install_first_step_check(model)
     except BaseException:
         _restore_all(modules, restorers)
         _remove_lora(added_lora, requires_grad)

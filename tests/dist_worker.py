@@ -244,6 +244,25 @@ def scenario_mismatch(rank):
     return out
 
 
+def scenario_auto_mismatch(rank):
+    """No explicit check: ranks with different r fail at the first forward (patch's automatic check), every rank."""
+    model, handle = build(r=16 if rank == 0 else 8, checkpointing=False)
+    hooked = handle._first_step_check is not None
+    first = _error(lambda: model(input_ids=batch(0)))
+    second = _error(lambda: model(input_ids=batch(0)))  # the hook removed itself: no second exchange
+    return {"hooked": hooked, "first": first, "second": second}
+
+
+def scenario_auto_absent(rank):
+    """Rank 1 does not patch: rank 0's first forward times out naming it; rank 1's forward runs."""
+    fl_dist.FIRST_STEP_TIMEOUT = 3.0
+    if rank == 0:
+        model, _ = build(checkpointing=False)
+    else:
+        model = tiny_model("llama").train()
+    return {"first": _error(lambda: model(input_ids=batch(0)))}
+
+
 def scenario_raise_ddp_r(rank):
     """No check: DDP's own parameter-shape verification on ranks with different r (escapes)."""
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -56,8 +56,9 @@ def launch(tmp_path, *scenarios, timeout=240, expect_ok=True):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    # "mismatch" and "auto_absent" leave the ranks' check counters unequal (rank 0 checks once more): last
     _, results = launch(out, "ddp_equal", "ddp_reentrant", "fsdp_equal", "ddp_noise", "same_seed", "check_ok",
-                        "wrapped", "mismatch")
+                        "wrapped", "auto_mismatch", "mismatch", "auto_absent")
     return results
 
 
@@ -181,6 +182,19 @@ def test_ranks_patched_differently_fail_on_every_rank(run):
         assert "options.neftune_alpha: None vs 5.0" in m["neftune"]
         assert "rank 1 vs rank 0: patched: False vs True" in m["unpatched"]
     assert run[0]["mismatch"]["absent"].startswith("TimeoutError") and "rank(s) [1]" in run[0]["mismatch"]["absent"]
+
+
+def test_first_forward_checks_ranks_automatically(run):
+    """patch under a 2-rank process group installs the check at the first forward: different r fails every rank
+    there, once; a rank that did not patch makes the patched rank fail naming it, not hang."""
+    for r in (0, 1):
+        a = run[r]["auto_mismatch"]
+        assert a["hooked"] and a["first"].startswith("ValueError"), a
+        assert "ranks patched the model differently" in a["first"] and "options.lora.r: 8 vs 16" in a["first"]
+        assert a["second"] is None  # one check only: the second forward runs
+    absent = run[0]["auto_absent"]["first"]
+    assert absent.startswith("TimeoutError") and "rank(s) [1]" in absent, absent
+    assert run[1]["auto_absent"]["first"] is None
 
 
 def test_patch_after_wrapping(run):
