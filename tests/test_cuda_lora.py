@@ -66,16 +66,19 @@ class Case:
         self.blocksize, self.quant_type, self.N = blocksize, quant_type, N
         self.scaling, self.p, self.seed, self.rounding = scaling, p, seed, rounding
 
-    def args(self, device="cpu", *, x=None, packed=None):
+    def args(self, device="cpu", *, x=None, packed=None, seed=None):
+        """The op's arguments on ``device``; the seed an int64 0-dim tensor there unless ``seed`` is given."""
         dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+        seed = torch.tensor(self.seed, dtype=torch.int64, device=device) if seed is None else seed
         return (dev(self.x) if x is None else x, dev(self.packed) if packed is None else packed, dev(self.absmax),
                 self.blocksize, self.quant_type, self.N, dev(self.A), dev(self.B), self.scaling, dev(self.bias),
-                self.p, self.seed, self.rounding)
+                self.p, seed, self.rounding)
 
     def __repr__(self):
         M, K = self.x.shape
         return (f"Case(M={M}, K={K}, N={self.N}, r={self.A.shape[0]}, x={self.x.dtype}, A={self.A.dtype}, "
-                f"{self.quant_type}, bs={self.blocksize}, bias={self.bias is not None}, {self.rounding}, p={self.p})")
+                f"{self.quant_type}, bs={self.blocksize}, bias={self.bias is not None}, {self.rounding}, p={self.p}, "
+                f"seed={self.seed})")
 
 
 def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -231,6 +234,71 @@ def test_cuda_bad_inputs_name_the_argument():
 
 
 @needs_cuda
+@pytest.mark.parametrize("p", [0.1, 0.0], ids=["dropout", "no-dropout"])  # checked even where it is not read
+@pytest.mark.parametrize(
+    "make_seed,exc",
+    [
+        (lambda: torch.tensor(5, dtype=torch.int32, device="cuda"), TypeError),
+        (lambda: torch.tensor(5.0, device="cuda"), TypeError),
+        (lambda: torch.tensor([5, 6], device="cuda"), ValueError),
+        (lambda: torch.empty(0, dtype=torch.int64, device="cuda"), ValueError),
+        (lambda: torch.tensor(-1), ValueError),  # a CPU seed's range is checked (a GPU seed is never read)
+    ],
+    ids=["int32", "float32", "two-elements", "empty", "negative-cpu"],
+)  # fmt: skip
+def test_cuda_bad_seed_names_seed(make_seed, exc, p):
+    case = Case(4, 64, 32, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=p)
+    with pytest.raises(exc, match="seed"):
+        cuda_fwd(case, seed=make_seed())
+    torch.cuda.synchronize()  # no device-side fault either
+    check_against_reference(case, *cuda_fwd(case))
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_seed_on_another_gpu_is_refused():
+    case = Case(4, 64, 32, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=0.1)
+    with pytest.raises(ValueError, match="seed"):
+        cuda_fwd(case, seed=torch.tensor(case.seed, device="cuda:1"))
+
+
+@needs_cuda
+def test_cuda_seed_forms_agree():
+    # 0-dim or (1,), on the GPU or on the CPU (copied to the GPU by the op): the same Philox key, the same output
+    case = Case(5, 256, 72, 16, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=0.25, seed=2**63 - 1)
+    y, S = cuda_fwd(case)
+    check_against_reference(case, y, S)
+    for seed in (torch.tensor(case.seed), torch.tensor([case.seed], device="cuda"), torch.tensor([case.seed])):
+        y2, S2 = cuda_fwd(case, seed=seed)
+        assert torch.equal(y2, y) and torch.equal(S2, S), seed
+
+
+@needs_cuda
+def test_cuda_graph_replay_reads_the_seed_tensor():
+    # The dropout kernel loads the seed from device memory, so a captured graph uses the value the seed
+    # tensor holds at each replay (a seed read on the host at capture would be baked into the graph).
+    case = Case(4, 256, 72, 16, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=0.25, seed=7)
+    static = case.args("cuda")
+    seed = static[11]
+    torch.ops.fastlora.lora_linear_fwd(*static)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, S = torch.ops.fastlora.lora_linear_fwd(*static)
+    outputs = []
+    for value in (123456789, 2**63 - 1, 7):
+        seed.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        case.seed = value
+        y_direct, S_direct = cuda_fwd(case)
+        assert torch.equal(y, y_direct) and torch.equal(S, S_direct), value
+        check_against_reference(case, y, S)
+        outputs.append(S.clone())
+    assert not torch.equal(outputs[0], outputs[1])
+
+
+@needs_cuda
 def test_cuda_backend_through_lora_linear():
     case = Case(6, 256, 96, 8, dtype=torch.bfloat16, adapter_dtype=torch.float32, bias=True)
     q = nf4.quantize(torch.randn(96, 256) / 16, 64, "nf4", True)
@@ -250,6 +318,8 @@ def test_cuda_backend_through_lora_linear():
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
+    """The emulation's entry points: fwd (the launcher), set_deferring and run_deferred (queue launches and run
+    them later, as a CUDA graph capture and replay would)."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found (the CUDA emulation builds the kernel source as C++)")
@@ -267,24 +337,35 @@ def emu_lib(tmp_path_factory):
     fn = lib.fastlora_emu_lora_linear_fwd
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_float, ctypes.c_double, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_float, ctypes.c_double, p, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn
+    lib.fastlora_emu_set_deferring.argtypes = [ctypes.c_int]
+    lib.fastlora_emu_set_deferring.restype = None
+    lib.fastlora_emu_run_deferred.argtypes = []
+    lib.fastlora_emu_run_deferred.restype = None
+    return types.SimpleNamespace(fwd=fn, set_deferring=lib.fastlora_emu_set_deferring,
+                                 run_deferred=lib.fastlora_emu_run_deferred)
 
 
-def emu_fwd(fn, case: Case, *, compute_capability=9, x=None):
+def emu_fwd(emu, case: Case, *, compute_capability=9, x=None, seed=None, keep=None):
+    """y, S of the emulated launcher on ``case``. ``seed``: the int64 one-element tensor whose memory the
+    kernel reads (default: a new one holding case.seed). ``keep``: a list that receives the buffers the
+    kernels still use after the return (the seed, the dropout workspace) for a deferred launch."""
     x = case.x if x is None else x
     M, K = x.shape
     r = case.A.shape[0]
     y = torch.empty(M, case.N, dtype=x.dtype)
     S = torch.empty(M, r, dtype=case.A.dtype)
     xd = torch.empty(M, K, dtype=case.A.dtype) if case.p > 0 else None
+    seed = torch.tensor(case.seed, dtype=torch.int64) if seed is None else seed
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    rc = fn(ptr(x), ptr(case.packed), ptr(case.absmax), ptr(case.bias), ptr(case.A), ptr(case.B), ptr(y), ptr(S),
-            ptr(xd), M, case.N, K, r, case.blocksize, 0 if case.quant_type == "nf4" else 1, _DTYPE_CODE[x.dtype],
-            _DTYPE_CODE[case.A.dtype], case.scaling, case.p, case.seed, int(case.rounding == "linear4bit"),
-            compute_capability)
+    rc = emu.fwd(ptr(x), ptr(case.packed), ptr(case.absmax), ptr(case.bias), ptr(case.A), ptr(case.B), ptr(y),
+                 ptr(S), ptr(xd), M, case.N, K, r, case.blocksize, 0 if case.quant_type == "nf4" else 1,
+                 _DTYPE_CODE[x.dtype], _DTYPE_CODE[case.A.dtype], case.scaling, case.p, ptr(seed),
+                 int(case.rounding == "linear4bit"), compute_capability)
     assert rc == 0, f"launcher returned {rc} for {case}"
+    if keep is not None:
+        keep += [seed, xd]
     return y, S
 
 
@@ -319,6 +400,50 @@ def test_emulated_empty_and_degenerate_shapes(emu_lib):
         for p in (0.0, 0.5):
             case = Case(M, K, N, r, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=p)
             check_against_reference(case, *emu_fwd(emu_lib, case))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])  # tensor-core and CUDA-core GEMM after the dropout kernel
+def test_emulated_dropout_reads_the_seed_at_run_time(emu_lib, dtype):
+    # The kernel loads the seed from the buffer the pointer names, when it runs: a new value in the same
+    # buffer reaches the next launch, and a queued launch (as in a captured CUDA graph) sees the value the
+    # buffer holds when it runs, not the one at launch time.
+    X = DTYPES[dtype]
+    case = Case(3, 256, 40, 8, dtype=X, adapter_dtype=torch.float32, p=0.25, seed=11, gen_seed=5)
+    seed = torch.tensor(case.seed)
+    y_a, S_a = emu_fwd(emu_lib, case, seed=seed)
+    check_against_reference(case, y_a, S_a)
+
+    case.seed = 2**63 - 5
+    seed.fill_(case.seed)
+    y_b, S_b = emu_fwd(emu_lib, case, seed=seed)
+    check_against_reference(case, y_b, S_b)
+    assert not torch.equal(S_a, S_b)  # the new seed did change the dropout mask
+
+    keep = []
+    emu_lib.set_deferring(1)
+    try:
+        y_c, S_c = emu_fwd(emu_lib, case, seed=seed, keep=keep)  # queued with the buffer holding 2**63 - 5
+    finally:
+        emu_lib.set_deferring(0)
+    case.seed = 0x1234_5678_9ABC_DEF0
+    seed.fill_(case.seed)
+    emu_lib.run_deferred()
+    y_d, S_d = emu_fwd(emu_lib, case)  # a fresh buffer holding the new value
+    assert torch.equal(y_c, y_d) and torch.equal(S_c, S_d)
+    check_against_reference(case, y_c, S_c)
+
+
+def test_emulated_launcher_refuses_a_missing_seed(emu_lib):
+    case = Case(2, 64, 16, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32, p=0.5)
+    M, K = case.x.shape
+    y, S, xd = torch.empty(M, case.N, dtype=torch.bfloat16), torch.empty(M, 4), torch.empty(M, K)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    args = [ptr(case.x), ptr(case.packed), ptr(case.absmax), None, ptr(case.A), ptr(case.B), ptr(y), ptr(S), ptr(xd),
+            M, case.N, K, 4, case.blocksize, 0, _DTYPE_CODE[torch.bfloat16], _DTYPE_CODE[torch.float32], 1.0, 0.5,
+            None, 0, 9]
+    assert emu_lib.fwd(*args) == 1  # cudaErrorInvalidValue, nothing launched
+    args[18] = 0.0  # without dropout no seed is read
+    assert emu_lib.fwd(*args) == 0
 
 
 def test_emulated_misaligned_x(emu_lib):

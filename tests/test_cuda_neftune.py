@@ -48,6 +48,11 @@ def cuda_op():
     return op
 
 
+def cuda_seed(value: int) -> torch.Tensor:
+    """The op's seed argument as the fused paths pass it: an int64 0-dim tensor on the GPU."""
+    return torch.tensor(value, dtype=torch.int64, device="cuda")
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------------
@@ -58,7 +63,7 @@ def cuda_op():
 def test_cuda_matches_contract(cuda_op, dtype, T, V, d):
     ids, weight, mag = make_inputs(T, V, d, dtype, gen_seed=T * 1000 + d, zero_rows=(0,) if T > 1 else ())
     for seed in (0, 1, 0x1234_5678_9ABC_DEF0, 2**63 - 1):
-        out = cuda_op(ids.cuda(), weight.cuda(), mag.cuda(), seed)
+        out = cuda_op(ids.cuda(), weight.cuda(), mag.cuda(), cuda_seed(seed))
         assert out.is_cuda
         assert_bitwise(out, contract(ids, weight, mag, seed))
 
@@ -70,16 +75,17 @@ def test_cuda_misaligned_and_large(cuda_op, dtype):
     buf = torch.empty(weight.numel() + 2, dtype=dtype, device="cuda")
     w = buf[2:].view(weight.shape)
     w.copy_(weight)
-    assert_bitwise(cuda_op(ids.cuda(), w, mag.cuda(), 99), contract(ids, weight, mag, 99))
+    assert_bitwise(cuda_op(ids.cuda(), w, mag.cuda(), cuda_seed(99)), contract(ids, weight, mag, 99))
     # many tokens (element indices past 2^21)
     ids, weight, mag = make_inputs(2048, 300, 1024, dtype, gen_seed=8)
-    assert_bitwise(cuda_op(ids.cuda(), weight.cuda(), mag.cuda(), 2**63 - 1), contract(ids, weight, mag, 2**63 - 1))
+    out = cuda_op(ids.cuda(), weight.cuda(), mag.cuda(), cuda_seed(2**63 - 1))
+    assert_bitwise(out, contract(ids, weight, mag, 2**63 - 1))
 
 
 def test_cuda_zero_mag_is_lookup(cuda_op):
     ids, weight, mag = make_inputs(16, 10, 128, torch.bfloat16, gen_seed=9)
     ids, weight = ids.cuda(), weight.cuda()
-    out = cuda_op(ids, weight, torch.zeros(16, device="cuda"), 5)
+    out = cuda_op(ids, weight, torch.zeros(16, device="cuda"), cuda_seed(5))
     assert_bitwise(out, torch.nn.functional.embedding(ids, weight))
 
 
@@ -92,23 +98,43 @@ def test_cuda_zero_mag_is_lookup(cuda_op):
         (lambda a: {"mag": a["mag"][:3]}, ValueError, "mag"),
         (lambda a: {"ids": a["ids"].view(2, 2)}, ValueError, "ids"),
         (lambda a: {"weight": a["weight"].flatten()}, ValueError, "weight"),
-        (lambda a: {"seed": -1}, ValueError, "seed"),
+        (lambda a: {"seed": torch.tensor(-1)}, ValueError, "seed"),  # a CPU seed's range is checked
+        (lambda a: {"seed": torch.tensor(1, dtype=torch.int32, device="cuda")}, TypeError, "seed"),
+        (lambda a: {"seed": torch.tensor(1.0, device="cuda")}, TypeError, "seed"),
+        (lambda a: {"seed": torch.tensor([1, 2], device="cuda")}, ValueError, "seed"),
+        (lambda a: {"seed": torch.empty(0, dtype=torch.int64, device="cuda")}, ValueError, "seed"),
         (lambda a: {"ids": torch.tensor([0, 1, 8, 2], device="cuda")}, ValueError, "ids"),
         (lambda a: {"ids": torch.tensor([0, -3, 1, 2], device="cuda")}, ValueError, "ids"),
         (lambda a: {"mag": a["mag"].cpu()}, ValueError, "mag"),
     ],
-    ids=["ids-int32", "weight-f64", "mag-f16", "mag-shape", "ids-2d", "weight-1d", "seed-neg", "ids-too-big",
-         "ids-negative", "mag-cpu"],
+    ids=["ids-int32", "weight-f64", "mag-f16", "mag-shape", "ids-2d", "weight-1d", "seed-neg-cpu", "seed-int32",
+         "seed-f32", "seed-two-elements", "seed-empty", "ids-too-big", "ids-negative", "mag-cpu"],
 )  # fmt: skip
 def test_cuda_bad_input(cuda_op, change, exc, word):
     ids, weight, mag = make_inputs(4, 8, 16, torch.float32, device="cuda")
-    args = {"ids": ids, "weight": weight, "mag": mag, "seed": 1}
+    args = {"ids": ids, "weight": weight, "mag": mag, "seed": cuda_seed(1)}
     args |= change(args)
     with pytest.raises(exc, match=word):
         cuda_op(args["ids"], args["weight"], args["mag"], args["seed"])
     # the device is still usable (no device-side fault)
     torch.cuda.synchronize()
-    assert_bitwise(cuda_op(ids, weight, mag, 1), contract(ids, weight, mag, 1))
+    assert_bitwise(cuda_op(ids, weight, mag, cuda_seed(1)), contract(ids, weight, mag, 1))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_seed_on_another_gpu_is_refused(cuda_op):
+    ids, weight, mag = make_inputs(4, 8, 16, torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="seed"):
+        cuda_op(ids, weight, mag, torch.tensor(1, device="cuda:1"))
+
+
+def test_cuda_seed_forms_agree(cuda_op):
+    # 0-dim or (1,), on the GPU or on the CPU (copied to the GPU by the op): the same Philox key, the same output
+    ids, weight, mag = make_inputs(6, 10, 64, torch.bfloat16, gen_seed=13, device="cuda")
+    want = contract(ids, weight, mag, 2**63 - 1)
+    for seed in (cuda_seed(2**63 - 1), torch.tensor(2**63 - 1), torch.tensor([2**63 - 1], device="cuda"),
+                 torch.tensor([2**63 - 1])):  # fmt: skip
+        assert_bitwise(cuda_op(ids, weight, mag, seed), want)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +143,9 @@ def test_cuda_bad_input(cuda_op, change, exc, word):
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def emu_lib(tmp_path_factory):
+    """The emulation library: fastlora_emu_neftune_embedding (the launcher), fastlora_emu_set_deferring and
+    fastlora_emu_run_deferred (queue launches and run them later, as a CUDA graph capture and replay would)."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found (the CUDA emulation builds the kernel source as C++)")
@@ -129,15 +157,28 @@ def emu(tmp_path_factory):
            "-o", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    fn = ctypes.CDLL(str(out)).fastlora_emu_neftune_embedding
+    lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_uint64, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    lib.fastlora_emu_neftune_embedding.argtypes = [p, p, p, p, i64, i64, i64, p, ctypes.c_int]
+    lib.fastlora_emu_neftune_embedding.restype = ctypes.c_int
+    lib.fastlora_emu_set_deferring.argtypes = [ctypes.c_int]
+    lib.fastlora_emu_set_deferring.restype = None
+    lib.fastlora_emu_run_deferred.argtypes = []
+    lib.fastlora_emu_run_deferred.restype = None
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emu(emu_lib):
+    fn = emu_lib.fastlora_emu_neftune_embedding
 
     def run(ids, weight, mag, seed, *, out=None):
+        """The emulated launcher; ``seed`` an int (put in a new int64 tensor) or the int64 tensor whose
+        memory the kernels read."""
         T, (V, d) = ids.numel(), weight.shape
         out = torch.empty(T, d, dtype=weight.dtype) if out is None else out
-        rc = fn(ids.data_ptr(), weight.data_ptr(), mag.data_ptr(), out.data_ptr(), T, V, d, seed,
+        seed = torch.tensor(seed, dtype=torch.int64) if isinstance(seed, int) else seed
+        rc = fn(ids.data_ptr(), weight.data_ptr(), mag.data_ptr(), out.data_ptr(), T, V, d, seed.data_ptr(),
                 _DTYPE_CODE[weight.dtype])  # fmt: skip
         assert rc == 0
         return out
@@ -162,6 +203,41 @@ def test_emulated_misaligned_takes_scalar_path(emu, dtype):
     obuf = torch.empty(5 * 64 + 1, dtype=dtype)
     out = emu(ids, w, mag, 77, out=obuf[1:].view(5, 64))
     assert_bitwise(out, contract(ids, weight, mag, 77))
+
+
+@pytest.mark.parametrize("d", [64, 37])  # vector and scalar kernels
+def test_emulated_kernels_read_the_seed_at_run_time(emu, emu_lib, d):
+    # The kernels load the seed from the buffer the pointer names, when they run: a new value in the same
+    # buffer reaches the next launch, and a queued launch (as in a captured CUDA graph) sees the value the
+    # buffer holds when it runs, not the one at launch time.
+    ids, weight, mag = make_inputs(5, 9, d, torch.bfloat16, gen_seed=15, zero_rows=(2,))
+    seed = torch.tensor(21)
+    first = emu(ids, weight, mag, seed)
+    assert_bitwise(first, contract(ids, weight, mag, 21))
+    seed.fill_(2**63 - 1)
+    second = emu(ids, weight, mag, seed)
+    assert_bitwise(second, contract(ids, weight, mag, 2**63 - 1))
+    assert not torch.equal(first, second)
+
+    emu_lib.fastlora_emu_set_deferring(1)
+    try:
+        queued = emu(ids, weight, mag, seed)  # launched with the buffer holding 2**63 - 1
+    finally:
+        emu_lib.fastlora_emu_set_deferring(0)
+    seed.fill_(0x1234_5678_9ABC_DEF0)
+    emu_lib.fastlora_emu_run_deferred()
+    assert_bitwise(queued, contract(ids, weight, mag, 0x1234_5678_9ABC_DEF0))
+
+
+def test_emulated_launcher_refuses_a_missing_seed(emu_lib):
+    ids, weight, mag = make_inputs(2, 4, 8, torch.float32, gen_seed=16)
+    out = torch.empty(2, 8)
+    fn = emu_lib.fastlora_emu_neftune_embedding
+    args = [ids.data_ptr(), weight.data_ptr(), mag.data_ptr(), out.data_ptr(), 2, 4, 8, None,
+            _DTYPE_CODE[torch.float32]]  # fmt: skip
+    assert fn(*args) == 1  # cudaErrorInvalidValue, nothing launched
+    args[4] = 0  # no tokens: nothing to read the seed for
+    assert fn(*args) == 0
 
 
 @pytest.mark.parametrize("d", [64, 37])

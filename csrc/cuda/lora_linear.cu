@@ -13,7 +13,8 @@
 //
 // Kernels, in launch order:
 //  1. lora_dropout_kernel (only when p > 0): xd = rnd_A(x · keep · scale) into a workspace; one
-//     Philox evaluation per 4 elements (philox.h).
+//     Philox evaluation per 4 elements (philox.h). The seed is a device pointer loaded by the kernel,
+//     so a CUDA graph replay uses the seed buffer's current value.
 //  2. lora_s_kernel: S = rnd_A(xd·Aᵀ). One CTA per 2 rows of A, its threads stride over K with all
 //     M rows of x in registers, then a warp-shuffle + shared-memory reduction in a fixed order.
 //  3. the 4-bit GEMM with the LoRA epilogue, bandwidth-bound: the weight is read exactly once, in
@@ -145,8 +146,9 @@ constexpr int kDropThreads = 256;
 
 template <typename XT, typename AT>
 __global__ void __launch_bounds__(kDropThreads)
-    lora_dropout_kernel(const XT* __restrict__ x, AT* __restrict__ xd, int64_t n, uint64_t seed, uint32_t threshold,
-                        float scale) {
+    lora_dropout_kernel(const XT* __restrict__ x, AT* __restrict__ xd, int64_t n, const int64_t* __restrict__ seed_ptr,
+                        uint32_t threshold, float scale) {
+  const uint64_t seed = static_cast<uint64_t>(__ldg(seed_ptr));  // all 64 bits: key (lo32, hi32)
   for (int64_t blk = int64_t{blockIdx.x} * kDropThreads + threadIdx.x; blk * 4 < n;
        blk += int64_t{gridDim.x} * kDropThreads) {
     const Philox4 rnd = philox4x32_10(seed, static_cast<uint64_t>(blk), kStreamLoraDropout);
@@ -585,7 +587,8 @@ cudaError_t launch(void (*kernel)(Params...), unsigned grid, unsigned block, cud
   if (grid == 0) return cudaSuccess;
 #if defined(FASTLORA_CUDA_EMU)
   (void)stream;
-  fastlora_emu::launch(grid, block, [&] { kernel(args...); });
+  // by value: the emulation may queue the launch and run it later (fastlora_cuda_emu.h, deferred launches)
+  fastlora_emu::launch(grid, block, [=] { kernel(args...); });
 #else
   kernel<<<grid, block, 0, stream>>>(args...);
 #endif
@@ -686,7 +689,8 @@ cudaError_t lora_linear_fwd_small_m(const LoraLinearFwdArgs& a, cudaStream_t str
   const bool dtypes_ok = a.a_dtype == OutDtype::kFloat32 || a.a_dtype == a.x_dtype;
   if (a.M < 0 || a.M > kLoraMaxRows || a.N < 0 || a.N > kIntMax || a.K < 0 || a.K > kIntMax || a.r < 0 ||
       a.r > kIntMax || log2_bs < 5 || log2_bs > 12 || (a.quant_type != kNF4 && a.quant_type != kFP4) || !dtypes_ok ||
-      !(a.dropout_p >= 0.0 && a.dropout_p < 1.0) || (a.dropout_p > 0.0 && a.M * a.K > 0 && a.xd == nullptr)) {
+      !(a.dropout_p >= 0.0 && a.dropout_p < 1.0) ||
+      (a.dropout_p > 0.0 && a.M * a.K > 0 && (a.xd == nullptr || a.seed == nullptr))) {
     return cudaErrorInvalidValue;
   }
   if (a.M == 0) return cudaSuccess;

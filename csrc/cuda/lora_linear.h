@@ -20,6 +20,9 @@ constexpr int64_t kLoraMaxRows = 16;
 //   absmax   fp32[ceil(N*K/blocksize)] (resolved)      bias (N,) of x_dtype or nullptr
 //   y        (M, N) of x_dtype (output)                S: output
 //   xd       workspace of M*K elements of a_dtype, used (and required) only when dropout_p > 0
+//   seed     int64[1], the dropout seed (Philox key = (lo32, hi32) of its value), used (and required) only
+//            when dropout_p > 0; read by the dropout kernel when it runs, never on the host, so a captured
+//            CUDA graph uses the buffer's value at each replay
 // a_dtype is kFloat32 or x_dtype. Semantics: fastlora/reference_lora.py (y = rnd_X(rnd_X(x·Wᵀ +
 // bias) + L), L = rnd_A(rnd_A(S·Bᵀ)·scaling), rounded to x_dtype first when round_lora_to_x).
 struct LoraLinearFwdArgs {
@@ -39,7 +42,7 @@ struct LoraLinearFwdArgs {
   OutDtype a_dtype = OutDtype::kFloat32;
   float scaling = 1.0f;
   double dropout_p = 0.0;
-  uint64_t seed = 0;
+  const int64_t* seed = nullptr;
   bool round_lora_to_x = false;  // rounding == "linear4bit"
 };
 

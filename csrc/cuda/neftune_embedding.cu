@@ -3,6 +3,9 @@
 //   out[t, j] = dtype(float(weight[ids[t], j]) + fp32(u(i) * mag[t])),   i = t * d + j
 //   u(i) = float((int32)(word >> 8) - 2^23) * 2^-23,   word = philox_word(seed, i, kStreamNeftune)  (philox.h)
 //
+// The seed comes as a device pointer and each thread loads it once when the kernel runs (never read on the
+// host), so a captured CUDA graph uses the seed buffer's value at each replay.
+//
 // __fmul_rn / __fadd_rn keep the product and the sum two roundings (no FMA, whatever --fmad says); the 16-bit
 // outputs are one RNE rounding of the fp32 sum. Rows with mag[t] == 0 are copied bit for bit.
 //
@@ -124,8 +127,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     neftune_vec_kernel(const int64_t* __restrict__ ids, const T* __restrict__ weight, const float* __restrict__ mag,
                        T* __restrict__ out, int64_t T_, int64_t V, int64_t d, int64_t chunks_per_row,
-                       double inv_chunks, uint64_t seed) {
+                       double inv_chunks, const int64_t* __restrict__ seed_ptr) {
   constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+  const uint64_t seed = static_cast<uint64_t>(__ldg(seed_ptr));
   const int64_t vecs_per_row = d / kElems;
   const int64_t work = T_ * chunks_per_row;
   for (int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x; g < work; g += int64_t{gridDim.x} * kThreads) {
@@ -158,8 +162,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     neftune_scalar_kernel(const int64_t* __restrict__ ids, const T* __restrict__ weight,
                           const float* __restrict__ mag, T* __restrict__ out, int64_t numel, int64_t V, int64_t d,
-                          double inv_d, uint64_t seed) {
+                          double inv_d, const int64_t* __restrict__ seed_ptr) {
   using Bits = typename Elem<T>::Bits;
+  const uint64_t seed = static_cast<uint64_t>(__ldg(seed_ptr));
   const Bits* w = reinterpret_cast<const Bits*>(weight);
   Bits* o = reinterpret_cast<Bits*>(out);
   const int64_t blocks = (numel + 3) >> 2;
@@ -191,7 +196,8 @@ cudaError_t launch(Kernel kernel, int64_t work, cudaStream_t stream, Args... arg
   const unsigned grid = static_cast<unsigned>(blocks);
 #if defined(FASTLORA_CUDA_EMU)
   (void)stream;
-  fastlora_emu::launch(grid, kThreads, [&] { kernel(args...); });
+  // by value: the emulation may queue the launch and run it later (fastlora_cuda_emu.h, deferred launches)
+  fastlora_emu::launch(grid, kThreads, [=] { kernel(args...); });
 #else
   kernel<<<grid, kThreads, 0, stream>>>(args...);
 #endif
@@ -200,7 +206,7 @@ cudaError_t launch(Kernel kernel, int64_t work, cudaStream_t stream, Args... arg
 
 template <typename T>
 cudaError_t run(const int64_t* ids, const void* weight, const float* mag, void* out, int64_t T_, int64_t V, int64_t d,
-                uint64_t seed, cudaStream_t stream) {
+                const int64_t* seed, cudaStream_t stream) {
   constexpr int kElems = 16 / static_cast<int>(sizeof(T));
   const T* w = static_cast<const T*>(weight);
   T* o = static_cast<T*>(out);
@@ -218,9 +224,10 @@ cudaError_t run(const int64_t* ids, const void* weight, const float* mag, void* 
 }  // namespace
 
 cudaError_t neftune_embedding(const int64_t* ids, const void* weight, const float* mag, void* out, int64_t T,
-                              int64_t V, int64_t d, uint64_t seed, OutDtype dtype, cudaStream_t stream) {
+                              int64_t V, int64_t d, const int64_t* seed, OutDtype dtype, cudaStream_t stream) {
   if (T < 0 || V < 0 || d < 0) return cudaErrorInvalidValue;
   if (T == 0 || d == 0) return cudaSuccess;
+  if (seed == nullptr) return cudaErrorInvalidValue;
   switch (dtype) {
     case OutDtype::kFloat32: return run<float>(ids, weight, mag, out, T, V, d, seed, stream);
     case OutDtype::kBFloat16: return run<__nv_bfloat16>(ids, weight, mag, out, T, V, d, seed, stream);

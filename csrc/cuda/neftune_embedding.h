@@ -16,9 +16,11 @@ namespace fastlora::gpu {
 // one rounded fp32 product, one fp32 add, one RNE rounding (no FMA); rows with mag[t] == 0 are exactly
 // weight[ids[t]]. ids: int64[T] (the caller checks 0 <= id < V; an out-of-range id is never dereferenced, its
 // row is written as NaN); weight: (V, d) contiguous of `dtype`; mag: fp32[T]; out: (T, d) of `dtype`.
-// Any alignment is accepted (16-byte aligned rows take the vectorized kernel). Enqueued on `stream`; returns
-// the launch status.
+// seed: device pointer to int64[1], the Philox key (lo32, hi32) of its value; the kernels load it when they run
+// (never read on the host), so a captured CUDA graph uses the buffer's value at each replay. Required unless
+// T == 0 or d == 0. Any alignment is accepted (16-byte aligned rows take the vectorized kernel). Enqueued on
+// `stream`; returns the launch status.
 cudaError_t neftune_embedding(const int64_t* ids, const void* weight, const float* mag, void* out, int64_t T,
-                              int64_t V, int64_t d, uint64_t seed, OutDtype dtype, cudaStream_t stream);
+                              int64_t V, int64_t d, const int64_t* seed, OutDtype dtype, cudaStream_t stream);
 
 }  // namespace fastlora::gpu

@@ -33,6 +33,24 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
                     ref.device(), "), got ", t.device());
 }
 
+// The dropout / NEFTune seed for a kernel on `ref`'s GPU: an int64 tensor with one element (0-dim or (1,)) on
+// that GPU, passed as is, or on the CPU. The kernels load it from device memory when they run, so a GPU seed is
+// never read on the host (that would synchronize, and under CUDA graph capture bake the value into the graph);
+// a CUDA graph replays whatever value the tensor holds then. A CPU seed is checked to lie in [0, 2^63) (free to
+// read) and copied to the device, non_blocking, on the current stream: convenient, but the copy reads host
+// memory when it is issued, so it is not CUDA-graph safe. Call under the device guard of `ref`.
+// `copy` = false checks the seed only (the kernels will not read it).
+at::Tensor seed_on_device(const at::Tensor& seed, const at::Tensor& ref, bool copy = true) {
+  check_seed_tensor(seed);
+  if (seed.is_cpu()) {
+    read_cpu_seed(seed);
+    return copy ? seed.to(ref.device(), at::kLong, /*non_blocking=*/true) : seed;
+  }
+  TORCH_CHECK_VALUE(seed.device() == ref.device(), "seed must be on the CPU or on ", ref.device(),
+                    " (the inputs' device), got ", seed.device());
+  return seed;
+}
+
 OutDtype out_dtype(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return OutDtype::kFloat32;
@@ -115,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
                                                         c10::string_view quant_type, int64_t out_features,
                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                         double scaling, const std::optional<at::Tensor>& bias,
-                                                        double dropout_p, int64_t seed, c10::string_view rounding) {
+                                                        double dropout_p, const at::Tensor& seed,
+                                                        c10::string_view rounding) {
   TORCH_CHECK_VALUE(absmax.has_value(),
                     "weight: the CUDA kernel of fastlora::lora_linear_fwd takes only 4-bit weights (codes + absmax); "
                     "dense weights run on the Triton backend (fastlora.ops.lora_linear routes them there)");
@@ -163,6 +182,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
   if (bias.has_value()) check_same_device(*bias, "bias", x, "x");
 
   const c10::cuda::CUDAGuard guard(x.device());
+  // Only the dropout kernel reads the seed: without dropout (or dropout of nothing) it is checked, not copied.
+  const bool dropout = dropout_p > 0.0 && M * K > 0;
+  const at::Tensor seed_dev = seed_on_device(seed, x, dropout);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor S = at::empty({M, r}, lora_A.options());
   if (M == 0) return {y, S};
@@ -197,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
   args.a_dtype = out_dtype(lora_A.scalar_type());
   args.scaling = static_cast<float>(scaling);  // fp32, as the reference's torch.tensor(scaling, float32)
   args.dropout_p = dropout_p;
-  args.seed = static_cast<uint64_t>(seed);
+  // data_ptr of a one-element tensor points at its element whatever its shape and strides.
+  args.seed = dropout ? seed_dev.data_ptr<int64_t>() : nullptr;
   args.round_lora_to_x = rounding == "linear4bit";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   check_launch(lora_linear_fwd_small_m(args, stream), "lora_linear_fwd");
@@ -207,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
 // ids out of range are found on the host with one aminmax (a device sync) before the launch, so a bad id is a
 // ValueError, never a device-side fault; the kernel does not dereference such ids either way.
 at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& mag,
-                                  int64_t seed) {
+                                  const at::Tensor& seed) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
                        weight.scalar_type() == at::kHalf,
@@ -217,12 +240,12 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
   TORCH_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must have the shape of ids (", ids.size(0),
                     ",), got shape ", mag.sizes());
-  TORCH_CHECK_VALUE(seed >= 0, "seed must be in [0, 2^63), got ", seed);
   check_device(weight, "weight", at::kCUDA);
   check_same_device(ids, "ids", weight, "weight");
   check_same_device(mag, "mag", weight, "weight");
   const int64_t T = ids.size(0), V = weight.size(0), d = weight.size(1);
   const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor seed_dev = seed_on_device(seed, weight, T > 0 && d > 0);
   at::Tensor out = at::empty({T, d}, weight.options());
   if (T == 0 || d == 0) return out;
   TORCH_CHECK_VALUE(V > 0, "ids: out of range for an empty weight (V = 0)");
@@ -236,7 +259,7 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   const at::Tensor m = mag.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   check_launch(neftune_embedding(i.data_ptr<int64_t>(), w.data_ptr(), m.data_ptr<float>(), out.data_ptr(), T, V, d,
-                                 static_cast<uint64_t>(seed), out_dtype(weight.scalar_type()), stream),
+                                 seed_dev.data_ptr<int64_t>(), out_dtype(weight.scalar_type()), stream),
                "neftune_embedding");
   return out;
 }

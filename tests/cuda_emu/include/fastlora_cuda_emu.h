@@ -16,7 +16,8 @@
 // __ldg, the vector types used, __nv_bfloat16 / __half with their RNE conversions (quant4.h's
 // float_to_bf16_bits / float_to_fp16_bits), __fmul_rn / __fadd_rn, __float_as_uint /
 // __uint_as_float, mma.sync.m16n8k16 (bf16 / f16 inputs, fp32 accumulation, fragment layouts of the
-// PTX ISA) and the few runtime calls the launchers make.
+// PTX ISA) and the few runtime calls the launchers make, and deferred launches (a stand-in for CUDA
+// graph capture and replay, see run_deferred).
 #pragma once
 
 #include <ucontext.h>
@@ -242,7 +243,7 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
   }
 }
 
-inline void launch(unsigned grid, unsigned block_threads, const std::function<void()>& body) {
+inline void run_grid(unsigned grid, unsigned block_threads, const std::function<void()>& body) {
   gridDim = dim3(grid);
   blockDim = dim3(block_threads);
   for (unsigned bx = 0; bx < grid; ++bx) {
@@ -251,6 +252,27 @@ inline void launch(unsigned grid, unsigned block_threads, const std::function<vo
   }
   threadIdx = dim3(0);
   blockIdx = dim3(0);
+}
+
+// Deferred launches stand in for a captured CUDA graph: while `deferring` is set, launch() queues the
+// kernel (body must hold its arguments by value) and returns, and run_deferred() later runs the queue in
+// launch order. Whatever a kernel reads from memory it reads then, as at a graph replay; a value a
+// launcher read on the host at launch time would be stale by then.
+inline bool deferring = false;
+inline std::vector<std::function<void()>> deferred;
+
+inline void launch(unsigned grid, unsigned block_threads, std::function<void()> body) {
+  if (deferring) {
+    deferred.push_back([grid, block_threads, body = std::move(body)] { run_grid(grid, block_threads, body); });
+    return;
+  }
+  run_grid(grid, block_threads, body);
+}
+
+inline void run_deferred() {
+  std::vector<std::function<void()>> queue;
+  queue.swap(deferred);
+  for (const auto& run : queue) run();
 }
 
 // ---- warp-collective operations
