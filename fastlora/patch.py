@@ -21,7 +21,7 @@ import torch
 from . import adapters
 from . import backends as _backends
 from . import distributed as _distributed
-from .modules import _instance, bnb_linear4bit, gated_mlp, linear4bit, neftune, peft_lora, plain_linear
+from .modules import _instance, bnb_linear4bit, gated_mlp, grouped_qkv, linear4bit, neftune, peft_lora, plain_linear
 from .modules import lora as lora_module
 
 _HANDLE_ATTR = "_fastlora_handle"
@@ -31,9 +31,9 @@ _HANDLE_ATTR = "_fastlora_handle"
 # unless the accelerator says ``CLAIMS_CHILDREN = False`` (a fused block whose projections are patched
 # one by one as well, for the calls the block hands back). An accelerator with ``UNCHANGED = True``
 # only reports: its modules are listed as unchanged.
-_ACCELERATORS = (("gated MLP", gated_mlp), ("LoRA layer", peft_lora), ("4-bit linear", bnb_linear4bit),
-                 ("linear", plain_linear))
-_FUSED = (gated_mlp,)  # what fuse_projections=False leaves out
+_ACCELERATORS = (("gated MLP", gated_mlp), ("grouped q/k/v", grouped_qkv), ("LoRA layer", peft_lora),
+                 ("4-bit linear", bnb_linear4bit), ("linear", plain_linear))
+_FUSED = (gated_mlp, grouped_qkv)  # what fuse_projections=False leaves out
 
 
 class PatchHandle:
@@ -159,7 +159,8 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
         noise on padding).
       fuse_projections: run gated MLP blocks whose gate / up / down projections all carry LoRA as one
         fused op (:mod:`fastlora.modules.gated_mlp`: gate and up outputs saved, the activation and the
-        down projection's input recomputed in backward).
+        down projection's input recomputed in backward), and attention's q / k / v projections as one
+        (:mod:`fastlora.modules.grouped_qkv`).
       backend: "auto" or one of fastlora.backends.BACKENDS, for every op the patch installs.
       verbose: print :meth:`PatchHandle.summary` to stderr.
 

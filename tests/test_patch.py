@@ -262,7 +262,7 @@ def test_dora_matches_peft(four_bit):
     handle = fastlora.patch(pm)
     assert _n_lora(handle) == 14
     assert all("DoRA projections run one by one" in reason for reason in handle.skipped.values())
-    assert len(handle.skipped) == 2  # the two MLP blocks are not fused over DoRA projections
+    assert len(handle.skipped) == 4  # the two MLP blocks and two q/k/v groups are not fused over DoRA projections
     got = loss_and_grads(pm, ids)
     _assert_close(got, want)
     assert sum("lora_magnitude_vector" in n for n in got[1]) == 14
@@ -313,7 +313,7 @@ def test_several_active_adapters_and_per_call_fallbacks():
     pm.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     pm.base_model.set_adapter(["default", "second"])
     handle = fastlora.patch(pm)
-    assert _n_lora(handle) == 12 and len(handle.skipped) == 2
+    assert _n_lora(handle) == 12 and len(handle.skipped) == 4  # two q_proj and their two q/k/v groups
     assert all("2 active adapters" in r for r in handle.skipped.values())
     handle.unpatch()
     # A patched layer hands calls PEFT's forward when autocast is on or when disabled adapters change it.
@@ -322,7 +322,7 @@ def test_several_active_adapters_and_per_call_fallbacks():
     assert _n_lora(handle) == 14
     with pm.disable_adapter():
         loss_disabled = pm(input_ids=ids, labels=ids).loss
-    assert len(handle.report()["fallback_calls"]) == 14 + 2  # the LoRA layers and the fused MLP blocks
+    assert len(handle.report()["fallback_calls"]) == 14 + 2 + 2  # LoRA layers, fused MLP blocks, q/k/v groups
     handle.unpatch()
     with pm.disable_adapter():
         assert torch.equal(pm(input_ids=ids, labels=ids).loss, loss_disabled)
@@ -418,6 +418,7 @@ def test_trainable_base_weight_is_not_accelerated():
     layers[0].get_base_layer().weight.requires_grad_(True)
     handle = fastlora.patch(pm)
     assert _n_lora(handle) == 13 and list(handle.skipped.values()) == [
+        "q_proj: base weight is trainable (fastlora keeps it frozen)",  # its q/k/v group
         "base weight is trainable (fastlora keeps it frozen)"]
     layers[1].get_base_layer().weight.requires_grad_(True)
     ids = _ids()
@@ -499,7 +500,7 @@ def test_unexpected_fallbacks_warn_once_with_the_reason():
     with pytest.warns(RuntimeWarning, match="adapters are torch.bfloat16") as record:
         pm(input_ids=ids)
     assert len([w for w in record if "adapters are" in str(w.message)]) == 1
-    assert len(handle.report()["fallback_calls"]) == 14 + 2
+    assert len(handle.report()["fallback_calls"]) == 14 + 2 + 2  # LoRA layers, fused MLP blocks, q/k/v groups
     with pm.disable_adapter(), warnings.catch_warnings():
         warnings.simplefilter("error")
         pm(input_ids=ids)

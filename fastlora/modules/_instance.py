@@ -7,7 +7,9 @@ state object. Removing those three restores the module exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 
 STATE_ATTR = "_fastlora_patch_state"
 
@@ -90,3 +92,32 @@ def restore(module) -> None:
         return
     module.__dict__.pop("forward", None)
     module.__dict__.pop("extra_repr", None)
+
+
+# Sibling groups: a module whose forward runs several of its children on one input in one fused op (attention's
+# q / k / v) registers, for the duration of its own forward, a provider that the children's patched forwards ask
+# first. A thread-local stack, not a registry of children: nothing to keep in sync through deepcopy or pickling.
+_groups = threading.local()
+
+
+@contextlib.contextmanager
+def sibling_group(provider):
+    """While active, :func:`grouped_output` asks ``provider(child, x)`` (a tensor, or None: not mine / not now)."""
+    stack = _groups.__dict__.setdefault("stack", [])
+    stack.append(provider)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def grouped_output(module, x):
+    """The output a running sibling group computed for ``module`` on ``x``, or None (then run as usual)."""
+    stack = getattr(_groups, "stack", None)
+    if not stack:
+        return None
+    for provider in reversed(stack):
+        out = provider(module, x)
+        if out is not None:
+            return out
+    return None

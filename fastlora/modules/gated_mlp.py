@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.lora_gated_mlp import lora_gated_mlp
-from ..ops.lora_projection import LoraProjection
-from . import _autocast, _instance, lora, peft_lora
+from . import _autocast, _instance, _projection_args, lora, peft_lora
 
 # (gate child, up child or None for a fused gate_up projection, down child)
 LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", None, "down_proj"))
@@ -173,17 +172,6 @@ def install(module, backend: str) -> None:
     _instance.install(module, _fused_forward, state)
 
 
-def _call_args(child, x) -> dict | None:
-    if lora.has_lora(child):
-        return lora.call_args(child, x)
-    args = peft_lora.call_args(child, x)
-    if args is None:  # a bitsandbytes base computing in another dtype than x's
-        args = peft_lora.compute_dtype_args(child, x)
-        if args is not None and args["lora_A"].dtype != x.dtype:
-            return None  # PEFT casts x to the adapters' dtype there: left to the projection's own call
-    return args
-
-
 def _fused_forward(self, x, *args, **kwargs):
     state = _instance.state_of(self)
     projections = None if args or kwargs or not isinstance(x, torch.Tensor) else _projections(self, state, x)
@@ -200,20 +188,4 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def _projections(module, state: GatedMLPState, x):
-    calls = []
-    for name in state.layout:
-        if name is None:
-            calls.append(None)
-            continue
-        args = _call_args(getattr(module, name), x)
-        if args is None or args["dora"] is not None:
-            return None
-        calls.append(args)
-    present = [c for c in calls if c is not None]
-    if len({c["training"] for c in present}) != 1 or len({c.get("dtype", x.dtype) for c in present}) != 1:
-        return None
-    projections = tuple(None if c is None else LoraProjection(c["weight"], c["lora_A"], c["lora_B"], c["scaling"],
-                                                              c["bias"], c["dropout_p"], c["rounding"],
-                                                              c.get("compute_dtype"))
-                        for c in calls)
-    return present[0]["training"], present[0].get("dtype", x.dtype), projections
+    return _projection_args.projections([None if name is None else getattr(module, name) for name in state.layout], x)

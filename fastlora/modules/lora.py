@@ -249,6 +249,9 @@ def call_args(module, x: torch.Tensor) -> dict | None:
 def _lora_forward(self, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"LoRA linear: x must be a Tensor, got {type(x).__name__}")
+    grouped = _instance.grouped_output(self, x)
+    if grouped is not None:  # computed with its siblings (fastlora.modules.grouped_qkv)
+        return grouped
     args = call_args(self, x)
     if args is None:
         state = self.__dict__[_STATE_ATTR]

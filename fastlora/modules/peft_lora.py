@@ -324,6 +324,9 @@ def _compute_dtype_call(module, x):
 
 
 def _fast_forward(self, x, *args, **kwargs):
+    grouped = None if args or kwargs else _instance.grouped_output(self, x)
+    if grouped is not None:  # computed with its siblings (fastlora.modules.grouped_qkv)
+        return grouped
     args_ = None if args or kwargs else call_args(self, x)
     if args_ is None:
         split = None if args or kwargs else _compute_dtype_call(self, x)
