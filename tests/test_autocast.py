@@ -184,6 +184,10 @@ def test_own_lora_layer_under_autocast(dtype):
     for got_g, want_g in zip(got_grads, want_grads, strict=True):
         assert got_g.dtype == want_g.dtype
         assert _rel(got_g.float(), want_g.float()) < 8 * eps
+    # autocast leaves a float64 x alone: PEFT's formula runs (counted) and F.linear raises, as unpatched
+    with torch.autocast("cpu", dtype=dtype), pytest.raises(RuntimeError):
+        layer(x.double())
+    assert fl_lora.fallback_calls(layer) == 1
 
 
 def test_float64_input_under_autocast_falls_back():
