@@ -207,18 +207,22 @@ def test_module_level_odd_shapes_and_dtype_rules():
             + s.scaling * (x64 @ lin.lora_A.weight.double().T) @ lin.lora_B.weight.double().T)
     assert _rel(y, want) < 2e-6 and y.shape == (3, 5, 23)
     assert lora_mod.fallback_calls(lin) == 0
-    # Autocast: PEFT's formula in torch (counted), same result as PEFT would give.
+    # Autocast: fused, in the autocast dtype (tests/test_autocast.py compares it with PEFT's layers).
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ac = lin(x)
-    assert lora_mod.fallback_calls(lin) == 1 and y_ac.dtype == torch.bfloat16
+    assert lora_mod.fallback_calls(lin) == 0 and y_ac.dtype == torch.bfloat16
+    assert _rel(y_ac, want) < 4 * 2.0**-8
     # F.linear (and PEFT) cannot mix dtypes on a dense base: a clear error, not a silent cast.
     with pytest.raises(TypeError, match="x has dtype torch.bfloat16 but the base layer has weight torch.float32"):
         lin(x.bfloat16())
     # A trainable base weight gets its gradient from PEFT's formula (the fused op never computes it).
     lin.weight.requires_grad_(True)
     lin(x).sum().backward()
-    assert lora_mod.fallback_calls(lin) == 2
+    assert lora_mod.fallback_calls(lin) == 1
     assert torch.allclose(lin.weight.grad, x.reshape(-1, 37).sum(0).expand(23, 37))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
+    assert lora_mod.fallback_calls(lin) == 2  # under autocast too
     assert repr(lin).startswith("Linear(\n  in_features=37, out_features=23, bias=True, lora(r=3, alpha=5, "
                                 "dropout=0.0, rslora)\n  (lora_A): Linear(in_features=37, out_features=3, bias=False)")
     # Ranks above the fused op's limit run PEFT's formula.
@@ -268,8 +272,9 @@ def test_quantized_weight_module_matches_bnb_base():
 
 
 def test_fallback_calls_compute_what_peft_computes():
-    """Calls the fused op cannot take (autocast; a 4-bit layer whose bitsandbytes compute dtype is not x's)
-    run PEFT's own formula: bit-identical to PEFT's layers."""
+    """Calls the fused op cannot take (a trainable base weight, under autocast as well; a 4-bit layer whose
+    bitsandbytes compute dtype is not x's) run PEFT's own formula: bit-identical to PEFT's layers. Autocast
+    calls are otherwise fused (tests/test_autocast.py)."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(8)
     four = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
@@ -287,6 +292,12 @@ def test_fallback_calls_compute_what_peft_computes():
                 fparams[_peft_name(name)].copy_(p)
     peft_dense, peft_four = pm.base_model.model[0], pm.base_model.model[1]
     x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fm[0](x), peft_dense(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and _rel(got, want) < 4 * 2.0**-8
+    assert lora_mod.fallback_calls(fm[0]) == 0
+    fm[0].weight.requires_grad_(True)
+    peft_dense.base_layer.weight.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(fm[0](x), peft_dense(x))
     assert lora_mod.fallback_calls(fm[0]) == 1

@@ -1,6 +1,7 @@
 """Patched LoRA layers under ``torch.autocast`` (what the Trainer's bf16=True / fp16=True turn on) compute in the
-autocast dtype, fused (no fallback calls), as the PEFT layers they replace do (fastlora/modules/_autocast.py), and
-fp16 training with ``torch.amp.GradScaler`` on CPU sees inf gradients and skips that step.
+autocast dtype, fused (no fallback calls), as the PEFT layers they replace do (fastlora/modules/_autocast.py); so do
+fastlora's own LoRA layers (``fastlora.patch(model, lora=...)``, fastlora/modules/lora.py); and fp16 training
+with ``torch.amp.GradScaler`` on CPU sees inf gradients and skips that step.
 
 Tolerances: the patched model and PEFT both round to the autocast dtype at different points (PEFT: after each
 F.linear; fastlora: x·Aᵀ kept in the op's precision), so they are compared with each other at a few units of the
@@ -44,7 +45,28 @@ def _ids():
     return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
+def _own_lora_model(peft_model, base: str, dropout: float):
+    """The model ``_peft_model(base, dropout)`` wraps, with fastlora's own LoRA (``fastlora.patch(lora=...)``,
+    no PEFT) holding PEFT's adapter weights; (model, handle)."""
+    model = tiny_model("llama")
+    if base == "nf4":
+        model = to_4bit(model, "nf4")
+    config = fastlora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout)
+    handle = fastlora.patch(model, lora=config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                params[_own_name(name)].copy_(p)
+    return model.train(), handle
+
+
+def _own_name(peft_name: str) -> str:
+    return peft_name.removeprefix("base_model.model.").replace(".default.", ".")
+
+
 def _loss_and_grads(model, ids, dtype):
+    torch.manual_seed(77)  # the dropout masks repeat from run to run
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -83,6 +105,13 @@ def test_patched_model_under_autocast_matches_peft(base, dtype):
     got_loss, got = _loss_and_grads(patched, ids, dtype)
     assert handle.report()["fallback_calls"] == {}  # every layer and gated MLP fused under autocast
     assert out_dtypes == [dtype]  # computed in the autocast dtype, as PEFT's layer returns it
+    _check_against_peft(got_loss, got, want_loss, want, exact, dtype)
+
+
+def _check_against_peft(got_loss, got, want_loss, want, exact, dtype):
+    """fastlora's autocast loss / grads against PEFT's under autocast and the float32 run without it (see the
+    module docstring); every dict is keyed by PEFT's parameter names."""
+    assert got.keys() == want.keys() == exact.keys()
     assert all(g.dtype == torch.float32 for g in got.values())  # float32 adapters keep float32 gradients
     eps = EPS[dtype]
     assert abs(got_loss - want_loss).item() < 4 * eps * want_loss.item()
@@ -92,11 +121,50 @@ def test_patched_model_under_autocast_matches_peft(base, dtype):
     assert fast_err <= 1.5 * peft_err + eps, (fast_err, peft_err)
 
 
+@pytest.mark.parametrize(("base", "dtype", "dropout", "checkpointing"), [
+    ("dense", torch.bfloat16, 0.0, False), ("dense", torch.bfloat16, 0.1, True), ("dense", torch.float16, 0.0, False),
+    ("dense", torch.float16, 0.1, False), ("nf4", torch.bfloat16, 0.0, False), ("nf4", torch.bfloat16, 0.1, False),
+    ("nf4", torch.float16, 0.0, False)])
+def test_own_lora_model_under_autocast_matches_peft(base, dtype, dropout, checkpointing):
+    """``fastlora.patch(model, lora=...)`` (fastlora's own LoRA, no PEFT) under autocast: every layer and gated
+    MLP fused; bit-identical to the PEFT model with the same adapters patched by fastlora (the same fused ops on
+    the same tensors; with dropout the same Philox masks from the same seed), and at dropout 0 as close to PEFT's
+    own layers and to the float32 run as those (test_patched_model_under_autocast_matches_peft)."""
+    peft_model = _peft_model(base, dropout)
+    own, handle = _own_lora_model(peft_model, base, dropout)
+    assert "gated MLP" in " ".join(handle.kinds.values()), handle.summary()
+    fused_peft = copy.deepcopy(peft_model)
+    fastlora.patch(fused_peft)
+    out_dtypes = []
+    own.model.layers[0].self_attn.q_proj.register_forward_hook(lambda _, __, out: out_dtypes.append(out.dtype))
+    ids = _ids()
+    if checkpointing:
+        plain_loss, plain = _loss_and_grads(own, ids, dtype)
+        own.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got_loss, got = _loss_and_grads(own, ids, dtype)
+    got = {name: got[_own_name(name)] for name, p in fused_peft.named_parameters() if p.requires_grad}
+    twin_loss, twin = _loss_and_grads(fused_peft, ids, dtype)
+    assert handle.report()["fallback_calls"] == {}  # every layer and gated MLP fused under autocast
+    assert out_dtypes[-1] == dtype and got_loss.dtype == torch.float32
+    assert torch.equal(got_loss, twin_loss)
+    assert all(torch.equal(got[name], twin[name]) for name in twin)
+    if checkpointing:  # the recomputed forward runs under the same autocast state and dropout masks
+        assert torch.equal(plain_loss, got_loss)
+        assert all(torch.equal(plain[_own_name(name)], got[name]) for name in got)
+    if dropout > 0.0:  # the masks are active: the gradients differ from the dropout-free eval-mode ones
+        _, no_dropout = _loss_and_grads(own.eval(), ids, dtype)
+        worst = max(_rel(got[name], no_dropout[_own_name(name)]) for name in got)
+        assert worst > 0.2, worst
+        return
+    exact_loss, exact = _loss_and_grads(peft_model, ids, None)
+    want_loss, want = _loss_and_grads(peft_model, ids, dtype)
+    _check_against_peft(got_loss, got, want_loss, want, exact, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_own_lora_layer_under_autocast(dtype):
     """fastlora's own LoRA (attach_lora, lora.py) on an nn.Linear: autocast formula F.linear(x, W, b) +
-    s·B(A(x)), each F.linear in the autocast dtype; odd shapes. Under autocast this layer still takes its
-    plain-torch path (tests/test_adapters.py pins that); the result is checked all the same."""
+    s·B(A(x)), each F.linear in the autocast dtype; odd shapes; fused (no fallback call)."""
     torch.manual_seed(4)
     layer = torch.nn.Linear(37, 23)
     layer.requires_grad_(False)
@@ -107,7 +175,7 @@ def test_own_lora_layer_under_autocast(dtype):
         y = layer(x)
         a, b = layer.lora_A.weight, layer.lora_B.weight
         want = F.linear(x, layer.weight, layer.bias) + F.linear(F.linear(x, a), b) * 2.0
-    assert fl_lora.fallback_calls(layer) == 1 and y.dtype == dtype and want.dtype == dtype
+    assert fl_lora.fallback_calls(layer) == 0 and y.dtype == dtype and want.dtype == dtype
     g = torch.randn(3, 7, 23, dtype=dtype)
     got_grads = torch.autograd.grad(y, (x, a, b), g)
     want_grads = torch.autograd.grad(want, (x, a, b), g)
@@ -116,6 +184,10 @@ def test_own_lora_layer_under_autocast(dtype):
     for got_g, want_g in zip(got_grads, want_grads, strict=True):
         assert got_g.dtype == want_g.dtype
         assert _rel(got_g.float(), want_g.float()) < 8 * eps
+    # autocast leaves a float64 x alone: PEFT's formula runs (counted) and F.linear raises, as unpatched
+    with torch.autocast("cpu", dtype=dtype), pytest.raises(RuntimeError):
+        layer(x.double())
+    assert fl_lora.fallback_calls(layer) == 1
 
 
 def test_float64_input_under_autocast_falls_back():

@@ -38,3 +38,13 @@ def cast(t, dtype: torch.dtype):
 def off(x: torch.Tensor):
     """Context that turns autocast off for x's device while the fused op runs."""
     return torch.autocast(x.device.type, enabled=False)
+
+
+def run(op, x: torch.Tensor, dtype: torch.dtype, *args, **kwargs):
+    """``op(x, *args, **kwargs)`` computed in ``dtype`` (the ``dtype`` of a ``call_args`` dict): called plainly
+    when x already is ``dtype`` and autocast is off for x's device, else on x cast to ``dtype`` with autocast
+    off (the other tensors in ``args`` / ``kwargs`` must come cast to ``dtype`` already)."""
+    if x.dtype == dtype and not enabled(x):
+        return op(x, *args, **kwargs)
+    with off(x):
+        return op(x.to(dtype), *args, **kwargs)

@@ -11,12 +11,17 @@ Forward computes what PEFT computes for the same weights (DESIGN.md §3): ``y = 
 B(A(dropout(x)))``, rounded like ``peft.tuners.lora.Linear`` for a dense base and like
 ``peft.tuners.lora.bnb.Linear4bit`` for a 4-bit base, through :func:`fastlora.ops.lora_linear` (which saves
 only x, S = dropout(x)·Aᵀ, A, B, the weight's own tensors and the dropout seed for backward). A call the
-fused op cannot compute exactly as PEFT would (autocast on; adapters neither float32 nor x's dtype; a
-trainable base weight; a 4-bit layer whose bitsandbytes compute dtype differs from x's, or whose weight
-bitsandbytes repacked for its CPU kernel; r > 256; lora_A / lora_B replaced) runs PEFT's formula in plain
-torch instead and is counted by :func:`fallback_calls`. A dense base whose weight or bias dtype differs from
-x's raises TypeError, as ``F.linear`` (and so PEFT) would. Dropout is active in training mode; its masks are
-fastlora's (Philox), not torch's, on the fused path.
+fused op cannot compute exactly as PEFT would (adapters neither float32 nor x's dtype; a trainable base
+weight; a 4-bit layer whose bitsandbytes compute dtype differs from x's, or whose weight bitsandbytes
+repacked for its CPU kernel; r > 256; lora_A / lora_B replaced; under autocast: x float64 or a
+``quantized_weight()`` base) runs PEFT's formula in plain torch instead and is counted by
+:func:`fallback_calls`. A dense base whose weight or bias dtype differs from x's raises TypeError outside
+autocast, as ``F.linear`` (and so PEFT) would. Under ``torch.autocast`` (the Trainer's ``bf16=True`` /
+``fp16=True``) the fused op computes in the autocast dtype, as PEFT's layer does (every F.linear cast to it)
+and as :mod:`fastlora.modules.peft_lora` does for PEFT layers (:mod:`fastlora.modules._autocast`): x, a dense
+base weight (cast per call), the bias and lora_A / lora_B are cast to it, a bitsandbytes 4-bit weight is
+decoded straight to it whatever its compute dtype, and the result is in it. Dropout is active in training
+mode; its masks are fastlora's (Philox), not torch's, on the fused path.
 
 The instance gets ``forward`` and ``extra_repr`` as bound methods in its ``__dict__`` (``copy.deepcopy``
 rebinds them to the copy) and a small state object; the class is never modified.
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.lora_linear import MAX_RANK, lora_linear
-from . import _conv1d, _instance
+from . import _autocast, _conv1d, _instance
 
 _STATE_ATTR = "_fastlora_lora"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -196,20 +201,26 @@ def _lora_extra_repr(self) -> str:
     return f"{own}, {tag}" if own else tag
 
 
-def _fused_weight(self, kind: str, x: torch.Tensor):
-    """The weight to hand lora_linear, or None when this call must take the plain-torch path."""
+def _fused_weight(self, kind: str, x: torch.Tensor, amp: torch.dtype | None):
+    """The weight to hand lora_linear, or None when this call must take the plain-torch path. ``amp``: the
+    autocast dtype (a dense weight is returned cast to it, a 4-bit one as it is: the op decodes it to it) or
+    None when autocast is off."""
     if kind in ("dense", "conv1d"):
         weight, bias = self.weight, self.bias
-        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        if amp is None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
             got = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
             raise TypeError(f"LoRA linear: x has dtype {x.dtype} but the base layer has {got}; F.linear (and PEFT) "
                             f"need one dtype: cast the input or the model")
         if weight.requires_grad:
             return None
-        return self.__dict__[_STATE_ATTR].transposed.get(weight) if kind == "conv1d" else weight
-    if self.bias is not None and self.bias.dtype != x.dtype:
-        return None  # bitsandbytes casts the bias in place here: let its own forward do that
+        if amp is not None and (weight.dtype not in _autocast.CASTABLE
+                                or (bias is not None and bias.dtype not in _autocast.CASTABLE)):
+            return None  # a float64 weight: autocast leaves it alone and F.linear raises; so does the fallback
+        weight = self.__dict__[_STATE_ATTR].transposed.get(weight) if kind == "conv1d" else weight
+        return weight if amp is None else _autocast.cast(weight, amp)
     if kind == "quantized":
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            return None
         compute = getattr(self, "compute_dtype", None)
         return self.quantized_weight() if compute is None or compute == x.dtype else None
     weight = self.weight
@@ -221,29 +232,42 @@ def _fused_weight(self, kind: str, x: torch.Tensor):
         self.set_compute_type(x)
         self.compute_type_is_set = True
     compute = self.compute_dtype
-    return weight if compute is None or compute == x.dtype else None
+    if self.bias is not None and self.bias.dtype != (compute or x.dtype):
+        return None  # bitsandbytes casts the bias in place here: let its own forward do that
+    # under autocast bitsandbytes' own F.linear is cast to the autocast dtype whatever its compute_dtype
+    return weight if amp is not None or compute is None or compute == x.dtype else None
 
 
 def call_args(module, x: torch.Tensor) -> dict | None:
     """What the fused LoRA op needs for this call of ``module`` (fastlora LoRA attached) on ``x`` — keys
-    weight, lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, dora (always None) — or
-    None when the call must take the plain-torch path (see the module docstring)."""
+    weight, lora_A, lora_B, scaling, bias, dropout_p, training, rounding, backend, dora (always None) and dtype
+    (the dtype x must be cast to and the op computes in: the autocast dtype under autocast, else x's) — or
+    None when the call must take the plain-torch path (see the module docstring). Under autocast the tensors
+    returned are already cast to ``dtype`` and the op must run with autocast off (:func:`_autocast.run`)."""
     state = module.__dict__.get(_STATE_ATTR)
     if state is None:
         return None
     s = state.settings
-    lora_A, lora_B = module.lora_A, module.lora_B
     kind = base_kind(module)
+    amp = _autocast.compute_dtype(x)
+    if _autocast.enabled(x) and (amp is None or kind == "quantized"):
+        return None  # float64 x, or fastlora's own 4-bit base under autocast: as for PEFT layers (peft_lora)
+    lora_A, lora_B = module.lora_A, module.lora_B
+    adapter_dtypes = (torch.float32, x.dtype) if amp is None else _autocast.CASTABLE
     adapters_ok = (type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear and lora_A.bias is None
                    and lora_B.bias is None and lora_A.weight.dtype == lora_B.weight.dtype
-                   and lora_A.weight.dtype in (torch.float32, x.dtype) and s.r <= MAX_RANK)
+                   and lora_A.weight.dtype in adapter_dtypes and s.r <= MAX_RANK)
     weight = None
-    if x.dtype in _X_DTYPES and x.dim() >= 1 and not torch.is_autocast_enabled(x.device.type):
-        weight = _fused_weight(module, kind, x)
+    if x.dtype in _X_DTYPES and x.dim() >= 1:
+        weight = _fused_weight(module, kind, x, amp)
     if weight is None or not adapters_ok:
         return None
-    return dict(weight=weight, lora_A=lora_A.weight, lora_B=lora_B.weight, scaling=s.scaling, bias=module.bias,
-                dropout_p=s.lora_dropout, training=module.training, rounding=s.rounding, backend=s.backend, dora=None)
+    dtype = amp or x.dtype
+    lora_A, lora_B, bias = lora_A.weight, lora_B.weight, module.bias
+    if amp is not None:  # casts are differentiable: float32 adapters get float32 gradients, as under autocast
+        lora_A, lora_B, bias = _autocast.cast(lora_A, amp), _autocast.cast(lora_B, amp), _autocast.cast(bias, amp)
+    return dict(weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=s.scaling, bias=bias, dropout_p=s.lora_dropout,
+                training=module.training, rounding=s.rounding, backend=s.backend, dora=None, dtype=dtype)
 
 
 def _lora_forward(self, x):
@@ -257,9 +281,9 @@ def _lora_forward(self, x):
         state = self.__dict__[_STATE_ATTR]
         state.fallback_calls += 1
         return _peft_formula(self, state.settings, x, four_bit=state.settings.rounding != "linear")
-    return lora_linear(x, args["weight"], args["lora_A"], args["lora_B"], args["scaling"], bias=args["bias"],
-                       dropout_p=args["dropout_p"], training=args["training"], rounding=args["rounding"],
-                       backend=args["backend"])
+    return _autocast.run(lora_linear, x, args["dtype"], args["weight"], args["lora_A"], args["lora_B"],
+                         args["scaling"], bias=args["bias"], dropout_p=args["dropout_p"], training=args["training"],
+                         rounding=args["rounding"], backend=args["backend"])
 
 
 def _peft_formula(self, s: LoraSettings, x: torch.Tensor, four_bit: bool) -> torch.Tensor:

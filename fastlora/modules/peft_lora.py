@@ -342,14 +342,9 @@ def _fast_forward(self, x, *args, **kwargs):
     if args_["dora"] is not None:
         return dora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"], args_["dora"],
                            bias=args_["bias"], backend=args_["backend"])
-    if x.dtype == args_["dtype"] and not _autocast.enabled(x):
-        return lora_linear(x, args_["weight"], args_["lora_A"], args_["lora_B"], args_["scaling"],
-                           bias=args_["bias"], dropout_p=args_["dropout_p"], training=args_["training"],
-                           rounding=args_["rounding"], backend=args_["backend"])
-    with _autocast.off(x):
-        return lora_linear(x.to(args_["dtype"]), args_["weight"], args_["lora_A"], args_["lora_B"],
-                           args_["scaling"], bias=args_["bias"], dropout_p=args_["dropout_p"],
-                           training=args_["training"], rounding=args_["rounding"], backend=args_["backend"])
+    return _autocast.run(lora_linear, x, args_["dtype"], args_["weight"], args_["lora_A"], args_["lora_B"],
+                         args_["scaling"], bias=args_["bias"], dropout_p=args_["dropout_p"],
+                         training=args_["training"], rounding=args_["rounding"], backend=args_["backend"])
 
 
 def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
