@@ -27,6 +27,9 @@ SUITES = {
                 "fastlora's backends vs the torch reference vs bitsandbytes / PEFT / transformers"),
     "train": ("fastlora.bench.train",
               "one QLoRA training step of a small Llama, fastlora.patch vs PEFT + bitsandbytes: time, saved bytes"),
+    "offload": ("fastlora.bench.offload",
+                "activation bytes a QLoRA forward keeps on the device, fastlora.patch vs PEFT + bitsandbytes, plain / "
+                "save_on_cpu / checkpointing / both / transformers' checkpoint offload; losses and gradients compared"),
     "compile": ("fastlora.bench.compile",
                 "the compile-check table: every Triton and CUDA kernel compiled ahead of time for sm_80 / sm_90"),
 }
