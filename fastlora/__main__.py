@@ -10,7 +10,7 @@ COMMANDS = {
     "roundtrip": ("fastlora.roundtrip", "quantize a real-sized weight to 4 bits and back: error and speed"),
     "compile-check": ("fastlora.compile_check",
                       "compile every Triton and CUDA kernel ahead of time for sm_80/sm_90; resource table"),
-    "bench": ("fastlora.bench", "benchmark suites: kernels, train, memory, compile (results folder, --plot)"),
+    "bench": ("fastlora.bench", "benchmark suites: kernels, train, memory, offload, compile (results folder, --plot)"),
 }
 
 
