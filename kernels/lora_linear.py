@@ -766,8 +766,9 @@ def _ds_db_torch(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool
     """(dS = scaling·(G·B) fp32 (M, r), Gᵀ·S fp32 (N, r)) with torch's GEMMs, in fp32 (G's 16-bit values
     are exact in fp32; the backward launcher scales and rounds dB as for the Triton kernel)."""
     g = grad_y.float()
-    ds = torch.mm(g, lora_B.float()).mul_(torch.tensor(scaling, dtype=torch.float32, device=g.device)) \
-        if need_ds else None
+    # A Python float factor: the fp32 kernels multiply by fp32(scaling), as with an fp32 tensor, and no host
+    # to device copy runs (it would break CUDA graph capture).
+    ds = torch.mm(g, lora_B.float()).mul_(float(scaling)) if need_ds else None
     db = torch.mm(S.float().t(), g).t() if need_db else None
     return ds, db
 
@@ -901,5 +902,5 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     dA = da_ws.to(adt) if need_dA else x.new_empty((0,))
     dB = x.new_empty((0,))
     if need_dB:  # rnd_D(fp32(sum) * fp32(scaling)), as the reference
-        dB = (db_ws * torch.tensor(float(scaling), dtype=torch.float32, device=dev)).to(adt)
+        dB = (db_ws * float(scaling)).to(adt)  # fp32 * fp32(scaling), no host to device copy (see _ds_db_torch)
     return dx, dA, dB
