@@ -141,7 +141,7 @@ RULES = [
     Rule(r"^python -m fastlora demo$", ["--preset", "tiny", "--steps", "10", "--output", "{tmp}"], {},
          r"\| fastlora \| PEFT \+ bitsandbytes \| fastlora vs PEFT \|", [],
          "the default (small) preset trains ~2 min per run and runs twice (fastlora, then PEFT + bitsandbytes): "
-         "the tiny preset runs the same code in seconds (tests/test_demo.py checks its results)"),
+         "the tiny preset runs the same code in about half a minute (tests/test_demo.py checks its results)"),
     Rule(r" --help$", [], {}, r"(?i)usage:", [], "the help"),
     Rule(r"^python -m fastlora info$", [], {}, r"(?i)torch", [], "as written"),
     Rule(r"^python -m fastlora roundtrip$", ["--repeats", "1"], {}, r"fastlora cpp", [],
@@ -197,6 +197,14 @@ def test_readme_shows_the_commands():
     assert any(c.endswith("python -m pytest -q") for c in COMMANDS)
     assert "python -m pytest bench/bench_lora_linear.py" in COMMANDS
     assert "python bench/lora_memory.py --help" in COMMANDS and "python bench/lora_memory.py" in COMMANDS
+
+
+def test_readme_notation():
+    assert _variants("python m.py a|b [--quick] [--help]") == ["python m.py a", "python m.py b",
+                                                                "python m.py a --help", "python m.py b --help"]
+    assert _variants("python -m m info | roundtrip") == ["python -m m info", "python -m m roundtrip"]
+    assert _variants("bash s.sh [lora] [neftune]") == ["bash s.sh"]
+    assert _variants("a && b | c") == ["a && b | c"]
 
 
 def test_every_readme_command_has_a_rule():
