@@ -72,6 +72,10 @@ def test_dequantize(benchmark, weights, impl, shape, dtype):
         if impl == "bitsandbytes-workspace":  # the fair peer of fastlora's workspace path
             workspace = torch.empty(w.shape, dtype=out_dtype)
             fn = lambda: F.dequantize_4bit(packed, state, out=workspace)
+            try:
+                fn()
+            except NotImplementedError as exc:  # bitsandbytes 0.50 has no CPU kernel for out=
+                pytest.skip(f"bitsandbytes cannot dequantize into a given buffer on {w.device.type}: {exc}")
         else:
             fn = lambda: F.dequantize_4bit(packed, state)
     else:

@@ -176,15 +176,6 @@ RULES = [
 ]
 
 
-# Benchmark cases that fail for bugs outside README.md and this file (pytest node id regex: reason). A README
-# command whose only failures are these is an xfail; any other failure fails. Remove an entry once it is fixed.
-KNOWN_FAILURES = {
-    r"^bench/bench_dequantize\.py::test_dequantize\[bitsandbytes-workspace-":
-        "bitsandbytes 0.50 has no CPU kernel for dequantize_4bit(out=) (NotImplementedError): bench_dequantize.py's "
-        "bitsandbytes-workspace case errors on the CPU instead of skipping",
-}
-
-
 def _rule(command: str) -> Rule | None:
     return next((r for r in RULES if re.search(r.pattern, command)), None)
 
@@ -251,10 +242,6 @@ def test_readme_command_runs(command, tmp_path):
         assert setup.returncode == 0, setup.stderr[-4000:]
     done = _run(command, tmp_path)
     output = done.stdout + done.stderr
-    failed = re.findall(r"^FAILED (\S+)", output, flags=re.M)
-    known = {why for f in failed for pattern, why in KNOWN_FAILURES.items() if re.search(pattern, f)}
-    if done.returncode != 0 and failed and all(any(re.search(p, f) for p in KNOWN_FAILURES) for f in failed):
-        pytest.xfail("; ".join(sorted(known)))
     assert done.returncode == 0, f"README command failed: {command} ({rule.why})\n{output[-6000:]}"
     assert re.search(rule.expect, output), f"{command}: output does not match {rule.expect!r}\n{output[-6000:]}"
 
