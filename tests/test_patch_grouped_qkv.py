@@ -148,3 +148,17 @@ def test_own_lora_layers_group_too(qkv_calls):
         results.append(loss_and_grads(model, _ids()))
     assert qkv_calls == [3, 3]
     _close(*results, 1e-5)
+
+
+def test_inference_mode_and_generate(qkv_calls):
+    pm = _peft_model("llama", "nf4")
+    ids = _ids()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    fastlora.patch(pm)
+    pm.eval()
+    with torch.inference_mode():
+        got = pm(input_ids=ids).logits
+    assert qkv_calls == [3, 3] and _rel(got, want) < 2e-5
+    out = pm.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7) and len(qkv_calls) > 2

@@ -60,7 +60,11 @@ class _Pending:
     """Outputs computed for the members not called yet, valid for one input tensor in one version."""
 
     def __init__(self, x: torch.Tensor, outs: dict, failed: bool = False):
-        self.x, self.version, self.outs, self.failed = x, x._version, outs, failed
+        self.x, self.version, self.outs, self.failed = x, _version(x), outs, failed
+
+
+def _version(x: torch.Tensor) -> int | None:
+    return None if x.is_inference() else x._version  # inference tensors have no version counter
 
 
 class GroupedQKVState(_instance.InstanceState):
@@ -107,7 +111,7 @@ def _member_output(attention, child, x):
     if not isinstance(x, torch.Tensor) or not state.grouping or not any(child is m for m in members):
         return None
     pending = state.pending
-    if pending is not None and pending.x is x and pending.version == x._version:
+    if pending is not None and pending.x is x and pending.version == _version(x):
         if id(child) in pending.outs:
             return pending.outs.pop(id(child))
         if pending.failed:  # this input cannot be grouped: counted once, each member runs on its own
