@@ -148,7 +148,7 @@ RULES = [
          "one timed repetition instead of the best of 5 (same 4096x14336 weight, every backend)"),
     Rule(r"^python -m fastlora compile-check$", [], {}, r"\S", [pytest.mark.slow],
          "as written: compiles every Triton kernel for sm_80 / sm_90 (no GPU needed)"),
-    Rule(r"^python -m fastlora bench --suite (kernels|train|compile)$", ["--quick", "--results", "{tmp}"], {},
+    Rule(r"^python -m fastlora bench --suite (kernels|train|offload|compile)$", ["--quick", "--results", "{tmp}"], {},
          r"\S", [], "--quick: tiny shapes, one timed run per case (tests/test_bench_suites.py checks the rows)"),
     Rule(r"^python -m fastlora bench --suite memory( --model \S+)?$",
          ["--seq", "2048", "--checkpointing", "off", "--results", "{tmp}"], {}, r"llama-3-8b +2048 +off +fastlora",
