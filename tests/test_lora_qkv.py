@@ -1,8 +1,12 @@
 """fastlora.ops.lora_qkv: several LoRA projections of one x in one autograd node, against float64
 truth (the op's own masks), against PEFT lora.Linear / lora.bnb.Linear4bit layers called one by one,
-exact under checkpointing, x saved once, unused outputs, bad input."""
+exact under checkpointing, x saved once, unused outputs, bad input; which path (grouped: one
+decode, one base GEMM, one S GEMM; or per projection) runs, spied on, and the grouped path's own
+float64 / PEFT / checkpoint / saved-tensor / compile checks."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from fastlora.ops import _dropout_seed, lora_dropout
 from fastlora.ops.lora_projection import LoraProjection
 from fastlora.ops.lora_qkv import lora_qkv
 
+qkv_module = importlib.import_module("fastlora.ops.lora_qkv")  # fastlora.ops.lora_qkv is also the function
 BACKENDS = backend_params()
 K = 64
 OUTS = (64, 32, 32)  # q, k, v with grouped-query k/v
@@ -24,13 +29,67 @@ def _next_seeds(n):
         return [int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item()) for _ in range(n)]
 
 
-def _projections(kind, dtype, p, bias, ranks=(8, 4, 16)):
+def _projections(kind, dtype, p, bias, ranks=(8, 4, 16), outs=OUTS, k=K, adapter_dtype=torch.float32):
+    """q / k / v projections; ``kind`` one weight kind for all, or one per projection."""
+    kinds = (kind,) * len(outs) if isinstance(kind, str) else kind
     out = []
-    for n, r, scaling in zip(OUTS, ranks, (2.0, 0.5, 1.0), strict=True):
-        a, b = make_adapters(r, n, K)
+    for kind_i, n, r, scaling in zip(kinds, outs, ranks, (2.0, 0.5, 1.0), strict=True):
+        a, b = make_adapters(r, n, k, adapter_dtype)
         bias_t = torch.randn(n).mul(0.1).to(dtype).requires_grad_() if bias else None
-        out.append(LoraProjection(make_weight(kind, n, K, dtype), a, b, scaling, bias_t, p))
+        out.append(LoraProjection(make_weight(kind_i, n, k, dtype), a, b, scaling, bias_t, p))
     return out
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts of the calls of each path's forward / backward math (the ops' Python implementations)."""
+    calls = {"grouped_fwd": 0, "grouped_bwd": 0, "single_fwd": 0, "single_bwd": 0}
+
+    def spy(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(qkv_module, "_grouped_fwd", spy("grouped_fwd", qkv_module._grouped_fwd))
+    monkeypatch.setattr(qkv_module, "_grouped_bwd", spy("grouped_bwd", qkv_module._grouped_bwd))
+    monkeypatch.setattr(qkv_module, "forward", spy("single_fwd", qkv_module.forward))
+    monkeypatch.setattr(qkv_module, "backward", spy("single_bwd", qkv_module.backward))
+    return calls
+
+
+def _took(paths, grouped: bool, n: int = 3) -> bool:
+    want = {"grouped_fwd": 1, "grouped_bwd": 1, "single_fwd": 0, "single_bwd": 0} if grouped else \
+        {"grouped_fwd": 0, "grouped_bwd": 0, "single_fwd": n, "single_bwd": n}
+    return paths == want
+
+
+def _check_against_float64(projs, x, backend, p, training=True):
+    """Run lora_qkv forward + backward on x (..., k) and compare every output and gradient with the
+    float64 truth of each projection (with the op's dropout masks when dropout is active)."""
+    dtype, k = x.dtype, x.shape[-1]
+    active = p > 0 and training
+    seeds = _next_seeds(len(projs)) if active else [0] * len(projs)
+    ys = lora_qkv(x, projs, training=training, backend=backend)
+    grads = [torch.randn_like(y, dtype=torch.float32).to(dtype) for y in ys]
+    torch.autograd.backward(ys, grads)
+    dx_want = 0
+    tol = REL_TOL[dtype]
+    for proj, y, g, s in zip(projs, ys, grads, seeds, strict=True):
+        assert y.shape == (*x.shape[:-1], proj.lora_B.shape[0]) and y.dtype == dtype
+        y64, dx, da, db, dbias = expected64(x, proj.weight, proj.lora_A, proj.lora_B, proj.scaling, proj.bias,
+                                            p if active else 0.0, s, g)
+        dx_want = dx_want + dx
+        assert rel_err(y.reshape(y64.shape), y64) < tol
+        assert proj.lora_A.grad.dtype == proj.lora_A.dtype and proj.lora_B.grad.dtype == proj.lora_B.dtype
+        adapter_tol = ADAPTER_GRAD_TOL if proj.lora_A.dtype == torch.float32 else REL_TOL[proj.lora_A.dtype]
+        assert rel_err(proj.lora_A.grad, da) < adapter_tol
+        assert rel_err(proj.lora_B.grad, db) < adapter_tol
+        if proj.bias is not None:
+            assert proj.bias.grad.dtype == dtype
+            assert rel_err(proj.bias.grad, dbias) < tol
+    assert x.grad.dtype == dtype
+    assert rel_err(x.grad.reshape(-1, k), dx_want) < tol
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -39,23 +98,99 @@ def _projections(kind, dtype, p, bias, ranks=(8, 4, 16)):
 def test_against_float64(backend, dtype, kind, p, bias, seed):
     projs = _projections(kind, dtype, p, bias)
     lead = (5,) if backend == "triton" else (3, 43)
-    x = torch.randn(*lead, K).to(dtype).requires_grad_()
-    seeds = _next_seeds(3) if p > 0 else [0, 0, 0]
-    ys = lora_qkv(x, projs, backend=backend)
-    grads = [torch.randn_like(y, dtype=torch.float32).to(dtype) for y in ys]
-    torch.autograd.backward(ys, grads)
-    dx_want = 0
-    tol = REL_TOL[dtype]
-    for proj, y, g, s in zip(projs, ys, grads, seeds, strict=True):
-        assert y.shape == (*lead, proj.lora_B.shape[0]) and y.dtype == dtype
-        y64, dx, da, db, dbias = expected64(x, proj.weight, proj.lora_A, proj.lora_B, proj.scaling, proj.bias, p, s, g)
-        dx_want = dx_want + dx
-        assert rel_err(y.reshape(y64.shape), y64) < tol
-        assert rel_err(proj.lora_A.grad, da) < ADAPTER_GRAD_TOL
-        assert rel_err(proj.lora_B.grad, db) < ADAPTER_GRAD_TOL
-        if bias:
-            assert rel_err(proj.bias.grad, dbias) < tol
-    assert rel_err(x.grad.reshape(-1, K), dx_want) < tol
+    _check_against_float64(projs, torch.randn(*lead, K).to(dtype).requires_grad_(), backend, p)
+
+
+GROUPED_KINDS = ["dense", "nf4-dq", "fp4", ("nf4", "nf4-dq", "nf4")]  # the last: double quant differs per weight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", GROUPED_KINDS, ids=lambda k: k if isinstance(k, str) else "-".join(k))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_grouped_against_float64(backend, dtype, kind, bias, seed, paths):
+    """The grouped path: GQA-like outputs (64, 16, 16), odd K and M, Qwen2-style q/k/v biases."""
+    k = 67
+    projs = _projections(kind, dtype, 0.0, bias, outs=(64, 16, 16), k=k)
+    lead = (5,) if backend == "triton" else (3, 13)
+    _check_against_float64(projs, torch.randn(*lead, k).to(dtype).requires_grad_(), backend, 0.0)
+    assert _took(paths, grouped=True), paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+def test_grouped_with_adapters_of_x_dtype_and_eval_dropout(dtype, kind, seed, paths):
+    """Adapters in x's dtype, linear4bit rounding on a dense base, and LoRA dropout > 0 in eval mode
+    (inactive, so the grouped path runs)."""
+    projs = _projections(kind, dtype, 0.25, True, outs=(32, 16, 16), adapter_dtype=dtype)
+    projs = [p._replace(rounding="linear4bit") for p in projs]
+    _check_against_float64(projs, torch.randn(2, 9, K).to(dtype).requires_grad_(), "auto", 0.25, training=False)
+    assert _took(paths, grouped=True), paths
+
+
+def _not_grouped_cases():
+    base = dict(kind="nf4-dq", dtype=torch.float32, p=0.0)
+    return {
+        "dropout-active": dict(base, p=0.1),
+        "dense-and-4bit": dict(base, kind=("dense", "nf4-dq", "nf4-dq")),
+        "nf4-and-fp4": dict(base, kind=("nf4", "fp4", "nf4")),
+        "blocksizes-differ": dict(base, blocksize=(64, 128, 64)),
+        "roundings-differ": dict(base, rounding=("linear4bit", "linear", "linear4bit")),
+        "adapter-dtypes-differ": dict(base, dtype=torch.bfloat16, adapter_dtype=(torch.float32, torch.bfloat16,
+                                                                                   torch.float32)),
+        "compute-dtype": dict(base, compute_dtype=torch.bfloat16),
+        "float64": dict(base, kind="dense", dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("case", list(_not_grouped_cases()))
+def test_per_projection_path_when_grouping_does_not_apply(case, seed, paths):
+    c = _not_grouped_cases()[case]
+    dtype = c["dtype"]
+    projs = _projections(c["kind"], dtype if dtype != torch.float64 else torch.float32, c["p"], False)
+    if dtype == torch.float64:
+        projs = [p._replace(weight=p.weight.double(), lora_A=p.lora_A.detach().double().requires_grad_(),
+                            lora_B=p.lora_B.detach().double().requires_grad_()) for p in projs]
+    for i in range(3):
+        if "blocksize" in c:
+            w = make_weight("nf4-dq", OUTS[i], K, dtype, blocksize=c["blocksize"][i])
+            projs[i] = projs[i]._replace(weight=w)
+        if "rounding" in c:
+            projs[i] = projs[i]._replace(rounding=c["rounding"][i])
+        if "adapter_dtype" in c:
+            adt = c["adapter_dtype"][i]
+            projs[i] = projs[i]._replace(lora_A=projs[i].lora_A.detach().to(adt).requires_grad_(),
+                                         lora_B=projs[i].lora_B.detach().to(adt).requires_grad_())
+        if "compute_dtype" in c and i == 1:  # one projection computing in bf16 is enough to rule grouping out
+            projs[i] = projs[i]._replace(compute_dtype=c["compute_dtype"],
+                                         lora_A=projs[i].lora_A.detach().to(torch.float32).requires_grad_())
+    x = torch.randn(2, 5, K, dtype=dtype, requires_grad=True)
+    ys = lora_qkv(x, projs)
+    sum(y.sum() for y in ys).backward()
+    assert _took(paths, grouped=False), paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+def test_grouped_gpu_operand_layout_is_the_same_math(dtype, kind, seed, monkeypatch):
+    """On a GPU the big GEMMs take x's dtype (fp32 output); on the CPU fp32 operands. Both carry the
+    same values (the weight decoded to x's dtype either way), so forcing the GPU layout here gives
+    bit-identical results: the layout changes where values are widened, never which values."""
+    projs = _projections(kind, dtype, 0.0, True, outs=(32, 16, 16))
+    x = torch.randn(3, 11, K).to(dtype)
+    results = []
+    for force in (False, True):
+        if force:
+            monkeypatch.setattr(qkv_module, "_gemm_dtype", lambda t: t.dtype)
+        xs = x.clone().requires_grad_()
+        ys = lora_qkv(xs, projs)
+        torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+        leaves = [t for p in projs for t in (p.lora_A, p.lora_B, p.bias)]
+        results.append([*ys, xs.grad] + [t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), i
 
 
 class _MaskDropout(torch.nn.Module):
@@ -67,12 +202,12 @@ class _MaskDropout(torch.nn.Module):
         return lora_dropout(x, self.p, self.seed, backend="reference") if self.p > 0 else x
 
 
-def _peft_layers(base_kind, dtype, p):
+def _peft_layers(base_kind, dtype, p, outs=OUTS):
     peft = pytest.importorskip("peft")
     from peft.tuners.lora import layer as lora_layer
 
     layers = []
-    for n in OUTS:
+    for n in outs:
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=p)
         if base_kind == "nf4":
             bnb = pytest.importorskip("bitsandbytes")
@@ -93,11 +228,15 @@ def _peft_layers(base_kind, dtype, p):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
-@pytest.mark.parametrize("base_kind,dtype,p", [("dense", torch.float32, 0.0), ("dense", torch.bfloat16, 0.1),
-                                               ("nf4", torch.float32, 0.1), ("nf4", torch.bfloat16, 0.0)],
-                         ids=lambda v: str(v).replace("torch.", ""))
-def test_matches_peft_layers(backend, base_kind, dtype, p, seed):
-    layers = _peft_layers(base_kind, dtype, p)
+@pytest.mark.parametrize("base_kind,dtype,p,outs", [
+    ("dense", torch.float32, 0.0, OUTS), ("dense", torch.bfloat16, 0.1, OUTS), ("nf4", torch.float32, 0.1, OUTS),
+    ("nf4", torch.bfloat16, 0.0, OUTS),
+    # dropout 0: the grouped path, with Qwen2-style q/k/v biases and GQA-like unequal outputs
+    ("dense", torch.float32, 0.0, (64, 16, 16)), ("dense", torch.bfloat16, 0.0, (64, 16, 16)),
+    ("nf4", torch.float32, 0.0, (64, 16, 16)), ("nf4", torch.bfloat16, 0.0, (64, 16, 16)),
+], ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))  # fmt: skip
+def test_matches_peft_layers(backend, base_kind, dtype, p, outs, seed, paths):
+    layers = _peft_layers(base_kind, dtype, p, outs)
     seeds = _next_seeds(3) if p > 0 else [0, 0, 0]
     for layer, s in zip(layers, seeds, strict=True):
         layer.lora_dropout["default"] = _MaskDropout(p, s)
@@ -105,8 +244,8 @@ def test_matches_peft_layers(backend, base_kind, dtype, p, seed):
                             m.scaling["default"], m.base_layer.bias, p) for m in layers]
     params = [t for m in layers for t in m.parameters() if t.requires_grad]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 7, K, generator=gen).to(dtype)
-    gs = [torch.randn(2, 7, n, generator=gen).to(dtype) for n in OUTS]
+    x = torch.randn(3, 7, K, generator=gen).to(dtype)
+    gs = [torch.randn(3, 7, n, generator=gen).to(dtype) for n in outs]
     x_peft = x.clone().requires_grad_()
     ys_peft = [m(x_peft) for m in layers]
     torch.autograd.backward(ys_peft, gs)
@@ -116,8 +255,9 @@ def test_matches_peft_layers(backend, base_kind, dtype, p, seed):
     x_ours = x.clone().requires_grad_()
     ys = lora_qkv(x_ours, projs, backend=backend)
     torch.autograd.backward(ys, gs)
+    assert _took(paths, grouped=p == 0), paths
     got = [*ys, x_ours.grad] + [t.grad for t in params]
-    # PEFT's bf16 dx adds six bf16-rounded terms; ours three fp32 sums rounded once each.
+    # PEFT's bf16 dx adds six bf16-rounded terms; ours three fp32 sums rounded once each (grouped: one).
     tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert rel_err(a, b) < tol, i
