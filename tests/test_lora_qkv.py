@@ -268,8 +268,9 @@ MODES = [(reentrant, preserve) for reentrant in (True, False) for preserve in (T
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
 @pytest.mark.parametrize("mode", [None, *MODES], ids=lambda m: "plain" if m is None else f"r{m[0]}-p{m[1]}")
-def test_checkpoint_gives_identical_gradients(backend, mode, seed):
-    projs = _projections("nf4-dq", torch.float32, 0.2, True)
+@pytest.mark.parametrize("p", [0.2, 0.0], ids=["per-projection", "grouped"])
+def test_checkpoint_gives_identical_gradients(backend, mode, p, seed, paths):
+    projs = _projections("nf4-dq", torch.float32, p, True)
     x = torch.randn(2, 11, K)
 
     def block(t):
@@ -290,10 +291,14 @@ def test_checkpoint_gives_identical_gradients(backend, mode, seed):
         assert all(_dropout_seed.pending_count(p.lora_A) == 0 for p in projs)
     for i, (a, b) in enumerate(zip(*results, strict=True)):
         assert torch.equal(a, b), i
+    assert paths["grouped_fwd"] > 0 if p == 0 else paths["grouped_fwd"] == 0, paths
+    assert paths["single_fwd"] == 0 if p == 0 else paths["single_fwd"] > 0, paths
 
 
-def test_saves_x_once_and_s_per_projection(seed):
-    projs = _projections("nf4-dq", torch.float32, 0.1, True)
+@pytest.mark.parametrize("p,grouped", [(0.1, False), (0.0, True)], ids=["per-projection", "grouped"])
+def test_saves_x_once_and_s_per_projection(p, grouped, seed, paths):
+    """Grouped: one S_cat (M × sum r) instead of one S per projection; otherwise the same tensors."""
+    projs = _projections("nf4-dq", torch.float32, p, True)
     x = torch.randn(2, 37, K, requires_grad=True)
     owned = [x] + [t for p in projs for t in (p.lora_A, p.lora_B, p.bias)]
     owned += [t for p in projs for t in (p.weight.packed, p.weight.absmax, p.weight.nested.code,
@@ -312,23 +317,32 @@ def test_saves_x_once_and_s_per_projection(seed):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ys = lora_qkv(x, projs)
     assert len(x_saves) == 1
-    assert sorted(saved.values()) == sorted([74 * r * 4 for r in (8, 4, 16)] + [8] * 3)
+    s_bytes = [74 * (8 + 4 + 16) * 4] if grouped else [74 * r * 4 for r in (8, 4, 16)]
+    assert sorted(saved.values()) == sorted(s_bytes + [8] * 3)
     sum(y.sum() for y in ys).backward()
+    assert _took(paths, grouped), paths
 
 
-def test_unused_output_and_frozen_x(seed):
+@pytest.mark.parametrize("p", [0.3, 0.0], ids=["per-projection", "grouped"])
+def test_unused_output_and_frozen_x(p, seed, paths):
     """Only k is used: q's and v's adapters get no gradient and their seeds are still forgotten."""
-    projs = _projections("dense", torch.float32, 0.3, False)
+    projs = _projections("nf4-dq" if p == 0 else "dense", torch.float32, p, True)
     x = torch.randn(9, K)
     q, k, v = lora_qkv(x, projs)
     k.square().sum().backward()
-    assert projs[0].lora_A.grad is None and projs[2].lora_B.grad is None
+    assert projs[0].lora_A.grad is None and projs[2].lora_B.grad is None and projs[0].bias.grad is None
     assert projs[1].lora_A.grad is not None and projs[1].lora_B.grad is not None
     assert all(_dropout_seed.pending_count(p.lora_A) == 0 for p in projs)
     x2 = torch.randn(9, K, requires_grad=True)
     q, k, v = lora_qkv(x2, projs)
-    v.sum().backward()
+    g = torch.randn_like(v)
+    v.backward(g)
     assert x2.grad is not None and x2.grad.shape == x2.shape
+    if p == 0:  # the grouped dx of v alone, q's and k's blocks of g_cat being zero
+        v_proj = projs[2]
+        want = expected64(x2, v_proj.weight, v_proj.lora_A, v_proj.lora_B, v_proj.scaling, v_proj.bias, 0.0, 0, g)
+        assert rel_err(x2.grad, want[1]) < REL_TOL[torch.float32]
+        assert paths["grouped_bwd"] == 2 and paths["single_fwd"] == 0, paths
 
 
 @pytest.mark.parametrize("change,error,words", [
@@ -351,3 +365,36 @@ def test_bad_projection_names_its_index():
     projs[2] = projs[2]._replace(lora_B=torch.randn(31, 16))
     with pytest.raises(ValueError, match=r"projections\[2\].lora_B"):
         lora_qkv(torch.randn(4, K), projs)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+def test_grouped_path_compiles_without_graph_break(kind, seed, paths):
+    """torch.compile (aot_eager) traces the grouped ops as two opaque custom ops: no graph break in
+    fastlora code, and the same outputs and gradients as eager."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    projs = _projections(kind, torch.float32, 0.0, True, outs=(64, 16, 16))
+
+    def block(t):
+        q, k, v = lora_qkv(t, projs)
+        return q.sum(-1) + k.square().sum(-1) + v.sum(-1)
+
+    def run(fn, x):
+        xs = x.clone().requires_grad_()
+        out = fn(xs)
+        out.sum().backward()
+        leaves = [t for p in projs for t in (p.lora_A, p.lora_B, p.bias)]
+        got = [out.detach(), xs.grad] + [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return got
+
+    x = torch.randn(2, 5, K)
+    want = run(block, x)
+    dynamo.reset()
+    explained = dynamo.explain(block)(x)
+    assert not [b for b in explained.break_reasons if any("/fastlora/" in f.filename for f in b.user_stack)]
+    dynamo.reset()
+    got = run(torch.compile(block, backend="aot_eager"), x)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), i
+    assert paths["grouped_fwd"] >= 2 and paths["single_fwd"] == 0, paths
