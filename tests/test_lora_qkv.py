@@ -13,7 +13,7 @@ import torch
 from lora_cases import ADAPTER_GRAD_TOL, REL_TOL, backend_params, expected64, make_adapters, make_weight, rel_err
 from torch.utils.checkpoint import checkpoint
 
-from fastlora import nf4
+from fastlora import backends, nf4
 from fastlora.ops import _dropout_seed, lora_dropout
 from fastlora.ops.lora_projection import LoraProjection
 from fastlora.ops.lora_qkv import lora_qkv
@@ -42,7 +42,11 @@ def _projections(kind, dtype, p, bias, ranks=(8, 4, 16), outs=OUTS, k=K, adapter
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts of the calls of each path's forward / backward math (the ops' Python implementations)."""
+    """Counts of the calls of each path's forward / backward math (the ops' Python implementations).
+    The C++ kernel's GEMMs are pinned to fp32 (where it runs bf16 GEMMs, bf16 x takes the
+    per-projection path: test_bf16_gemm_mode_keeps_the_per_projection_path), so that the path taken
+    does not depend on the CPU."""
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "0")
     calls = {"grouped_fwd": 0, "grouped_bwd": 0, "single_fwd": 0, "single_bwd": 0}
 
     def spy(key, fn):
@@ -398,3 +402,22 @@ def test_grouped_path_compiles_without_graph_break(kind, seed, paths):
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(a, b), i
     assert paths["grouped_fwd"] >= 2 and paths["single_fwd"] == 0, paths
+
+
+@pytest.mark.parametrize("backend,grouped", [("cpp", False), ("reference", True)])
+def test_bf16_gemm_mode_keeps_the_per_projection_path(backend, grouped, seed, paths, monkeypatch):
+    """bf16 x on the C++ backend in its bf16 GEMM mode runs the per-projection kernels (faster than
+    the grouped fp32 GEMMs there); other backends, and fp32 x, still group."""
+    if backend == "cpp" and not backends.available("cpu")["cpp"]:
+        pytest.skip("compiled extension not available")
+    monkeypatch.setenv("FASTLORA_CPU_BF16_GEMM", "1")
+    projs = _projections("nf4-dq", torch.bfloat16, 0.0, False)
+    x = torch.randn(2, 5, K).to(torch.bfloat16).requires_grad_()
+    ys = lora_qkv(x, projs, backend=backend)
+    sum(y.float().sum() for y in ys).backward()
+    assert _took(paths, grouped), paths
+    paths.update(dict.fromkeys(paths, 0))
+    x32 = torch.randn(2, 5, K, requires_grad=True)
+    ys = lora_qkv(x32, _projections("nf4-dq", torch.float32, 0.0, False), backend=backend)
+    sum(y.sum() for y in ys).backward()
+    assert _took(paths, True), paths

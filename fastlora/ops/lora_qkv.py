@@ -14,19 +14,27 @@ Two paths compute the same math:
   (:func:`grouped_applies`): LoRA dropout inactive for all (p == 0 or not training: one shared
   dropout(x) would correlate the masks PEFT draws independently), no ``compute_dtype``, x not
   float64, every weight of one kind (all dense, or all 4-bit with one blocksize and quant_type;
-  double quant may differ per weight), one rounding and one adapter dtype for all, and not the CUDA
-  small-M 4-bit forward (which reads the packed codes directly, several times fewer bytes than
-  decode + GEMM). The weights are decoded (4-bit, ``fastlora::dequantize_4bit_into`` of the call's
-  backend) or copied (dense) into consecutive row blocks of one (sum N_i, K) workspace, then ONE
-  GEMM x·W_catᵀ for the base and ONE GEMM S_cat = x·A_catᵀ (M, sum r_i); the up-projection
-  S_i·B_iᵀ and the epilogue run per projection with reference_lora's roundings. The two big GEMMs
-  multiply fp32 operands on the CPU (a bf16 / fp16 weight decoded to x's dtype first, the values
-  bitsandbytes produces, then widened: the C++ kernel's default, CPUs without native bf16 run bf16
-  GEMMs hundreds of times slower) and x's dtype with fp32 output on a GPU. Backward decodes again
-  and computes dx = g_cat·W_cat + dS_cat·A_cat as one fp32 sum rounded once to x's dtype,
-  dA_cat = dS_catᵀ·x split per projection, dB_i and dbias_i per projection.
-  Saved for backward: x once, S_cat (M × sum r_i, adapter dtype), each projection's lora_A,
-  lora_B, bias, seed and weight tensors (references).
+  double quant may differ per weight), one rounding and one adapter dtype for all; and not where
+  the per-projection kernels are faster by design: the CUDA small-M 4-bit forward (it reads the
+  packed codes directly, several times fewer bytes than decode + GEMM), and bf16 x on the C++ CPU
+  backend when that runs its GEMMs in bf16 (a CPU with native bf16, or FASTLORA_CPU_BF16_GEMM=1).
+
+  Forward: the weights are decoded (4-bit: ``fastlora::dequantize_4bit_into`` of the call's backend,
+  to x's dtype, bitsandbytes' values) or copied (dense) into consecutive row blocks of one
+  (sum N_i, K) workspace (on the CPU the thread's reusable decode workspace of
+  :mod:`fastlora.ops.linear_4bit`; a single dense weight of the GEMM dtype is used as it is), then
+  ONE GEMM x·W_catᵀ (+ the concatenated biases) for the base and ONE GEMM S_cat = x·A_catᵀ
+  (M, sum r_i) in the adapter dtype; the up-projection S_i·B_iᵀ and the epilogue run per
+  projection with reference_lora's roundings (base rounded to x's dtype, S and the LoRA term in the
+  adapter dtype, times fp32 scaling, the "linear4bit" rounding, the final rounding). The big GEMMs
+  multiply fp32 operands on the CPU (a bf16 / fp16 weight decoded to x's dtype, then widened: the
+  C++ kernel's fp32 mode; bf16 GEMMs without native bf16 are hundreds of times slower) and x's
+  dtype with an fp32 result on a GPU: the same values either way.
+  Backward recomputes: decodes again, dx = g_cat·W_cat + dS_cat·A_cat as one fp32 sum rounded once
+  to x's dtype (dS_i = scaling_i · g_i·B_i in fp32), dA_cat = dS_catᵀ·x split per projection, dB_i
+  and dbias_i per projection, only those autograd asks for; an output without gradient is a zero
+  block of g_cat. Saved for backward: x once, S_cat (M × sum r_i, adapter dtype), each
+  projection's lora_A, lora_B, bias, seed and weight tensors (references), nothing else.
 * Per projection, otherwise: each projection runs its own ``fastlora::lora_linear_fwd`` /
   ``lora_linear_bwd`` (or, with a compute_dtype, linear_4bit plus the LoRA term).
   Saved for backward: x once, S = dropout(x)·Aᵀ of each projection (M × r_i), each projection's
@@ -34,16 +42,17 @@ Two paths compute the same math:
   adds the projections' contributions to dx in x's dtype, in order, as autograd adds them for
   separate PEFT layers.
 
-Neither path saves the outputs, decoded weights or dropout masks. An output that gets no gradient
-costs no backward work of its own (grouped: its block of g_cat is zero).
+Neither path saves the outputs, decoded weights or dropout masks.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
+from .. import _extension
 from ._registry import FLOAT_DTYPES, check_tensor
 from .linear_4bit import _workspace
 from .lora_linear import _SUFFIX, _WeightParts
@@ -231,11 +240,24 @@ def _grouped_op(name: str, backend: str):
     return getattr(torch.ops.fastlora, name + _SUFFIX[backend]).default
 
 
+_EXT = _extension.load()
+_NATIVE_BF16 = _EXT is not None and "native-bf16" in _EXT.cpu_features()
+
+
+def _cpp_bf16_gemms() -> bool:
+    """Whether the C++ CPU kernel runs bf16 x's big GEMMs in bf16 (csrc/cpu/cpu_features.h,
+    use_bf16_gemm: FASTLORA_CPU_BF16_GEMM, else whether the CPU has native bf16)."""
+    env = os.environ.get("FASTLORA_CPU_BF16_GEMM", "")
+    return env[0] != "0" if env else _NATIVE_BF16
+
+
 def grouped_applies(x: torch.Tensor, preps, flats) -> bool:
     """Whether a call runs the grouped path (the conditions are in the module docstring)."""
     if x.dtype == torch.float64:
         return False
     first = preps[0]
+    if x.dtype == torch.bfloat16 and first.fwd_backend == "cpp" and _cpp_bf16_gemms():
+        return False  # its native bf16 GEMMs beat the grouped fp32 ones (~3x at M = K = 1024)
     for prep, run in zip(preps, flats, strict=True):
         if prep.dropout_p > 0.0 or prep.compute_dtype is not None or prep.fwd_backend == "cuda":
             return False
