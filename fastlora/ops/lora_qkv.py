@@ -19,10 +19,11 @@ Two paths compute the same math:
   packed codes directly, several times fewer bytes than decode + GEMM), and bf16 x on the C++ CPU
   backend when that runs its GEMMs in bf16 (a CPU with native bf16, or FASTLORA_CPU_BF16_GEMM=1).
 
-  Forward: the weights are decoded (4-bit: ``fastlora::dequantize_4bit_into`` of the call's backend,
-  to x's dtype, bitsandbytes' values) or copied (dense) into consecutive row blocks of one
-  (sum N_i, K) workspace (on the CPU the thread's reusable decode workspace of
-  :mod:`fastlora.ops.linear_4bit`; a single dense weight of the GEMM dtype is used as it is), then
+  Forward: the weights are decoded (4-bit: ``fastlora::dequantize_4bit_into`` of the backend
+  :func:`fastlora.ops.linear_4bit` would pick, to x's dtype, bitsandbytes' values) or copied
+  (dense) into consecutive row blocks of one (sum N_i, K) workspace (on the CPU the thread's
+  reusable decode workspace of :mod:`fastlora.ops.linear_4bit`; a single dense weight of the GEMM
+  dtype is used as it is), then
   ONE GEMM x·W_catᵀ (+ the concatenated biases) for the base and ONE GEMM S_cat = x·A_catᵀ
   (M, sum r_i) in the adapter dtype; the up-projection S_i·B_iᵀ and the epilogue run per
   projection with reference_lora's roundings (base rounded to x's dtype, S and the LoRA term in the
@@ -52,7 +53,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _extension
+from .. import _extension, backends
 from ._registry import FLOAT_DTYPES, check_tensor
 from .linear_4bit import _workspace
 from .lora_linear import _SUFFIX, _WeightParts
@@ -281,21 +282,22 @@ def _grouped_args(preps, runs) -> tuple[list, list, list, list, list]:
 
 class _GroupedQKVFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, preps, *flat):
+    def forward(ctx, x2d, spec, *flat):
+        preps, decode_backend = spec
         runs = split_runs(flat, preps)
         weights, absmax, lora_A, lora_B, scaling = _grouped_args(preps, runs)
         blocksize, quant_type = preps[0].meta[2:]
-        ys, S = _grouped_op("lora_qkv_grouped_fwd", preps[0].fwd_backend)(
+        ys, S = _grouped_op("lora_qkv_grouped_fwd", decode_backend)(
             x2d, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, [r[2] for r in runs],
             preps[0].rounding)
         ctx.save_for_backward(x2d, S, *flat)
-        ctx.preps = preps
+        ctx.spec = spec
         ctx.set_materialize_grads(False)
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grad_ys):
-        preps = ctx.preps
+        preps, decode_backend = ctx.spec
         x2d, S, *flat = ctx.saved_tensors
         runs = split_runs(flat, preps)
         needs = ctx.needs_input_grad
@@ -311,7 +313,7 @@ class _GroupedQKVFunction(torch.autograd.Function):
             weights, absmax, lora_A, lora_B, scaling = _grouped_args(preps, runs)
             blocksize, quant_type = preps[0].meta[2:]
             grads = [None if g is None else g.contiguous() for g in grad_ys]
-            gx, gA, gB = _grouped_op("lora_qkv_grouped_bwd", preps[0].bwd_backend)(
+            gx, gA, gB = _grouped_op("lora_qkv_grouped_bwd", decode_backend)(
                 grads, x2d, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, needs[0], need_dA,
                 need_dB)
             dx = gx if needs[0] else None
@@ -369,6 +371,10 @@ def lora_qkv(
 ) -> tuple[torch.Tensor, ...]:
     """``tuple(proj(x) for proj in projections)``, each a PEFT LoRA linear, in one autograd node.
 
+    Runs the grouped path (one decode, one base GEMM, one S GEMM for all projections) when
+    :func:`grouped_applies` (no active dropout, no compute_dtype, one weight kind, rounding and
+    adapter dtype), else one fused op per projection; the module docstring has both, and what each saves.
+
     Args:
       x: (..., in_features), float32 / bfloat16 / float16 (float64 runs the reference backend).
       projections: one or more :class:`fastlora.ops.LoraProjection` reading x (e.g. q, k, v), each as
@@ -390,6 +396,11 @@ def lora_qkv(
         flats.append(run)
     draw_seeds(preps, flats)
     lead = x.shape[:-1]
-    fn = _GroupedQKVFunction if grouped_applies(x, preps, flats) else _LoraQKVFunction
-    ys = fn.apply(flatten_2d(x), tuple(preps), *[t for run in flats for t in run])
+    flat = [t for run in flats for t in run]
+    if grouped_applies(x, preps, flats):
+        # the 4-bit decode on linear_4bit's choice of kernel (on a GPU the CUDA one is the fastest)
+        decode_backend = backends.resolve(backend, x.device, backends.BACKENDS, backends.GPU_ORDER_CUDA_FIRST)
+        ys = _GroupedQKVFunction.apply(flatten_2d(x), (tuple(preps), decode_backend), *flat)
+    else:
+        ys = _LoraQKVFunction.apply(flatten_2d(x), tuple(preps), *flat)
     return tuple(y.reshape(*lead, prep.out_features) for y, prep in zip(ys, preps, strict=True))
