@@ -109,7 +109,7 @@ GROUPED_KINDS = ["dense", "nf4-dq", "fp4", ("nf4", "nf4-dq", "nf4")]  # the last
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", GROUPED_KINDS, ids=lambda k: k if isinstance(k, str) else "-".join(k))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_grouped_against_float64(backend, dtype, kind, bias, seed, paths):
@@ -421,3 +421,30 @@ def test_bf16_gemm_mode_keeps_the_per_projection_path(backend, grouped, seed, pa
     ys = lora_qkv(x32, _projections("nf4-dq", torch.float32, 0.0, False), backend=backend)
     sum(y.sum() for y in ys).backward()
     assert _took(paths, True), paths
+
+
+@pytest.mark.parametrize("suffix", ["", "_reference", "_triton"])
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4-dq", torch.bfloat16)], ids=str)
+def test_opcheck_grouped_ops(suffix, kind, dtype, seed):
+    """Schemas, fake implementations and aliasing of fastlora::lora_qkv_grouped_fwd / _bwd."""
+    projs = _projections(kind, dtype, 0.0, True, outs=(32, 16, 16))
+    weights, absmax, preps = [], [], []
+    for i, proj in enumerate(projs):
+        prep, run = qkv_module.prepare(torch.empty(0, K, dtype=dtype), K, proj, f"projections[{i}]", True, "auto")
+        w, am = qkv_module._WeightParts.kernel_args(prep.meta, run[4:])  # double quant resolved
+        preps.append(prep)
+        weights.append(w.detach())
+        absmax.append(am)
+    lora_A = [p.lora_A.detach() for p in projs]
+    lora_B = [p.lora_B.detach() for p in projs]
+    biases = [projs[0].bias.detach(), None, projs[2].bias.detach()]
+    x = torch.randn(5, K).to(dtype)
+    blocksize, quant_type = preps[0].meta[2:]
+    fwd = getattr(torch.ops.fastlora, "lora_qkv_grouped_fwd" + suffix)
+    args = (x, weights, absmax, blocksize, quant_type, lora_A, lora_B, [2.0, 0.5, 1.0], biases, "linear")
+    torch.library.opcheck(fwd, args)
+    ys, S = fwd(*args)
+    bwd = getattr(torch.ops.fastlora, "lora_qkv_grouped_bwd" + suffix)
+    grads = [torch.randn_like(ys[0]), None, torch.randn_like(ys[2])]
+    torch.library.opcheck(bwd, (grads, x, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, [2.0, 0.5, 1.0],
+                                True, [True, False, True], [False, False, True]))
