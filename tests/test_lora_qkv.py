@@ -448,3 +448,55 @@ def test_opcheck_grouped_ops(suffix, kind, dtype, seed):
     grads = [torch.randn_like(ys[0]), None, torch.randn_like(ys[2])]
     torch.library.opcheck(bwd, (grads, x, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, [2.0, 0.5, 1.0],
                                 True, [True, False, True], [False, False, True]))
+
+
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("same_adapter_dtype", [False, True], ids=["fp32-adapters", "x-dtype-adapters"])
+@pytest.mark.parametrize("rounding", ["linear", "linear4bit"])
+def test_grouped_rounding_sequence_is_the_reference(xdt, same_adapter_dtype, rounding, seed, paths):
+    """Small integers make every GEMM exact whatever its summation order, so only the roundings can
+    differ: y and S equal reference_lora.lora_linear_fwd of each projection bit for bit (scaling 0.3:
+    its product is rounded), dA and dB equal lora_linear_bwd's (scaling 0.5 keeps them exact), and dx
+    is the exact sum over the projections rounded once to x's dtype."""
+    from fastlora import reference_lora
+
+    adt = xdt if same_adapter_dtype else torch.float32
+    k, outs, ranks = 64, (24, 8, 8), (4, 2, 4)
+
+    def ints(*shape, dtype, high=15):
+        # |sums| stay far below 2^24 (exact in fp32) but above 2^8 (bf16 rounds them), fp16 does not overflow
+        return torch.randint(-high, high + 1, shape).to(dtype)
+
+    x = ints(2, 9, k, dtype=xdt)
+    results = {}
+    for scaling in (0.3, 0.5):
+        torch.manual_seed(seed)
+        projs = [LoraProjection(ints(n, k, dtype=xdt), ints(r, k, dtype=adt).requires_grad_(),
+                                ints(n, r, dtype=adt, high=2).requires_grad_(), scaling,
+                                ints(n, dtype=xdt).requires_grad_(), rounding=rounding)
+                 for n, r in zip(outs, ranks, strict=True)]
+        xs = x.clone().requires_grad_()
+        ys = lora_qkv(xs, projs)
+        gs = [ints(2, 9, n, dtype=xdt) for n in outs]
+        torch.autograd.backward(ys, gs)
+        results[scaling] = (projs, xs, ys, gs)
+    projs, _, ys, _ = results[0.3]
+    x2d = x.reshape(-1, k)
+    for proj, y in zip(projs, ys, strict=True):
+        want, _ = reference_lora.lora_linear_fwd(x2d, proj.weight, None, 64, "nf4", proj.weight.shape[0], proj.lora_A,
+                                                 proj.lora_B, 0.3, proj.bias, 0.0, 0, rounding)
+        assert torch.equal(y.reshape(want.shape), want)
+    projs, xs, _, gs = results[0.5]
+    dx_exact = 0
+    for proj, g in zip(projs, gs, strict=True):
+        g2d = g.reshape(-1, g.shape[-1])
+        _, S = reference_lora.lora_linear_fwd(x2d, proj.weight, None, 64, "nf4", proj.weight.shape[0], proj.lora_A,
+                                              proj.lora_B, 0.5, proj.bias, 0.0, 0, rounding)
+        _, dA, dB = reference_lora.lora_linear_bwd(g2d, x2d, S, proj.weight, None, 64, "nf4", proj.weight.shape[0],
+                                                   proj.lora_A, proj.lora_B, 0.5, 0.0, 0, False, True, True)
+        assert torch.equal(proj.lora_A.grad, dA) and torch.equal(proj.lora_B.grad, dB)
+        assert torch.equal(proj.bias.grad, g2d.double().sum(0).to(xdt))
+        g64 = g2d.double()
+        dx_exact = dx_exact + g64 @ proj.weight.double() + 0.5 * (g64 @ proj.lora_B.double()) @ proj.lora_A.double()
+    assert torch.equal(xs.grad.reshape(dx_exact.shape), dx_exact.to(xdt))
+    assert paths["grouped_fwd"] == 2 and paths["single_fwd"] == 0, paths
