@@ -127,7 +127,7 @@ def test_attention_reading_another_input_stops_grouping(qkv_calls):
     assert _instance.state_of(attn).grouping is False and qkv_calls == [3]
     second = pm(x, memory)
     assert qkv_calls == [3]  # no group any more: the projections run one by one
-    assert _rel(first, want) < 1e-5 and torch.equal(first, second)
+    assert _rel(first, want) < 1e-5 and _rel(second, want) < 1e-5  # q grouped, then alone: other GEMM sums
     handle.unpatch()
     assert "forward" not in attn.__dict__ and _instance.state_of(attn) is None
     assert torch.equal(pm(x, memory), want)
