@@ -15,7 +15,8 @@ peft = pytest.importorskip("peft")
 
 # fp32: PEFT's three GEMMs and fastlora's fused ones sum in other orders. bf16 base (fp32 adapters):
 # PEFT rounds x·Wᵀ to bf16 and so does fastlora, but the LoRA sum and the bf16 GEMM blocking differ.
-RTOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # observed: 5e-7, 1.4e-2, 1.8e-3
+RTOL = {torch.float32: 4e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # observed: 2.2e-6 (gemma2, the grouped q/k/v
+# GEMM sums in another order than three GEMMs), 1.4e-2, 1.8e-3
 
 
 def _peft(family, dtype=torch.float32, four_bit=None, dropout=0.0):
