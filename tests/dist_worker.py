@@ -76,6 +76,26 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def single_process_run() -> dict:
+    """The reference of the multi-process runs: one process, the whole global batch, dropout 0, NEFTune off,
+    one thread as each worker has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(1000)
+        model, _ = build()
+        losses = train(model, [p for p in model.parameters() if p.requires_grad], slice(None), "sgd")
+    finally:
+        torch.set_num_threads(threads)
+    return {"adapter": adapter_state(model), "losses": losses}
+
+
+def max_rel(got: dict, want: dict) -> float:
+    """The largest max-abs difference relative to the reference's max-abs, over the tensors of two states."""
+    assert got.keys() == want.keys() and got
+    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in got)
+
+
 def probe_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
 

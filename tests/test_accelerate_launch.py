@@ -59,20 +59,10 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """One process, the whole global batch (as test_distributed's reference)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers
-    try:
-        torch.manual_seed(1000)
-        model, _ = dist_worker.build()
-        losses = dist_worker.train(model, [p for p in model.parameters() if p.requires_grad], slice(None), "sgd")
-    finally:
-        torch.set_num_threads(threads)
-    return {"adapter": dist_worker.adapter_state(model), "losses": losses}
+    return dist_worker.single_process_run()
 
 
-def _max_rel(got: dict, want: dict) -> float:
-    assert got.keys() == want.keys() and got
-    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in got)
+_max_rel = dist_worker.max_rel
 
 
 @pytest.mark.slow

@@ -65,20 +65,10 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """One process, the whole global batch, dropout 0, NEFTune off."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers
-    try:
-        torch.manual_seed(1000)
-        model, _ = dist_worker.build()
-        losses = dist_worker.train(model, [p for p in model.parameters() if p.requires_grad], slice(None), "sgd")
-    finally:
-        torch.set_num_threads(threads)
-    return {"adapter": dist_worker.adapter_state(model), "losses": losses}
+    return dist_worker.single_process_run()
 
 
-def _max_rel(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and a
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in a)
+_max_rel = dist_worker.max_rel
 
 
 def _assert_same(a: dict, b: dict):

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import memory_model
-from .arg_types import positive_int
+from .arg_types import dropout_probability, positive_int
 from .memory_tracker import CATEGORIES, MemoryTracker
 from .op_workspace import gpu_workspace
 
@@ -212,16 +212,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(memory_model.PRESETS),
                         help="model shape preset (Llama architecture, built from a config, nothing downloaded); "
@@ -232,7 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=positive_int, default=16,
                         help="LoRA rank r on all seven projections; default 16")
     parser.add_argument("--alpha", type=positive_int, default=32, help="LoRA alpha; default 32")
-    parser.add_argument("--lora-dropout", type=_dropout, default=0.0, help="LoRA dropout p; default 0 (PEFT's)")
+    parser.add_argument("--lora-dropout", type=dropout_probability, default=0.0,
+                        help="LoRA dropout p; default 0 (PEFT's)")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                         help="gradient checkpointing of the decoder layers; default both")
 

@@ -63,6 +63,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import results
 from . import train_setup as ts
+from .arg_types import dropout_probability
 from .memory_tracker import _storage
 
 PROVIDERS = ("peft+bnb", "fastlora")
@@ -368,16 +369,6 @@ def _choices(allowed, what: str):
     return parse
 
 
-def _dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_choices(tuple(MODES), "mode"), default=list(MODES),
                         help="comma separated, default all: plain (nothing moved); save_on_cpu (forward under "
@@ -390,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model and batch size (train suite presets); default small (tiny with --quick)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="model and activation dtype (adapters fp32); default fp32")
-    parser.add_argument("--dropout", type=_dropout, default=0.0, help="lora_dropout; default 0")
+    parser.add_argument("--dropout", type=dropout_probability, default=0.0, help="lora_dropout; default 0")
     parser.add_argument("--backend", default="auto", help="fastlora.patch backend; default auto")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model runs; default cpu (on cuda also torch.cuda.memory_allocated())")
