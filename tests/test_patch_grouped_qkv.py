@@ -74,14 +74,15 @@ def test_grouped_matches_peft(family, base, qkv_calls):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 def test_grouped_equals_one_by_one(dropout, checkpointing, qkv_calls):
     """Same seeds drawn in the same order: the grouped run equals fuse_projections=False (projections one by one)."""
     results = []
     for fuse in (True, False):
         pm = _peft_model("llama", "nf4", dropout)
         if checkpointing:
-            pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            pm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
         fastlora.patch(pm, fuse_projections=fuse)
         torch.manual_seed(5)
         results.append(loss_and_grads(pm, _ids()))
