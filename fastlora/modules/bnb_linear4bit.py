@@ -26,25 +26,15 @@ import torch
 
 from .. import backends
 from ..ops.linear_4bit import linear_4bit
-from . import _instance
+from . import _bnb, _instance
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _linear4bit_class():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
 def can_accelerate(module) -> str | None:
     """None when :func:`accelerate` can take ``module``, else the reason it cannot."""
-    cls = _linear4bit_class()
-    if cls is None:
-        return "bitsandbytes is not installed"
-    if not isinstance(module, cls):
+    cls = _bnb.linear4bit_class()
+    if cls is None or not isinstance(module, cls):
         return f"{type(module).__name__} is not a bitsandbytes Linear4bit"
     conflict = _instance.conflict_reason(module)
     if conflict is not None:
@@ -102,7 +92,7 @@ def _fast_forward(self, x, *args, **kwargs):
 
 def claims(module) -> bool:
     """Whether ``module`` is a bitsandbytes Linear4bit (fastlora.patch offers it only when no LoRA layer wraps it)."""
-    cls = _linear4bit_class()
+    cls = _bnb.linear4bit_class()
     return cls is not None and isinstance(module, cls)
 
 

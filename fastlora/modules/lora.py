@@ -30,13 +30,12 @@ rebinds them to the copy) and a small state object; the class is never modified.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..ops.lora_linear import MAX_RANK, lora_linear
-from . import _autocast, _conv1d, _instance
+from . import _autocast, _bnb, _conv1d, _instance
 
 _STATE_ATTR = "_fastlora_lora"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -65,17 +64,11 @@ class _State:
         self.transposed = _conv1d.TransposedWeight() if conv1d else None  # Conv1D: weight.T for the op
 
 
-def _bnb_linear4bit_class():
-    # A bitsandbytes layer can only exist when bitsandbytes was imported: never import it here.
-    bnb = sys.modules.get("bitsandbytes")
-    return None if bnb is None else bnb.nn.Linear4bit
-
-
 def base_kind(module) -> str | None:
     """"dense" (exactly ``nn.Linear``), "conv1d" (transformers ``Conv1D``, weight stored transposed),
     "bnb4bit" (bitsandbytes Linear4bit), "quantized" (a module with a callable ``quantized_weight``), or None
     when fastlora cannot put LoRA on it."""
-    linear4bit = _bnb_linear4bit_class()
+    linear4bit = _bnb.linear4bit_class()
     if linear4bit is not None and isinstance(module, linear4bit):
         return "bnb4bit"
     if callable(getattr(module, "quantized_weight", None)):

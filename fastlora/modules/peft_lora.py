@@ -44,7 +44,7 @@ from ..ops.dora_linear import dora_linear
 from ..ops.linear_4bit import linear_4bit
 from ..ops.lora_branch import lora_branch
 from ..ops.lora_linear import lora_linear
-from . import _autocast, _conv1d, _instance
+from . import _autocast, _bnb, _conv1d, _instance
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -66,16 +66,8 @@ def _lora_classes() -> tuple[dict, type | None]:
     return classes, lora_layer.LoraLayer
 
 
-def _bnb_linear4bit() -> type | None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
 def is_four_bit(base) -> bool:
-    linear4bit = _bnb_linear4bit()
+    linear4bit = _bnb.linear4bit_class()
     return linear4bit is not None and isinstance(base, linear4bit)
 
 
