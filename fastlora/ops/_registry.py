@@ -27,12 +27,30 @@ def define_native(name: str, schema: str, reference_impl: Callable) -> None:
     torch.library.impl(f"fastlora::{name}", "default")(reference_impl)
 
 
+# A resolved backend -> the suffix of its op name ("fastlora::NAME" is the compiled extension's op: cpp on the
+# CPU, cuda on a GPU; or, for the ops defined in Python, the one decoding with the extension's kernel).
+SUFFIX = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}
+
+
+def backend_op(name: str, backend: str):
+    """The OpOverload of op ``name`` for a resolved ``backend`` (a key of ``SUFFIX``)."""
+    return getattr(torch.ops.fastlora, name + SUFFIX[backend]).default
+
+
 def pick(name: str, backend: str, device: torch.device, implemented: tuple[str, ...] = backends.BACKENDS,
          gpu_order: tuple[str, ...] = backends.GPU_ORDER):
     """The OpOverload of op ``name`` for ``backend`` ("auto" resolved for ``device``)."""
-    chosen = backends.resolve(backend, device, implemented, gpu_order)
-    suffix = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}[chosen]
-    return getattr(torch.ops.fastlora, name + suffix).default
+    return backend_op(name, backends.resolve(backend, device, implemented, gpu_order))
+
+
+def define_decode_ops(make_impls: Callable[[str], dict], schemas: dict[str, str], fakes: dict[str, Callable]) -> None:
+    """Define, from Python, ops whose only backend-specific step is the 4-bit decode (the GEMMs are torch's):
+    ``fastlora::NAME{suffix}`` for each op NAME and suffix "", "_triton", "_reference", each decoding with
+    ``fastlora::dequantize_4bit_into{suffix}``. ``make_impls(suffix)`` returns {NAME: implementation}."""
+    for suffix in ("", "_triton", "_reference"):
+        for name, impl in make_impls(suffix).items():
+            op = torch.library.custom_op(f"fastlora::{name}{suffix}", impl, mutates_args=(), schema=schemas[name])
+            op.register_fake(fakes[name])
 
 
 def check_tensor(t, name: str, dtypes: tuple[torch.dtype, ...] | None = None, ndim: int | None = None) -> None:

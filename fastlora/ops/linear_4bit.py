@@ -35,16 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._registry import FLOAT_DTYPES, check_same_device, check_tensor
+from ._registry import FLOAT_DTYPES, backend_op, check_same_device, check_tensor, define_decode_ops
 from .dequantize_absmax import dequantize_absmax
 
 FWD_SCHEMA = ("(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int out_features, "
               "Tensor? bias) -> Tensor")
 BWD_SCHEMA = "(Tensor grad_y, Tensor packed, Tensor absmax, int blocksize, str quant_type, int in_features) -> Tensor"
-# Backend -> op name suffix. The ops are defined here in Python (there is no C++ linear_4bit kernel):
-# each decodes with the dequantize_4bit_into overload of the same suffix ("" is the compiled
-# extension's kernel: cpp on the CPU, cuda on a GPU), and the GEMM is torch's in every backend.
-_SUFFIX = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}
+# The ops are defined here in Python (there is no C++ linear_4bit kernel): each decodes with the
+# dequantize_4bit_into overload of the same suffix, and the GEMM is torch's in every backend.
 _local = threading.local()
 
 
@@ -67,7 +65,7 @@ def _decode(suffix: str, packed, absmax, blocksize: int, quant_type: str, n: int
     return w.double() if dtype == torch.float64 else w
 
 
-def _define(suffix: str) -> None:
+def _impls(suffix: str) -> dict:
     def fwd(x, packed, absmax, blocksize, quant_type, out_features, bias):
         w = _decode(suffix, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], x.dtype)
         return F.linear(x, w, bias)
@@ -76,24 +74,19 @@ def _define(suffix: str) -> None:
         w = _decode(suffix, packed, absmax, blocksize, quant_type, grad_y.shape[-1], in_features, grad_y.dtype)
         return torch.matmul(grad_y, w)
 
-    def fwd_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
-        return x.new_empty((*x.shape[:-1], out_features))
-
-    def bwd_fake(grad_y, packed, absmax, blocksize, quant_type, in_features):
-        return grad_y.new_empty((*grad_y.shape[:-1], in_features))
-
-    for name, impl, fake, schema in (("linear_4bit_fwd", fwd, fwd_fake, FWD_SCHEMA),
-                                     ("linear_4bit_bwd", bwd, bwd_fake, BWD_SCHEMA)):
-        op = torch.library.custom_op(f"fastlora::{name}{suffix}", impl, mutates_args=(), schema=schema)
-        op.register_fake(fake)
+    return {"linear_4bit_fwd": fwd, "linear_4bit_bwd": bwd}
 
 
-for _suffix in ("", "_triton", "_reference"):
-    _define(_suffix)
+def _fwd_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _op(name: str, backend: str):
-    return getattr(torch.ops.fastlora, name + _SUFFIX[backend]).default
+def _bwd_fake(grad_y, packed, absmax, blocksize, quant_type, in_features):
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+define_decode_ops(_impls, {"linear_4bit_fwd": FWD_SCHEMA, "linear_4bit_bwd": BWD_SCHEMA},
+                  {"linear_4bit_fwd": _fwd_fake, "linear_4bit_bwd": _bwd_fake})
 
 
 def _resolve_absmax(meta: tuple, tensors, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +103,7 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, meta, backend, *weight_tensors):
         _, blocksize, quant_type, (n, k) = meta
         packed, absmax = _resolve_absmax(meta, weight_tensors, backend)
-        y = _op("linear_4bit_fwd", backend)(x, packed, absmax, blocksize, quant_type, n, bias)
+        y = backend_op("linear_4bit_fwd", backend)(x, packed, absmax, blocksize, quant_type, n, bias)
         ctx.save_for_backward(*weight_tensors)
         ctx.meta, ctx.backend = meta, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -124,7 +117,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         dx = dbias = None
         if need_dx:
             packed, absmax = _resolve_absmax(ctx.meta, weight_tensors, ctx.backend)
-            dx = _op("linear_4bit_bwd", ctx.backend)(grad_y, packed, absmax, blocksize, quant_type, k)
+            dx = backend_op("linear_4bit_bwd", ctx.backend)(grad_y, packed, absmax, blocksize, quant_type, k)
         if need_dbias:
             wide = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
             dbias = grad_y.reshape(-1, n).sum(0, dtype=wide).to(ctx.bias_dtype)

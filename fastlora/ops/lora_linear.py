@@ -27,7 +27,7 @@ import torch
 
 from .. import backends, reference_lora
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
-from ._registry import FLOAT_DTYPES, check_same_device, check_tensor, define_native
+from ._registry import FLOAT_DTYPES, backend_op, check_same_device, check_tensor, define_native
 from .dequantize_absmax import dequantize_absmax
 from .lora_dropout import check_dropout_p
 
@@ -157,13 +157,6 @@ def _backends(backend: str, x: torch.Tensor, four_bit: bool) -> tuple[str, str]:
 _FULL_OPS = ("reference", "cpp", "triton")  # backends with both the forward and the backward op
 
 
-_SUFFIX = {"cpp": "", "cuda": "", "triton": "_triton", "reference": "_reference"}
-
-
-def _op(name: str, backend: str):
-    return getattr(torch.ops.fastlora, name + _SUFFIX[backend]).default
-
-
 class _WeightParts:
     """The frozen weight as the kernels take it. Holds only metadata between forward and backward:
     the tensors themselves travel through ``ctx.save_for_backward``."""
@@ -200,7 +193,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = cfg
         blocksize, quant_type = meta[2:]
         weight, absmax = _WeightParts.kernel_args(meta, weight_tensors)
-        y, S = _op("lora_linear_fwd", fwd_backend)(
+        y, S = backend_op("lora_linear_fwd", fwd_backend)(
             x2d, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
             dropout_p, seed_t, rounding)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t, *weight_tensors)
@@ -218,7 +211,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         dx = dA = dB = dbias = None
         if need_dx or need_dA or need_dB:
             weight, absmax = _WeightParts.kernel_args(ctx.meta, weight_tensors)
-            gx, gA, gB = _op("lora_linear_bwd", bwd_backend)(
+            gx, gA, gB = backend_op("lora_linear_bwd", bwd_backend)(
                 grad_y.contiguous(), x2d, S, weight, absmax, blocksize, quant_type, out_features,
                 lora_A, lora_B, scaling, dropout_p, seed_t, need_dx, need_dA, need_dB)
             dx = gx if need_dx else None

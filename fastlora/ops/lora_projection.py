@@ -25,10 +25,9 @@ import torch
 
 from .. import backends
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
-from ._registry import FLOAT_DTYPES, check_tensor
-from .linear_4bit import _op as linear_4bit_op
+from ._registry import FLOAT_DTYPES, backend_op, check_tensor
 from .lora_branch import branch_backward, branch_forward
-from .lora_linear import _backends, _op, _WeightParts, check_projection
+from .lora_linear import _backends, _WeightParts, check_projection
 
 
 class LoraProjection(NamedTuple):
@@ -154,11 +153,11 @@ def forward(prep: PreparedProjection, inp: torch.Tensor, flat) -> tuple[torch.Te
     weight, absmax = _WeightParts.kernel_args(prep.meta, weight_tensors)
     blocksize, quant_type = prep.meta[2:]
     if prep.compute_dtype is not None:
-        base = linear_4bit_op("linear_4bit_fwd", prep.fwd_backend)(
+        base = backend_op("linear_4bit_fwd", prep.fwd_backend)(
             inp.to(prep.compute_dtype), weight, absmax, blocksize, quant_type, prep.out_features, bias)
         lora, S = branch_forward(inp, lora_A, lora_B, seed_t, prep.scaling, prep.dropout_p, prep.dropout_backend)
         return base.to(inp.dtype) + lora, S  # lora has inp's dtype: PEFT's two roundings coincide
-    return _op("lora_linear_fwd", prep.fwd_backend)(
+    return backend_op("lora_linear_fwd", prep.fwd_backend)(
         inp, weight, absmax, blocksize, quant_type, prep.out_features, lora_A, lora_B, prep.scaling, bias,
         prep.dropout_p, seed_t, prep.rounding)
 
@@ -175,7 +174,7 @@ def backward(prep: PreparedProjection, grad_y: torch.Tensor, inp: torch.Tensor, 
     elif need_dx or need_dA or need_dB:
         weight, absmax = _WeightParts.kernel_args(prep.meta, weight_tensors)
         blocksize, quant_type = prep.meta[2:]
-        gx, gA, gB = _op("lora_linear_bwd", prep.bwd_backend)(
+        gx, gA, gB = backend_op("lora_linear_bwd", prep.bwd_backend)(
             grad_y.contiguous(), inp, S, weight, absmax, blocksize, quant_type, prep.out_features, lora_A, lora_B,
             prep.scaling, prep.dropout_p, seed_t, need_dx, need_dA, need_dB)
         dx = gx if need_dx else None
@@ -202,7 +201,7 @@ def _split_backward(prep: PreparedProjection, grad_y, inp, S, flat, need_dx: boo
     if need_dx:
         weight, absmax = _WeightParts.kernel_args(prep.meta, weight_tensors)
         blocksize, quant_type = prep.meta[2:]
-        dx_base = linear_4bit_op("linear_4bit_bwd", prep.bwd_backend)(
+        dx_base = backend_op("linear_4bit_bwd", prep.bwd_backend)(
             grad_y.to(prep.compute_dtype).contiguous(), weight, absmax, blocksize, quant_type, inp.shape[-1])
         dx = dx_base.to(inp.dtype) + dx_lora
     return dx, dA, dB

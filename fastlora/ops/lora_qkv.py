@@ -54,9 +54,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import _extension, backends
-from ._registry import FLOAT_DTYPES, check_tensor
+from ._registry import FLOAT_DTYPES, backend_op, check_tensor, define_decode_ops
 from .linear_4bit import _workspace
-from .lora_linear import _SUFFIX, _WeightParts
+from .lora_linear import _WeightParts
 from .lora_projection import (
     LoraProjection,
     backward,
@@ -204,7 +204,7 @@ def _grouped_bwd(suffix, grad_ys, x, S, weights, absmax, blocksize, quant_type, 
     return dx, dA, dB
 
 
-def _define_grouped(suffix: str) -> None:
+def _grouped_impls(suffix: str) -> dict:
     def fwd(x, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, bias, rounding):
         return _grouped_fwd(suffix, x, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, bias,
                             rounding)
@@ -214,31 +214,26 @@ def _define_grouped(suffix: str) -> None:
         return _grouped_bwd(suffix, grad_ys, x, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling,
                             need_dx, need_dA, need_dB)
 
-    def fwd_fake(x, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, bias, rounding):
-        ys = [x.new_empty((x.shape[0], b.shape[0])) for b in lora_B]
-        return ys, lora_A[0].new_empty((x.shape[0], sum(a.shape[0] for a in lora_A)))
-
-    def bwd_fake(grad_ys, x, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, need_dx, need_dA,
-                 need_dB):
-        dx = x.new_empty(x.shape if need_dx else (0,))
-        dA = [a.new_empty(a.shape if need else (0,)) for a, need in zip(lora_A, need_dA, strict=True)]
-        dB = [b.new_empty(b.shape if need else (0,)) for b, need in zip(lora_B, need_dB, strict=True)]
-        return dx, dA, dB
-
-    for name, impl, fake, schema in (("lora_qkv_grouped_fwd", fwd, fwd_fake, GROUPED_FWD_SCHEMA),
-                                     ("lora_qkv_grouped_bwd", bwd, bwd_fake, GROUPED_BWD_SCHEMA)):
-        op = torch.library.custom_op(f"fastlora::{name}{suffix}", impl, mutates_args=(), schema=schema)
-        op.register_fake(fake)
+    return {"lora_qkv_grouped_fwd": fwd, "lora_qkv_grouped_bwd": bwd}
 
 
-# One op per decode backend, like fastlora::linear_4bit_fwd: "" decodes with the compiled extension's
-# kernel (cpp on the CPU, cuda on a GPU); the GEMMs are torch's in every backend.
-for _suffix in ("", "_triton", "_reference"):
-    _define_grouped(_suffix)
+def _grouped_fwd_fake(x, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, bias, rounding):
+    ys = [x.new_empty((x.shape[0], b.shape[0])) for b in lora_B]
+    return ys, lora_A[0].new_empty((x.shape[0], sum(a.shape[0] for a in lora_A)))
 
 
-def _grouped_op(name: str, backend: str):
-    return getattr(torch.ops.fastlora, name + _SUFFIX[backend]).default
+def _grouped_bwd_fake(grad_ys, x, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, need_dx,
+                      need_dA, need_dB):
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dA = [a.new_empty(a.shape if need else (0,)) for a, need in zip(lora_A, need_dA, strict=True)]
+    dB = [b.new_empty(b.shape if need else (0,)) for b, need in zip(lora_B, need_dB, strict=True)]
+    return dx, dA, dB
+
+
+# One op per decode backend, like fastlora::linear_4bit_fwd; the GEMMs are torch's in every backend.
+define_decode_ops(_grouped_impls,
+                  {"lora_qkv_grouped_fwd": GROUPED_FWD_SCHEMA, "lora_qkv_grouped_bwd": GROUPED_BWD_SCHEMA},
+                  {"lora_qkv_grouped_fwd": _grouped_fwd_fake, "lora_qkv_grouped_bwd": _grouped_bwd_fake})
 
 
 _EXT = _extension.load()
@@ -287,7 +282,7 @@ class _GroupedQKVFunction(torch.autograd.Function):
         runs = split_runs(flat, preps)
         weights, absmax, lora_A, lora_B, scaling = _grouped_args(preps, runs)
         blocksize, quant_type = preps[0].meta[2:]
-        ys, S = _grouped_op("lora_qkv_grouped_fwd", decode_backend)(
+        ys, S = backend_op("lora_qkv_grouped_fwd", decode_backend)(
             x2d, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, [r[2] for r in runs],
             preps[0].rounding)
         ctx.save_for_backward(x2d, S, *flat)
@@ -313,7 +308,7 @@ class _GroupedQKVFunction(torch.autograd.Function):
             weights, absmax, lora_A, lora_B, scaling = _grouped_args(preps, runs)
             blocksize, quant_type = preps[0].meta[2:]
             grads = [None if g is None else g.contiguous() for g in grad_ys]
-            gx, gA, gB = _grouped_op("lora_qkv_grouped_bwd", decode_backend)(
+            gx, gA, gB = backend_op("lora_qkv_grouped_bwd", decode_backend)(
                 grads, x2d, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, needs[0], need_dA,
                 need_dB)
             dx = gx if needs[0] else None
