@@ -54,8 +54,7 @@ class _LoraBranchFunction(torch.autograd.Function):
         y, S = branch_forward(x2d, lora_A, lora_B, seed_t, scaling, p, backend)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t)
         ctx.scaling, ctx.p, ctx.backend, ctx.call_site = scaling, p, backend, call_site
-        if call_site is not None:
-            ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
+        ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
         return y
 
     @staticmethod
@@ -63,7 +62,7 @@ class _LoraBranchFunction(torch.autograd.Function):
         x2d, S, lora_A, lora_B, seed_t = ctx.saved_tensors
         dx, dA, dB = branch_backward(grad, x2d, S, lora_A, lora_B, seed_t, ctx.scaling, ctx.p, ctx.backend,
                                      *ctx.needs_input_grad[:3])
-        if ctx.p > 0.0 and ctx.call_site is not None:
+        if ctx.p > 0.0:
             consume_seed(ctx.call_site, ctx.seed_entry)
         return dx, dA, dB, None, None, None, None, None
 

@@ -198,8 +198,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             dropout_p, seed_t, rounding)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t, *weight_tensors)
         ctx.meta, ctx.cfg, ctx.call_site = meta, cfg, call_site
-        if call_site is not None:
-            ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
+        ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
         return y
 
     @staticmethod
@@ -220,7 +219,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         if need_dbias:
             wide = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
             dbias = grad_y.sum(0, dtype=wide).to(grad_y.dtype)
-        if dropout_p > 0.0 and ctx.call_site is not None:
+        if dropout_p > 0.0:
             consume_seed(ctx.call_site, ctx.seed_entry)
         return dx, dA, dB, dbias, None, None, None, None, *([None] * len(weight_tensors))
 

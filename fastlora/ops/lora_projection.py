@@ -83,6 +83,7 @@ def prepare(x: torch.Tensor, in_features: int, proj, name: str, training: bool, 
     parts, rounding = check_projection(x, in_features, proj.weight, proj.lora_A, proj.lora_B, proj.scaling,
                                        proj.bias if compute is None else None, proj.dropout_p, proj.rounding,
                                        prefix=f"{name}.", input_desc=input_desc)
+    dropout_backend = "auto"
     if compute is None:
         fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None)
     else:
@@ -94,8 +95,7 @@ def prepare(x: torch.Tensor, in_features: int, proj, name: str, training: bool, 
     weight_tensors = parts.tensors()
     p = float(proj.dropout_p) if training else 0.0
     prep = PreparedProjection(parts.meta(), len(weight_tensors), fwd_backend, bwd_backend, parts.shape[0],
-                              float(proj.scaling), p, rounding, call_site_of(proj.lora_A), compute,
-                              dropout_backend if compute is not None else "auto")
+                              float(proj.scaling), p, rounding, call_site_of(proj.lora_A), compute, dropout_backend)
     flat = [proj.lora_A.contiguous(), proj.lora_B.contiguous(), proj.bias, no_seed(x.device), *weight_tensors]
     return prep, flat
 
@@ -127,11 +127,7 @@ def seed_objects(preps, flat) -> list[torch.Tensor]:
     """The seed tensor of each projection in a call's flat run. A grouped op keeps these very objects
     on ctx and puts them back into the runs in backward, so the seed stash is consumed by identity
     even when saved-tensor hooks (checkpointing, save_on_cpu) hand backward copies."""
-    seeds, at = [], 0
-    for prep in preps:
-        seeds.append(flat[at + 3])
-        at += prep.width
-    return seeds
+    return [run[3] for run in split_runs(flat, preps)]
 
 
 def split_runs(flat, preps, seeds=None) -> list[list]:

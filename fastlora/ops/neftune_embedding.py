@@ -218,6 +218,7 @@ def neftune_embedding(
                                              position_ids=position_ids, cu_seqlens=cu_seqlens)
     call_site = call_site_of(weight)
     seed_t = draw_seed(call_site, weight.device)
+    # (no stash under torch.compile, call_site None: in_backward would break the graph there)
     if call_site is not None and in_backward() and not (weight.requires_grad and torch.is_grad_enabled()):
         consume_seed(call_site, seed_t)  # a checkpoint recompute whose backward will not run: done with it now
     out = _NeftuneFunction.apply(ids, weight.contiguous(), mag, seed_t, call_site, op,
