@@ -9,6 +9,29 @@ from ..ops.lora_projection import LoraProjection
 from . import lora, peft_lora
 
 
+def _projection_reason(child) -> str | None:
+    if lora.has_lora(child):
+        return None
+    if not peft_lora.claims(child):
+        return "is not a LoRA layer"
+    reason = peft_lora.skip_reason(child)
+    if reason is None and peft_lora.is_dora(child):
+        return "is a DoRA layer (DoRA projections run one by one)"
+    return reason
+
+
+def skip_reason(module, names) -> str | None:
+    """Why the children ``names`` of ``module`` (None entries skipped) cannot run as one fused op: the first
+    child that is not a LoRA layer fastlora accelerates on its own, or is DoRA, named; else None."""
+    for name in names:
+        if name is None:
+            continue
+        reason = _projection_reason(getattr(module, name))
+        if reason is not None:
+            return f"{name} {reason}" if reason.startswith("is ") else f"{name}: {reason}"
+    return None
+
+
 def call_args(child, x: torch.Tensor) -> dict | None:
     """What the fused op needs for one call of the LoRA projection ``child`` on ``x`` (the keys of
     :func:`fastlora.modules.peft_lora.call_args`, plus compute_dtype for a bitsandbytes base computing in

@@ -78,17 +78,6 @@ def _activation_kind(act) -> str | None:
     return first
 
 
-def _projection_reason(child) -> str | None:
-    if lora.has_lora(child):
-        return None
-    if not peft_lora.claims(child):
-        return "is not a LoRA layer"
-    reason = peft_lora.skip_reason(child)
-    if reason is None and peft_lora.is_dora(child):
-        return "is a DoRA layer (DoRA projections run one by one)"
-    return reason
-
-
 def _probe_dtype(child) -> torch.dtype:
     base = child.get_base_layer() if hasattr(child, "get_base_layer") else child
     weight = getattr(base, "weight", None)
@@ -154,11 +143,9 @@ def skip_reason(module) -> str | None:
     act = _activation_child(module)
     if _activation_kind(act) is None:
         return f"activation {type(act).__name__} is neither SiLU nor GELU-tanh"
-    for name in layout:
-        if name is not None:
-            reason = _projection_reason(getattr(module, name))
-            if reason is not None:
-                return f"{name} {reason}" if reason.startswith("is ") else f"{name}: {reason}"
+    reason = _projection_args.skip_reason(module, layout)
+    if reason is not None:
+        return reason
     key = (type(module), layout, type(act))
     if key not in _verified_classes:
         _verified_classes[key] = _forward_matches(module, layout, act)
@@ -179,12 +166,8 @@ def _fused_forward(self, x, *args, **kwargs):
         state.fallback_calls += 1
         return type(self).forward(self, x, *args, **kwargs)
     training, dtype, (gate, up, down) = projections
-    if x.dtype == dtype and not _autocast.enabled(x):
-        return lora_gated_mlp(x, gate, up, down, activation=state.activation, training=training,
-                              backend=state.backend)
-    with _autocast.off(x):  # autocast: the projections' tensors come cast to its dtype (_autocast)
-        return lora_gated_mlp(x.to(dtype), gate, up, down, activation=state.activation, training=training,
-                              backend=state.backend)
+    return _autocast.run(lora_gated_mlp, x, dtype, gate, up, down, activation=state.activation, training=training,
+                         backend=state.backend)
 
 
 def _projections(module, state: GatedMLPState, x):

@@ -44,16 +44,7 @@ def skip_reason(module) -> str | None:
     conflict = _instance.conflict_reason(module)
     if conflict is not None:
         return conflict
-    for name in _layout(module):
-        child = getattr(module, name)
-        if lora.has_lora(child):
-            continue
-        reason = peft_lora.skip_reason(child)
-        if reason is None and peft_lora.is_dora(child):
-            reason = "is a DoRA layer (DoRA projections run one by one)"
-        if reason is not None:
-            return f"{name} {reason}" if reason.startswith("is ") else f"{name}: {reason}"
-    return None
+    return _projection_args.skip_reason(module, _layout(module))
 
 
 class _Pending:
@@ -125,11 +116,7 @@ def _member_output(attention, child, x):
         state.pending = _Pending(x, {}, failed=True)
         return None
     training, dtype, projections = found
-    if x.dtype == dtype and not _autocast.enabled(x):
-        outs = lora_qkv(x, projections, training=training, backend=state.backend)
-    else:
-        with _autocast.off(x):  # autocast: the projections' tensors come cast to its dtype
-            outs = lora_qkv(x.to(dtype), projections, training=training, backend=state.backend)
+    outs = _autocast.run(lora_qkv, x, dtype, projections, training=training, backend=state.backend)
     by_member = {id(m): y for m, y in zip(members, outs, strict=True)}
     mine = by_member.pop(id(child))
     state.pending = _Pending(x, by_member)
