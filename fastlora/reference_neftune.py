@@ -36,8 +36,17 @@ def neftune_uniform(seed, shape: tuple[int, int], device=None) -> torch.Tensor:
     return uniform_from_words(philox_words(seed, t * d, STREAM_NEFTUNE, device)).reshape(t, d)
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph: no host read of device data is possible
+    then (it would synchronize a capturing stream), so checks that need one are skipped."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "ids") -> None:
-    if ids.numel() == 0:
+    """ValueError naming ``name`` unless every id is in [0, vocab): one (min, max) read on the host. Skipped
+    under CUDA graph capture, where the kernels' own masking (NaN rows; torch's indexing: a device-side
+    assert) is what remains."""
+    if ids.numel() == 0 or stream_capturing(ids.device):
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = int(lo), int(hi)
@@ -79,7 +88,9 @@ def noise_magnitudes(input_ids: torch.Tensor, dim: int, alpha: float, *, mode: s
     numel = input_ids.numel()
     if mode == "padded":
         length = input_ids.shape[-1] if input_ids.dim() > 0 else 1
-        return hook_magnitude(float(alpha), length, dim).to(device).expand(numel).contiguous()
+        # a Python float, not a CPU tensor copied over: no host -> device copy (CUDA graph capture forbids it)
+        return torch.full((numel,), float(hook_magnitude(float(alpha), length, dim)), dtype=torch.float32,
+                          device=device)
     if mode != "per_sequence":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if numel == 0:

@@ -10,7 +10,8 @@
 * :func:`mul_rn`: an fp32 product rounded on its own (``mul.rn.f32``), so that ptxas cannot contract it
   with a following add into an FMA where the reference rounds twice;
 * :func:`load_w4_tile`: a tile of a bitsandbytes 4-bit weight decoded to the GEMM's dtype;
-* host side: :func:`is_interpreted`, :func:`check_device`, :func:`check_seed`, :func:`next_pow2`.
+* host side: :func:`is_interpreted`, :func:`check_device`, :func:`check_seed`, :func:`next_pow2`,
+  :func:`stream_capturing`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["check_device", "check_seed", "convert", "is_interpreted", "load_w4_tile", "mma", "mul_rn", "next_pow2",
-           "round_to", "to_f32"]
+           "round_to", "stream_capturing", "to_f32"]
 
 
 def is_interpreted(fn) -> bool:
@@ -28,6 +29,12 @@ def is_interpreted(fn) -> bool:
     while hasattr(fn, "fn") and not isinstance(fn, triton.runtime.JITFunction):  # unwrap an Autotuner
         fn = fn.fn
     return not isinstance(fn, triton.runtime.JITFunction)
+
+
+def stream_capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph: a host read of device data (a
+    synchronization) is impossible then, so launchers skip the checks that need one."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_device(fn, device: torch.device, **tensors: torch.Tensor | None) -> None:

@@ -13,8 +13,9 @@ Contract (the same on the torch reference, the C++ CPU and the CUDA kernels; bit
 One program per (block of tokens, block of columns). Rows of a ``d % 4 == 0`` weight start at multiples of 4
 elements, so there one Philox evaluation serves four consecutive elements; other widths evaluate Philox per
 element. Loads and stores are contiguous along ``d`` (16-byte vectors when ``d`` and the pointers are
-16-aligned). Out-of-range ids are refused on the host (one ``aminmax``); the kernel masks them as well (no
-out-of-bounds read whatever it is given) and writes NaN rows for them.
+16-aligned). Out-of-range ids are refused on the host (one ``aminmax``; not while a CUDA graph is being
+captured); the kernel masks them as well (no out-of-bounds read whatever it is given) and writes NaN rows for
+them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import FP_FMA_PTX, CompileSpec
-from ._common import check_device, check_seed, is_interpreted, mul_rn, round_to, to_f32
+from ._common import check_device, check_seed, is_interpreted, mul_rn, round_to, stream_capturing, to_f32
 from .philox import load_key, philox4x32_10
 
 __all__ = ["NEFTUNE_CONFIGS", "STREAM_NEFTUNE", "NeftuneConfig", "compile_specs", "neftune_config", "neftune_embedding"]
@@ -183,8 +184,9 @@ def neftune_embedding(
     read by the kernel at run time. All on one device (CUDA, or CPU under TRITON_INTERPRET=1); the seed may
     also be a CPU tensor (copied to the device, see ``_common.check_seed``). Raises TypeError / ValueError
     naming the argument on bad input; out-of-range ids are found with one ``aminmax`` on the device (a host
-    sync) before the launch; ``check_ids=False`` skips it for callers that validated the ids already (the
-    kernel still never reads outside weight: bad ids give NaN rows)."""
+    sync) before the launch; ``check_ids=False`` skips it for callers that validated the ids already, and it is
+    skipped while a CUDA graph is being captured (no host read is possible then). The kernel never reads
+    outside weight either way: bad ids give NaN rows."""
     T = _check_args(ids, weight, mag)
     fn = _neftune_embedding_kernel
     check_device(fn, ids.device, ids=ids, weight=weight, mag=mag)
@@ -195,7 +197,7 @@ def neftune_embedding(
         return out
     if V == 0:
         raise ValueError("ids: out of range for an empty weight (V = 0)")
-    if check_ids:
+    if check_ids and not stream_capturing(ids.device):
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device -> host copy
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi

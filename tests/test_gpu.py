@@ -200,3 +200,54 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks(backend, seed):
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     no_dropout = lora_linear(x, weight, a, b, 2.0, backend=backend)
     assert all(rel_err(o, no_dropout) < 0.5 for o in outs)  # the same op, only the mask differs
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", ["padded", "per_sequence"])
+def test_cuda_graph_captures_neftune(backend, mode, seed, monkeypatch):
+    """fastlora.ops.neftune_embedding captured in a CUDA graph: no host read inside (the ids range check is
+    skipped while capturing, the magnitudes are built on the device), a fresh seed drawn on the GPU at every
+    replay, and each replay's output the reference for the seed it drew, bit for bit."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available on this GPU")
+    from fastlora import reference_neftune
+    from fastlora.ops import neftune_embedding as neftune_module
+
+    seeds = []
+
+    def recording_draw_seed(call_site, device):
+        seeds.append(draw_seed(call_site, device))
+        return seeds[-1]
+
+    draw_seed = neftune_module.draw_seed
+    monkeypatch.setattr(neftune_module, "draw_seed", recording_draw_seed)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(50, 96, generator=g).to(GPU, torch.bfloat16)
+    ids = torch.randint(0, 50, (3, 11), generator=g).to(GPU)
+    mask = torch.ones(3, 11, dtype=torch.int64, device=GPU)
+    mask[1, 7:] = 0
+
+    def run():
+        extra = {"attention_mask": mask} if mode == "per_sequence" else {}
+        return neftune_module.neftune_embedding(ids, weight, 5.0, mode=mode, backend=backend, **extra)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    seed_t = seeds[-1]  # the captured draw writes each replay's seed into this tensor
+    extra = {"attention_mask": mask} if mode == "per_sequence" else {}
+    mag = reference_neftune.noise_magnitudes(ids, 96, 5.0, mode=mode, **extra)
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference_neftune.neftune_embedding(ids.reshape(-1), weight, mag, int(seed_t)).reshape(out.shape)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+        outs.append(out.clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])

@@ -439,6 +439,28 @@ def test_op_rejects_ids_out_of_range(suffix, bad):
         getattr(torch.ops.fastlora, "neftune_embedding" + suffix)(ids, weight, mag, torch.tensor(1))
 
 
+def test_no_host_reads_while_capturing(monkeypatch):
+    """Under CUDA graph capture (simulated: stream_capturing says yes) the ids range check reads nothing on the
+    host, and cu_seqlens, which can only be validated there, is refused with a message naming it."""
+    ids, weight, _ = _op_args(6, 20, 8, torch.float32)
+    ids[3] = 25
+    with pytest.raises(ValueError, match="ids"):
+        reference_neftune.check_ids_in_range(ids, 20)
+    monkeypatch.setattr(reference_neftune, "stream_capturing", lambda device: True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("aminmax (a host read) called while capturing")
+
+    monkeypatch.setattr(torch, "aminmax", host_read)
+    reference_neftune.check_ids_in_range(ids, 20)
+    ids[3] = 1
+    cu = torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match="cu_seqlens .*CUDA graph"):
+        neftune_embedding(ids.reshape(1, 6), weight, 5.0, mode="per_sequence", cu_seqlens=cu)
+    out = neftune_embedding(ids.reshape(1, 6), weight, 5.0, mode="per_sequence")  # position_ids / mask: fine
+    assert out.shape == (1, 6, 8)
+
+
 def test_cpp_op_checks_arguments():
     ids, weight, mag = _op_args(6, 20, 8, torch.float32)
     op = torch.ops.fastlora.neftune_embedding

@@ -168,6 +168,28 @@ def test_unchecked_bad_ids_give_nan_rows(dtype, d):
     assert_bitwise(out[good], contract(fixed, weight, mag, 3)[good.cpu()])
 
 
+def test_capture_skips_the_host_check(monkeypatch):
+    """While a CUDA graph is being captured the launcher reads nothing on the host (here the capture is
+    simulated: stream_capturing says yes and torch.aminmax, the host check's first step, must not run); the
+    kernel's masking is what remains: NaN rows for bad ids, the others exact."""
+    ids, weight, mag = make_inputs(5, 8, 40, torch.float32, gen_seed=8)
+    ids[2] = 8
+    with pytest.raises(ValueError, match="ids must be in"):
+        kernels.neftune_embedding(ids, weight, mag, _st(4))
+    monkeypatch.setattr(kernels, "stream_capturing", lambda device: True)
+
+    def no_host_check(*args, **kwargs):
+        raise AssertionError("aminmax (a host read) called while capturing")
+
+    monkeypatch.setattr(torch, "aminmax", no_host_check)
+    out = kernels.neftune_embedding(ids, weight, mag, _st(4))
+    assert out[2].isnan().all()
+    good = torch.tensor([0, 1, 3, 4], device=DEVICE)
+    fixed = ids.clone()
+    fixed[2] = 0
+    assert_bitwise(out[good], contract(fixed, weight, mag, 4)[good.cpu()])
+
+
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "(1,)"])
 def test_seed_is_read_at_run_time(shape):
     """The kernel loads the seed from memory at each launch (what a CUDA graph replay relies on): the same
@@ -194,7 +216,7 @@ def test_cuda_graph_replay_reads_the_current_seed():
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kernels.neftune_embedding(ids, weight, mag, st, check_ids=False)  # (the id check reads the host)
+        out = kernels.neftune_embedding(ids, weight, mag, st)  # the host id check is skipped while capturing
     for value in SEEDS[1:]:
         st.fill_(value)
         graph.replay()

@@ -6,6 +6,7 @@
 // function): ATen/cuda/CUDAContext.h would also pull in the cuBLAS / cuSPARSE headers, which this
 // file does not need.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -228,7 +229,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
 }
 
 // ids out of range are found on the host with one aminmax (a device sync) before the launch, so a bad id is a
-// ValueError, never a device-side fault; the kernel does not dereference such ids either way.
+// ValueError, never a device-side fault. While the stream is being captured into a CUDA graph no host read is
+// possible (it would end the capture with an error): the check is skipped there and a bad id's row is NaN, as
+// the kernel never dereferences such ids.
 at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& mag,
                                   const at::Tensor& seed) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
@@ -249,15 +252,17 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   at::Tensor out = at::empty({T, d}, weight.options());
   if (T == 0 || d == 0) return out;
   TORCH_CHECK_VALUE(V > 0, "ids: out of range for an empty weight (V = 0)");
-  const auto [lo, hi] = at::aminmax(ids);
-  const at::Tensor range = at::stack({lo, hi}).cpu();  // one device -> host copy (the one sync)
-  const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
-  TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < V, "ids must be in [0, ", V, ") (the rows of weight), got ",
-                    lo_v < 0 ? lo_v : hi_v);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
+  if (c10::cuda::captureStatusMayInitCtx(stream) == c10::cuda::CaptureStatus::None) {
+    const auto [lo, hi] = at::aminmax(ids);
+    const at::Tensor range = at::stack({lo, hi}).cpu();  // one device -> host copy (the one sync)
+    const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < V, "ids must be in [0, ", V, ") (the rows of weight), got ",
+                      lo_v < 0 ? lo_v : hi_v);
+  }
   const at::Tensor i = ids.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor m = mag.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   check_launch(neftune_embedding(i.data_ptr<int64_t>(), w.data_ptr(), m.data_ptr<float>(), out.data_ptr(), T, V, d,
                                  seed_dev.data_ptr<int64_t>(), out_dtype(weight.scalar_type()), stream),
                "neftune_embedding");

@@ -138,6 +138,9 @@ def _check_like_ids(t, name: str, input_ids: torch.Tensor, integer: bool) -> Non
 
 def _check_cu_seqlens(cu_seqlens, tokens: int) -> None:
     check_tensor(cu_seqlens, "cu_seqlens", (torch.int32, torch.int64), ndim=1)
+    if reference_neftune.stream_capturing(cu_seqlens.device):
+        raise ValueError("cu_seqlens is validated on the host, which is not possible while a CUDA graph is being "
+                         "captured; pass position_ids (per_sequence mode) or capture with mode='padded'")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least [0, T] (2 values), got {cu_seqlens.numel()}")
     bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
@@ -184,6 +187,9 @@ def neftune_embedding(
       backend: "auto", "reference", "cpp", "triton" or "cuda".
 
     Returns: input_ids.shape + (d,) in weight's dtype.
+
+    Capturable in a CUDA graph: the seed is drawn on the GPU at every replay and nothing is read on the host
+    (out-of-range ids, checked on the host otherwise, give NaN rows there; cu_seqlens is refused).
     """
     _check_ids(input_ids)
     check_tensor(weight, "weight", FLOAT_DTYPES, ndim=2)
@@ -211,7 +217,8 @@ def neftune_embedding(
         reference_neftune.check_ids_in_range(input_ids, vocab, "input_ids")
         return F.embedding(input_ids, weight, padding_idx)
 
-    # Every backend's op checks the ids itself (ValueError naming ids, one aminmax on a GPU): not repeated here.
+    # Every backend's op checks the ids itself (ValueError naming ids, one aminmax on a GPU, none while a CUDA
+    # graph is being captured): not repeated here.
     op = pick("neftune_embedding", backend, weight.device)
     ids = input_ids.reshape(-1).to(torch.int64).contiguous()
     mag = reference_neftune.noise_magnitudes(input_ids, dim, alpha, mode=mode, attention_mask=attention_mask,
