@@ -50,7 +50,22 @@ def kernels_run(tmp_path_factory):
 def test_kernels_suite_rows(kernels_run, capsys):
     tmp_path, out, status = kernels_run
     assert status == 0
-    rows = _check_results(tmp_path, "kernels")
+    every_row = _check_results(tmp_path, "kernels")
+    ceilings = {r["op"]: r for r in every_row if r["op"].endswith("ceiling")}
+    assert set(ceilings) == {"GEMM ceiling", "copy ceiling"}
+    assert ceilings["GEMM ceiling"]["unit"] == "TFLOP/s" and ceilings["copy ceiling"]["unit"] == "GB/s"
+    assert all(c["value"] > 0 and c["dtype"] == "fp32" for c in ceilings.values())
+    rows = [r for r in every_row if r["unit"] == "ms"]
+    # every timed case also as achieved GB/s (and TFLOP/s where it multiplies matrices), from the same time
+    rates = {(r["op"], r["provider"], r["unit"]): r for r in every_row if r["metric"].startswith("achieved")}
+    for r in rows:
+        x = r["extra"]
+        gbs = rates[(r["op"], r["provider"], "GB/s")]
+        assert gbs["value"] == pytest.approx(x["gbs"]) and x["gbs"] > 0
+        assert gbs["extra"]["fraction_of_ceiling"] == pytest.approx(x["gbs"] / ceilings["copy ceiling"]["value"])
+        has_flops = not r["op"].startswith(("dequantize", "neftune"))
+        assert ((r["op"], r["provider"], "TFLOP/s") in rates) == has_flops == (x["tflops"] is not None)
+    assert len(every_row) == 2 + len(rows) + len(rates)
     ops = {r["op"] for r in rows}
     assert ops == {"dequantize_4bit", "neftune_embedding", *(f"{op} {p}" for op in ("lora_linear", "gated_mlp")
                                                              for p in ("fwd", "bwd", "full"))}
@@ -61,13 +76,18 @@ def test_kernels_suite_rows(kernels_run, capsys):
     assert peers == {"bitsandbytes", "peft", "transformers"}
     assert all(r["unit"] == "ms" and r["value"] > 0 and r["dtype"] == "fp32" for r in rows)
     this_run = json.loads(out.read_text())
-    assert this_run["suite"] == "kernels" and this_run["rows"] == rows
+    assert this_run["suite"] == "kernels" and this_run["rows"] == every_row
+    from fastlora.bench import kernels
+
+    table = kernels.format_rows(every_row).splitlines()
+    assert table[0].startswith("ceiling fp32: GEMM ceiling") and "TFLOP/s" in table[2] and "%copy" in table[2]
+    assert len(table) == 2 + 2 + len(rows) + 1  # ceilings, header + rule, one line per timed case, the legend
 
 
 def test_kernels_options_select_ops_dtypes_shape(tmp_path, capsys):
     assert _run(tmp_path, "--suite", "kernels", "--quick", "--ops", "dequantize_4bit", "--dtype", "bf16",
                 "--shape", "192x128", "--tokens", "8", "--no-reference") == 0
-    rows = _check_results(tmp_path, "kernels")
+    rows = [r for r in _check_results(tmp_path, "kernels") if r["unit"] == "ms"]
     assert {(r["op"], r["dtype"], r["shape"]) for r in rows} == {("dequantize_4bit", "bf16", "128x192")}
     assert "torch-reference" not in {r["provider"] for r in rows} and {r["role"] for r in rows} == {"fastlora", "peer"}
 

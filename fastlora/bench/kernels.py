@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import results
+from . import results, roofline
 from .arg_types import positive_int
 from .timing import measure
 
@@ -186,11 +186,27 @@ CASES = {  # op -> (builder, the peer's modules, shape label)
 }
 
 
+def ceiling_rows(c: roofline.Ceilings) -> list[dict]:
+    device = c.device if c.device != "cpu" else None
+    return [results.row("GEMM ceiling", "torch.mm", "reference", f"{c.gemm_n}x{c.gemm_n}x{c.gemm_n}", c.dtype,
+                        "TFLOP/s", c.gemm_tflops, "TFLOP/s", device=device),
+            results.row("copy ceiling", "Tensor.copy_", "reference", f"{c.copy_bytes >> 20} MiB", c.dtype, "GB/s",
+                        c.copy_gbs, "GB/s", device=device)]
+
+
 def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, reference: bool = True,
               progress=print) -> tuple[list[dict], list[str]]:
-    """Time every (op, pass, provider, dtype); returns (result rows, notes)."""
+    """Time every (op, pass, provider, dtype), each with its achieved TFLOP/s and GB/s against the device's
+    measured ceilings (:mod:`fastlora.bench.roofline`); returns (result rows, notes)."""
     rows, notes = [], []
     providers = [p for p in fastlora_providers(device) if reference or p.role != "reference"]
+    ceilings = {}
+    for dtype_name in dtypes:
+        ceilings[dtype_name] = c = roofline.measure_ceilings(device, DTYPES[dtype_name], dtype_name,
+                                                             budget_s=budget_s, max_runs=max_runs)
+        progress(f"  ceilings {dtype_name}: GEMM {c.gemm_tflops:.3g} TFLOP/s (torch.mm {c.gemm_n}^3), copy "
+                 f"{c.copy_gbs:.3g} GB/s ({c.copy_bytes >> 20} MiB)")
+        rows += ceiling_rows(c)
     for op in ops:
         builder, peer_modules, label = CASES[op]
         missing = _peer_missing(*peer_modules)
@@ -211,21 +227,37 @@ def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, referenc
                 t = measure(fn, setup=setup, warmup=0 if max_runs == 1 else 1, min_runs=min(3, max_runs),
                             max_runs=max_runs,
                             budget_s=budget_s, device=device)
+                rates = roofline.achieved(roofline.work(op, name, tokens, k, n, dtype), t.median_ms,
+                                          ceilings[dtype_name])
                 progress(f"  {op_name:<20} {dtype_name} {provider.name:<16} {t.median_ms:10.3f} ms ({t.runs} runs)")
-                rows.append(results.row(op_name, provider.name, provider.role, label(tokens, k, n), dtype_name,
-                                        "median time", t.median_ms, "ms",
-                                        device=device if device != "cpu" else None, min_ms=t.min_ms, runs=t.runs,
-                                        backend=provider.backend))
+                common = (op_name, provider.name, provider.role, label(tokens, k, n), dtype_name)
+                where = device if device != "cpu" else None
+                rows.append(results.row(*common, "median time", t.median_ms, "ms", device=where, min_ms=t.min_ms,
+                                        runs=t.runs, backend=provider.backend, **rates))
+                if rates["tflops"] is not None:
+                    rows.append(results.row(*common, "achieved TFLOP/s", rates["tflops"], "TFLOP/s", device=where,
+                                            fraction_of_ceiling=rates["gemm_fraction"]))
+                rows.append(results.row(*common, "achieved GB/s", rates["gbs"], "GB/s", device=where,
+                                        fraction_of_ceiling=rates["copy_fraction"]))
     return rows, notes
 
 
+def _rate(value, fraction) -> str:
+    return f"{'':>9}{'':>7}" if value is None else f"{value:>9.3g}{100 * fraction:>6.0f}%"
+
+
 def format_rows(rows: list[dict]) -> str:
-    """One line per (op, shape, dtype, provider): median ms, x torch-reference, peer / this."""
-    lines = [f"{'op':<20}{'shape':<26}{'dtype':<6}{'provider':<17}{'median ms':>11}{'ref/this':>10}{'peer/this':>11}"]
-    lines.append("-" * len(lines[0]))
+    """The ceilings, then one line per (op, shape, dtype, provider): median ms, x torch-reference, peer / this,
+    achieved TFLOP/s and GB/s with their percentages of the ceilings."""
+    lines = [f"ceiling {r['dtype']}: {r['op']} {r['value']:.3g} {r['unit']} ({r['provider']}, {r['shape']})"
+             for r in rows if r["op"] in ("GEMM ceiling", "copy ceiling")]
+    lines.append(f"{'op':<20}{'shape':<26}{'dtype':<6}{'provider':<17}{'median ms':>11}{'ref/this':>10}"
+                 f"{'peer/this':>11}{'TFLOP/s':>9}{'%gemm':>7}{'GB/s':>9}{'%copy':>7}")
+    lines.append("-" * len(lines[-1]))
     by_key: dict[tuple, list[dict]] = {}
     for r in rows:
-        by_key.setdefault((r["op"], r["shape"], r["dtype"]), []).append(r)
+        if r["unit"] == "ms":
+            by_key.setdefault((r["op"], r["shape"], r["dtype"]), []).append(r)
     for (op, shape, dtype), group in by_key.items():
         ref = next((r["value"] for r in group if r["role"] == "reference"), None)
         peer = next((r["value"] for r in group if r["role"] == "peer"), None)
@@ -233,8 +265,13 @@ def format_rows(rows: list[dict]) -> str:
             t = r["value"]
             rr = f"{ref / t:>10.2f}" if ref and r["role"] != "reference" else f"{'':>10}"
             pr = f"{peer / t:>11.2f}" if peer and r["role"] != "peer" else f"{'':>11}"
-            lines.append(f"{op:<20}{shape:<26}{dtype:<6}{r['provider']:<17}{t:>11.3f}{rr}{pr}")
-    lines.append("ratios > 1: this provider is faster than the torch reference (ref/this) or the peer (peer/this)")
+            x = r["extra"]
+            rates = (_rate(x["tflops"], x["gemm_fraction"]) + _rate(x["gbs"], x["copy_fraction"])
+                     if "gbs" in x else "")
+            lines.append(f"{op:<20}{shape:<26}{dtype:<6}{r['provider']:<17}{t:>11.3f}{rr}{pr}{rates}")
+    lines.append("ratios > 1: this provider is faster than the torch reference (ref/this) or the peer (peer/this); "
+                 "TFLOP/s and GB/s from each case's flops and least bytes moved (fastlora/bench/roofline.py), % of "
+                 "the measured ceilings")
     return "\n".join(lines)
 
 

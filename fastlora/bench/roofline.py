@@ -1,0 +1,126 @@
+"""Achieved throughput of the kernels suite's cases against the device's measured ceilings.
+
+Ceilings (:func:`measure_ceilings`), measured on the device the suite runs on, in the case's dtype:
+  * GEMM: a square ``torch.mm`` (n x n by n x n; n = 8192 on a GPU, 1024 on a CPU, 512 for 16-bit dtypes on a
+    CPU), 2n^3 flops per call;
+  * copy: ``Tensor.copy_`` of a 256 MiB (GPU) / 64 MiB (CPU) buffer, counted as bytes read + bytes written.
+
+Work per case (:func:`work`): the flops of its matrix products and the bytes it must move at the least (every
+operand read once, every result written once), from the shapes alone, so that every provider of a case is
+divided by the same numbers. M tokens, a K -> N projection, LoRA rank r, element size e of the dtype, fp32
+adapters, the weight NF4 double-quant (blocksize 64: K·N/2 code bytes + K·N/64 one-byte absmax + the
+second-level fp32 absmax every 256 blocks):
+
+  ================  ===============================================  ==============================================
+  case              flops                                            bytes
+  ================  ===============================================  ==============================================
+  dequantize_4bit   0 (a decode: bandwidth only)                      weight + K·N·e out
+  lora_linear fwd   2MKN + 2MKr + 2MrN                                weight + adapters + x + y + S (M·r fp32)
+  lora_linear bwd   2MNK (dx) + 4MNr + 4MrK (G·B, ·A, dB, dA)          weight + adapters + their grads + G + x + S
+                                                                     + dx
+  lora_linear full  fwd + bwd                                        fwd + bwd
+  gated_mlp         the three projections' lora_linear sums (hidden K, intermediate N: gate, up K -> N,
+                    down N -> K)
+  neftune           0                                                ids (8 bytes each) + M·d·e rows read + M·d·e
+                                                                     written
+  ================  ===============================================  ==============================================
+
+Achieved TFLOP/s = flops / time and GB/s = bytes / time; the fraction of each ceiling says which bound a case is
+near (a small-M LoRA forward is bandwidth-bound: its GB/s matters, not its TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .lora_setup import BLOCKSIZE, RANK
+from .timing import measure
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    flops: float
+    bytes: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """Measured on ``device`` in ``dtype``: GEMM TFLOP/s and copy GB/s, with what was measured."""
+    device: str
+    dtype: str
+    gemm_tflops: float
+    copy_gbs: float
+    gemm_n: int
+    copy_bytes: int
+
+
+def weight_4bit_bytes(k: int, n: int) -> float:
+    blocks = k * n / BLOCKSIZE
+    return k * n / 2 + blocks + blocks / 256 * 4
+
+
+def _lora_linear(m: int, k: int, n: int, e: int, r: int = RANK) -> tuple[Work, Work]:
+    """(forward, backward) work of one QLoRA projection."""
+    adapters = (r * k + n * r) * 4
+    s = m * r * 4
+    fwd = Work(2 * m * k * n + 2 * m * k * r + 2 * m * r * n, weight_4bit_bytes(k, n) + adapters + m * k * e
+               + m * n * e + s)
+    bwd = Work(2 * m * n * k + 4 * m * n * r + 4 * m * r * k,
+               weight_4bit_bytes(k, n) + 2 * adapters + m * n * e + m * k * e + s + m * k * e)
+    return fwd, bwd
+
+
+def _passes(fwd: Work, bwd: Work, pass_: str) -> Work:
+    if pass_ == "fwd":
+        return fwd
+    if pass_ == "bwd":
+        return bwd
+    if pass_ == "full":
+        return Work(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
+    raise ValueError(f"pass must be 'fwd', 'bwd' or 'full', got {pass_!r}")
+
+
+def work(op: str, pass_: str, m: int, k: int, n: int, dtype: torch.dtype) -> Work:
+    """The flops and least bytes of one kernels-suite case (see the module docstring); ``n`` is NEFTune's vocab
+    and the gated MLP's intermediate size, as in the suite."""
+    e = torch.empty((), dtype=dtype).element_size()
+    if op == "dequantize_4bit":
+        return Work(0.0, weight_4bit_bytes(k, n) + k * n * e)
+    if op == "neftune_embedding":
+        return Work(0.0, m * 8 + 2 * m * k * e)
+    if op == "lora_linear":
+        return _passes(*_lora_linear(m, k, n, e), pass_)
+    if op == "gated_mlp":
+        parts = [_lora_linear(m, k, n, e), _lora_linear(m, k, n, e), _lora_linear(m, n, k, e)]
+        return Work(sum(_passes(*p, pass_).flops for p in parts), sum(_passes(*p, pass_).bytes for p in parts))
+    raise ValueError(f"no work model for op {op!r}")
+
+
+def measure_ceilings(device: str, dtype: torch.dtype, dtype_name: str, *, budget_s: float = 0.5,
+                     max_runs: int = 15) -> Ceilings:
+    on_gpu = device.startswith("cuda")
+    # CPUs without native bf16 / fp16 GEMMs run them at ~0.15 GFLOP/s: a smaller square there keeps this short
+    n = 8192 if on_gpu else (1024 if dtype == torch.float32 else 512)
+    operands = [torch.randn(n, n, device=device).to(dtype) for _ in range(2)]
+    gemm = measure(lambda: torch.mm(*operands), warmup=1, min_runs=min(3, max_runs), max_runs=max_runs,
+                   budget_s=budget_s, device=device)
+    operands.clear()  # free them before the copy buffers are allocated
+    nbytes = (256 if on_gpu else 64) << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), warmup=1, min_runs=min(3, max_runs), max_runs=max_runs,
+                   budget_s=budget_s, device=device)
+    return Ceilings(device, dtype_name, 2 * n**3 / (gemm.median_ms * 1e-3) / 1e12,
+                    2 * nbytes / (copy.median_ms * 1e-3) / 1e9, n, nbytes)
+
+
+def achieved(w: Work, ms: float, ceilings: Ceilings) -> dict:
+    """TFLOP/s and GB/s of one timed case and their fractions of the ceilings (None where the case has no flops)."""
+    seconds = ms * 1e-3
+    tflops = w.flops / seconds / 1e12 if w.flops else None
+    gbs = w.bytes / seconds / 1e9
+    return {"tflops": tflops, "gbs": gbs,
+            "gemm_fraction": tflops / ceilings.gemm_tflops if tflops is not None else None,
+            "copy_fraction": gbs / ceilings.copy_gbs}

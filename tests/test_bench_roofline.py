@@ -1,0 +1,76 @@
+"""The kernels suite's roofline columns (fastlora/bench/roofline.py): the work models against counts taken from
+the real computation, the ceilings and achieved rates as the suite reports them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastlora import nf4, reference_lora
+from fastlora.bench import roofline
+from fastlora.bench.lora_setup import BLOCKSIZE, RANK
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (7, 192, 320), (33, 128, 576)])
+def test_lora_linear_flops_are_the_reference_products(m, k, n, seed):
+    """FlopCounterMode counts the matrix products of the torch reference (fastlora/reference_lora.py) of one
+    QLoRA projection: the model's flops are exactly those, forward and backward."""
+    g = torch.Generator().manual_seed(seed)
+    q = nf4.quantize(torch.randn(n, k, generator=g) * 0.02, BLOCKSIZE, "nf4", False)
+    x, dy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    a, b = torch.randn(RANK, k, generator=g), torch.randn(n, RANK, generator=g)
+    args = (q.packed, q.absmax, BLOCKSIZE, "nf4", n)
+    with FlopCounterMode(display=False) as fwd:
+        _, S = reference_lora.lora_linear_fwd(x, *args, a, b, 2.0, None, 0.0, 0, "linear")
+    with FlopCounterMode(display=False) as bwd:
+        reference_lora.lora_linear_bwd(dy, x, S, *args, a, b, 2.0, 0.0, 0, True, True, True)
+    assert roofline.work("lora_linear", "fwd", m, k, n, torch.float32).flops == fwd.get_total_flops()
+    assert roofline.work("lora_linear", "bwd", m, k, n, torch.float32).flops == bwd.get_total_flops()
+    full = roofline.work("lora_linear", "full", m, k, n, torch.float32).flops
+    assert full == fwd.get_total_flops() + bwd.get_total_flops()
+    mlp = roofline.work("gated_mlp", "fwd", m, k, n, torch.float32).flops
+    assert mlp == 2 * fwd.get_total_flops() + roofline.work("lora_linear", "fwd", m, n, k, torch.float32).flops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(64, 64), (256, 192), (4096, 1024)])
+def test_dequantize_bytes_are_the_tensors_it_reads_and_writes(dtype, k, n):
+    """The 4-bit weight's bytes are those of a real double-quantized weight (codes, uint8 absmax, the second level
+    fp32 absmax; the 256-entry code book and offset are constant and left out), plus the decoded output."""
+    q = nf4.quantize(torch.randn(n, k) * 0.02, BLOCKSIZE, "nf4", True)
+    tensors = q.packed.nbytes + q.absmax.nbytes + q.nested.absmax2.nbytes
+    out = torch.empty(n, k, dtype=dtype).nbytes
+    model = roofline.work("dequantize_4bit", "fwd", 5, k, n, dtype)
+    assert model.flops == 0
+    assert model.bytes == pytest.approx(tensors + out, rel=0, abs=4)  # absmax2: a partial last block
+
+
+def test_neftune_and_lora_bytes():
+    e = 2  # bf16
+    m, k, n = 9, 128, 1000
+    assert roofline.work("neftune_embedding", "fwd", m, k, n, torch.bfloat16).bytes == m * 8 + 2 * m * k * e
+    w4 = roofline.weight_4bit_bytes(k, n)
+    adapters = (RANK * k + n * RANK) * 4
+    fwd = roofline.work("lora_linear", "fwd", m, k, n, torch.bfloat16).bytes
+    assert fwd == w4 + adapters + m * k * e + m * n * e + m * RANK * 4
+    with pytest.raises(ValueError, match="op"):
+        roofline.work("softmax", "fwd", m, k, n, torch.float32)
+    with pytest.raises(ValueError, match="pass"):
+        roofline.work("lora_linear", "sideways", m, k, n, torch.float32)
+
+
+def test_ceilings_and_achieved_rates():
+    c = roofline.measure_ceilings("cpu", torch.float32, "fp32", budget_s=0.0, max_runs=1)
+    assert c.gemm_n == 1024 and c.copy_bytes == 64 << 20
+    assert math.isfinite(c.gemm_tflops) and c.gemm_tflops > 0
+    assert math.isfinite(c.copy_gbs) and c.copy_gbs > 0
+    w = roofline.Work(flops=4e12, bytes=3e9)
+    rates = roofline.achieved(w, 2000.0, c)  # 2 s
+    assert rates["tflops"] == pytest.approx(2.0) and rates["gbs"] == pytest.approx(1.5)
+    assert rates["gemm_fraction"] == pytest.approx(2.0 / c.gemm_tflops)
+    assert rates["copy_fraction"] == pytest.approx(1.5 / c.copy_gbs)
+    none = roofline.achieved(roofline.Work(0.0, 3e9), 1.0, c)
+    assert none["tflops"] is None and none["gemm_fraction"] is None
