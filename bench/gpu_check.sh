@@ -3,10 +3,10 @@
 # extension against the machine's torch, then for each part asked for (default: both) time the ops
 # against their peers and run the GPU tests. Logs go to ${OUT:-gpu_check_out}. bitsandbytes may be
 # unpacked into .devpkgs/ (no package index on the GPU machine).
-# Usage: bash bench/gpu_check.sh [lora] [neftune]
+# Usage: bash bench/gpu_check.sh [lora] [neftune] [suite]   (suite: the kernels suite on the GPU, its crossover)
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
-PARTS=${*:-lora neftune}
+PARTS=${*:-lora neftune suite}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.devpkgs" FASTLORA_TRITON_AUTOTUNE=${FASTLORA_TRITON_AUTOTUNE:-0}
 ln -sfn ../kernels fastlora/kernels  # what setup.py's package_dir does for an installed wheel
@@ -31,4 +31,11 @@ case " $PARTS " in *" neftune "*)
   stamp "neftune tests"
   timeout 90 python3 bench/bench_neftune_gpu.py --iters 20 2>&1 | tee "$OUT/bench_neftune.log" | tail -20
   stamp "neftune bench"
+esac
+case " $PARTS " in *" suite "*)
+  timeout 150 python3 -m fastlora bench --suite kernels --device cuda --dtype bf16 --no-reference --seconds 0.2 \
+    --results "$OUT/results" 2>&1 | tee "$OUT/suite_kernels.log" | tail -24
+  FASTLORA_TUNED_DIR="$OUT/tuned" timeout 120 python3 -m fastlora bench --suite kernels --device cuda --crossover \
+    --save-tuned --seconds 0.1 --results "$OUT/results" 2>&1 | tee "$OUT/suite_crossover.log" | tail -8
+  stamp "kernels suite + crossover"
 esac

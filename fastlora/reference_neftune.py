@@ -88,9 +88,10 @@ def noise_magnitudes(input_ids: torch.Tensor, dim: int, alpha: float, *, mode: s
     numel = input_ids.numel()
     if mode == "padded":
         length = input_ids.shape[-1] if input_ids.dim() > 0 else 1
-        # a Python float, not a CPU tensor copied over: no host -> device copy (CUDA graph capture forbids it)
-        return torch.full((numel,), float(hook_magnitude(float(alpha), length, dim)), dtype=torch.float32,
-                          device=device)
+        # the hook's ops on a value made on the device: no host -> device copy (CUDA graph capture forbids one)
+        # and no host read (a graph break under torch.compile)
+        lengths = torch.full((), length, dtype=torch.int64, device=device)
+        return _magnitude_of(float(alpha), lengths, dim).expand(numel).contiguous()
     if mode != "per_sequence":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if numel == 0:

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import fastlora.ops  # defines the fastlora::*_reference ops
-from fastlora import backends, nf4, reference, reference_lora
+from fastlora import backends, nf4, reference, reference_lora, tuning
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -482,27 +482,42 @@ def test_lora_linear_cu_compiles_without_spills():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_cuda_backend_routes_dense_and_large_m_forward_to_triton(monkeypatch):
+def test_cuda_backend_routes_dense_and_large_m_forward_to_triton(monkeypatch, tmp_path):
     mod = importlib.import_module("fastlora.ops.lora_linear")
+    monkeypatch.setenv("FASTLORA_TUNED_DIR", str(tmp_path))  # no tuned defaults: the built-in rule
+    monkeypatch.setattr(tuning, "key_of", lambda device: "Test-GPU-sm90")
+    tuning.clear_cache()
     # as on a GPU machine with the CUDA extension and Triton
     monkeypatch.setattr(backends, "available", lambda device_type="cpu": {
         "reference": True, "cpp": device_type == "cpu", "cuda": device_type == "cuda", "triton": True})
     gpu_x = lambda *shape: types.SimpleNamespace(  # noqa: E731
-        shape=torch.Size(shape), dtype=torch.bfloat16, is_cuda=True, device=torch.device("cuda"))
-    assert mod._backends("cuda", gpu_x(16, 8), True) == ("cuda", "triton")
-    assert mod._backends("cuda", gpu_x(2, 8, 8), True) == ("cuda", "triton")
-    assert mod._backends("cuda", gpu_x(17, 8), True) == ("triton", "triton")
-    assert mod._backends("cuda", gpu_x(2, 9, 8), True) == ("triton", "triton")  # 18 rows
-    assert mod._backends("cuda", gpu_x(16, 8), False) == ("triton", "triton")  # dense weight
+        shape=torch.Size(shape), dtype=torch.bfloat16, is_cuda=True, device=torch.device("cuda", 0))
+    assert mod._backends("cuda", gpu_x(16, 8), True, 32) == ("cuda", "triton")
+    assert mod._backends("cuda", gpu_x(2, 8, 8), True, 32) == ("cuda", "triton")
+    assert mod._backends("cuda", gpu_x(17, 8), True, 32) == ("triton", "triton")
+    assert mod._backends("cuda", gpu_x(2, 9, 8), True, 32) == ("triton", "triton")  # 18 rows
+    assert mod._backends("cuda", gpu_x(16, 8), False, 32) == ("triton", "triton")  # dense weight
     # auto takes the CUDA forward where it exists (measured faster), Triton elsewhere
-    assert mod._backends("auto", gpu_x(4, 8), True) == ("cuda", "triton")
-    assert mod._backends("auto", gpu_x(17, 8), True) == ("triton", "triton")
-    assert mod._backends("auto", gpu_x(4, 8), False) == ("triton", "triton")
-    assert mod._backends("reference", gpu_x(17, 8), True) == ("reference", "reference")
+    assert mod._backends("auto", gpu_x(4, 8), True, 32) == ("cuda", "triton")
+    assert mod._backends("auto", gpu_x(17, 8), True, 32) == ("triton", "triton")
+    assert mod._backends("auto", gpu_x(4, 8), False, 32) == ("triton", "triton")
+    assert mod._backends("reference", gpu_x(17, 8), True, 32) == ("reference", "reference")
+    assert mod._backends("auto", gpu_x(16, 8), True, 32) == ("cuda", "triton")  # every M the kernel takes
+
+    # a crossover saved for this GPU (bench --crossover --save-tuned): "auto" follows it per K x N shape,
+    # an explicit "cuda" still runs the kernel wherever it fits
+    tuning.save("Test-GPU-sm90", {tuning.CUDA_ROWS_KEY: {"default": 4, "8x64": 12, "8x48": 40}})
+    assert mod._backends("auto", gpu_x(4, 8), True, 32) == ("cuda", "triton")
+    assert mod._backends("auto", gpu_x(5, 8), True, 32) == ("triton", "triton")
+    assert mod._backends("cuda", gpu_x(5, 8), True, 32) == ("cuda", "triton")
+    assert mod._backends("auto", gpu_x(12, 8), True, 64) == ("cuda", "triton")
+    assert mod._backends("auto", gpu_x(3, 4, 8), True, 64) == ("cuda", "triton")
+    assert mod._backends("auto", gpu_x(13, 8), True, 64) == ("triton", "triton")
+    assert mod._backends("auto", gpu_x(17, 8), True, 48) == ("triton", "triton")  # never past the kernel's limit
 
 
 def test_cuda_backend_on_cpu_tensors_is_refused():
     mod = importlib.import_module("fastlora.ops.lora_linear")
     with pytest.raises(ValueError, match="cuda"):
-        mod._backends("cuda", torch.empty(2, 8), False)
+        mod._backends("cuda", torch.empty(2, 8), False, 32)
 

@@ -251,3 +251,26 @@ def test_cuda_graph_captures_neftune(backend, mode, seed, monkeypatch):
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
         outs.append(out.clone())
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+def test_crossover_sweep_and_saved_default_on_gpu(monkeypatch, tmp_path):
+    """The kernels suite's crossover on the real paths (CUDA small-M kernel vs workspace + cuBLAS), saved as this
+    GPU's tuned default and followed by backend="auto"."""
+    if "cuda" not in _gpu_backends() or "triton" not in _gpu_backends():
+        pytest.skip("needs the CUDA and Triton backends")
+    import importlib
+
+    from fastlora import tuning
+    from fastlora.bench import crossover
+
+    monkeypatch.setenv("FASTLORA_TUNED_DIR", str(tmp_path))
+    tuning.clear_cache()
+    rows, found = crossover.sweep([(256, 512)], "bf16", GPU, budget_s=0.05, max_runs=5, rows=(1, 16),
+                                  progress=lambda line: None)
+    assert found["256x512"] in (0, 1, 16) and all(r["value"] > 0 for r in rows if r["unit"] == "ms")
+    crossover.save({"256x512": 0}, torch.cuda.get_device_name(), torch.cuda.get_device_capability(), ["bf16"])
+    mod = importlib.import_module("fastlora.ops.lora_linear")
+    x = torch.randn(4, 256, device=GPU, dtype=torch.bfloat16)
+    assert mod._backends("auto", x, True, 512) == ("triton", "triton")  # saved: never the small-M kernel here
+    assert mod._backends("auto", x, True, 1024)[0] == "triton"  # the saved default (0) for other shapes too
+    tuning.clear_cache()

@@ -171,6 +171,10 @@ RULES = [
     Rule(r"^python bench/bench_lora_cpu_bf16\.py$", ["--quick", "--rounds", "1", "--max-busy", "1.01"], {},
          r"fastlora bf16 GEMM mode +\d+\.\d", [], "small shapes, one round run however busy the CPUs are: the full "
          "run waits for 5 quiet rounds of 1024-token GEMMs (a busy machine measures nothing: inf)"),
+    Rule(r"^python -m fastlora bench --suite kernels --device cuda --crossover( --save-tuned)?$",
+         ["--quick", "--results", "{tmp}"], {"FASTLORA_TUNED_DIR": "/tmp/fastlora-readme-tuned"},
+         r"at least as fast up to M=", ["cuda", pytest.mark.slow], "--quick (one run per case), on a CUDA GPU; "
+         "--save-tuned writes to a scratch folder, not the user's cache"),
     Rule(r"^(bash bench/gpu_check\.sh|python (-m pytest )?bench/\w+_gpu\.py( --quick| --benchmark-only -s)?)$",
          [], {}, r"\S", ["cuda", pytest.mark.slow], "as written, on a CUDA GPU"),
 ]

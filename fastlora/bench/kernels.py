@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import results, roofline
+from . import crossover, results, roofline
 from .arg_types import positive_int
 from .timing import measure
 
@@ -288,9 +288,9 @@ def _shape(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops; default all")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32"],
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                         help="activation / output dtype(s); default fp32 (PEFT's bf16 GEMMs are very slow on CPUs "
-                             "without native bf16)")
+                             "without native bf16), bf16 with --crossover")
     parser.add_argument("--tokens", type=positive_int, default=None,
                         help=f"tokens M per call; default {DEFAULT[0]} ({QUICK[0]} with --quick)")
     parser.add_argument("--shape", type=_shape, default=None, metavar="KxN",
@@ -306,6 +306,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out the torch reference (plain torch, slow: the NEFTune reference draws its "
                              "Philox noise with int64 arithmetic, minutes per call at real sizes)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the ops run; default cpu")
+    parser.add_argument("--crossover", action="store_true",
+                        help="instead of the ops: on a GPU (--device cuda, CUDA extension built), time the 4-bit LoRA "
+                             "forward on the CUDA small-M kernel and on the large-M path at M = "
+                             f"{', '.join(map(str, crossover.ROWS))} and report per shape up to which M the small-M "
+                             "path is faster (shapes: --shape, default Llama-3-8B's "
+                             f"{', '.join(f'{k}x{n}' for k, n in crossover.DEFAULT_SHAPES)})")
+    parser.add_argument("--save-tuned", action="store_true",
+                        help="with --crossover: save the crossovers as this GPU's tuned default, which "
+                             "backend='auto' then follows (file in $FASTLORA_TUNED_DIR, default "
+                             "~/.cache/fastlora/tuned; see fastlora/tuning.py)")
+
+
+def run_crossover(args) -> int:
+    from fastlora import backends
+
+    if args.device != "cuda" or not backends.available("cuda")["cuda"]:
+        print("fastlora bench: --crossover needs --device cuda on a CUDA GPU with fastlora's CUDA extension built "
+              "(it compares the CUDA small-M kernel with the large-M path)", file=sys.stderr)
+        return 2
+    dtypes = args.dtype or ["bf16"]
+    shapes = [args.shape] if args.shape else list(crossover.DEFAULT_SHAPES)
+    found: dict[str, int] = {}
+    for dtype_name in dtypes:
+        print(f"crossover: {dtype_name}, {torch.cuda.get_device_name()}", file=sys.stderr, flush=True)
+        rows, per_shape = crossover.sweep(shapes, dtype_name, args.device, budget_s=0.0 if args.quick else args.seconds,
+                                          max_runs=1 if args.quick else 15,
+                                          progress=lambda line: print(line, file=sys.stderr, flush=True))
+        args.rows.extend(rows)
+        for shape, m in per_shape.items():
+            found[shape] = min(found.get(shape, m), m)
+    for shape, m in found.items():
+        print(f"{shape}: CUDA small-M kernel at least as fast up to M={m} ({', '.join(dtypes)})")
+    if args.save_tuned:
+        path = crossover.save(found, torch.cuda.get_device_name(), torch.cuda.get_device_capability(), dtypes)
+        print(f"tuned default saved to {path}")
+    return 0
 
 
 def run(args) -> int:
@@ -315,6 +351,12 @@ def run(args) -> int:
     if not math.isfinite(args.seconds) or args.seconds <= 0:
         print(f"fastlora bench: --seconds must be a positive number, got {args.seconds}", file=sys.stderr)
         return 2
+    if args.save_tuned and not args.crossover:
+        print("fastlora bench: --save-tuned saves what --crossover measures: give both", file=sys.stderr)
+        return 2
+    if args.crossover:
+        return run_crossover(args)
+    args.dtype = args.dtype or ["fp32"]
     tokens, (k, n) = QUICK if args.quick else DEFAULT
     tokens = args.tokens or tokens
     k, n = args.shape or (k, n)

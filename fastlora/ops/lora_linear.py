@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .. import backends, reference_lora
+from .. import backends, reference_lora, tuning
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from ._registry import FLOAT_DTYPES, backend_op, check_same_device, check_tensor, define_native
 from .dequantize_absmax import dequantize_absmax
@@ -131,19 +131,28 @@ _bwd_triton.register_fake(_fake_bwd)
 # autograd
 
 
-def _backends(backend: str, x: torch.Tensor, four_bit: bool) -> tuple[str, str]:
+@torch.compiler.assume_constant_result  # a file read once: a constant to torch.compile, not a graph break
+def _tuned_cuda_rows(device_index: int, k: int, n: int) -> int:
+    return tuning.cuda_max_rows(tuning.key_of(torch.device("cuda", device_index)), k, n, CUDA_MAX_ROWS)
+
+
+def _backends(backend: str, x: torch.Tensor, four_bit: bool, out_features: int) -> tuple[str, str]:
     """(forward backend, backward backend) for a call. float64 runs on the reference backend; the
     CUDA backend has only the small-M 4-bit forward (M <= CUDA_MAX_ROWS rows of x): backend "cuda"
     runs a dense weight's or a larger M's forward on Triton, and every backward on Triton.
 
-    "auto" on a GPU takes the CUDA forward wherever it exists: on an H100 (bench/bench_lora_gpu.py,
-    nf4 double quant, bf16, r=16) it ran M <= 16 forwards of 4096x4096 / 4096x14336 in 65-115 us
-    against 585-925 us for the Triton in-loop-decode kernel."""
+    "auto" on a GPU takes the CUDA forward wherever it exists (on an H100, bench/bench_lora_gpu.py, nf4
+    double quant, bf16, r=16, it ran M <= 16 forwards of 4096x4096 / 4096x14336 in 65-115 us against
+    585-925 us for the Triton in-loop-decode kernel), up to the crossover saved for this GPU and shape by
+    ``python -m fastlora bench --suite kernels --crossover --save-tuned`` (fastlora/tuning.py) where there is one."""
     if x.dtype == torch.float64:
         chosen = backends.resolve(backend, x.device, ("reference",))
         return chosen, chosen
     rows = math.prod(x.shape[:-1])
     cuda_fits = four_bit and rows <= CUDA_MAX_ROWS
+    if cuda_fits and backend == "auto" and x.is_cuda:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        cuda_fits = rows <= _tuned_cuda_rows(index, x.shape[-1], out_features)
     if backend in ("cuda", "auto") and x.is_cuda and cuda_fits and backends.available("cuda")["cuda"]:
         fwd = "cuda"
     elif backend == "cuda" and x.is_cuda:
@@ -330,7 +339,7 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     call_site = call_site_of(lora_A)
     seed_t = draw_seed(call_site, x.device) if p > 0.0 else no_seed(x.device)
-    fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None)
+    fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None, out_features)
     cfg = (fwd_backend, bwd_backend, out_features, float(scaling), p, rounding)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features)

@@ -85,7 +85,7 @@ def prepare(x: torch.Tensor, in_features: int, proj, name: str, training: bool, 
                                        prefix=f"{name}.", input_desc=input_desc)
     dropout_backend = "auto"
     if compute is None:
-        fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None)
+        fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None, parts.shape[0])
     else:
         _check_compute_dtype(x, proj, parts, name)
         # the base on linear_4bit's choice of backend; the mask on lora_dropout's (which has no "cuda" kernel)
