@@ -1,5 +1,5 @@
-"""Benchmarks run with pytest-benchmark: `pytest bench/ --benchmark-only` (or
-`python -m fastlora bench` once that command exists). Each file prints a ratio summary at the end.
+"""Benchmarks run with pytest-benchmark: `pytest bench/ --benchmark-only` (the kernels suite of
+`python -m fastlora bench` is bench_kernels_suite.py). Each file prints a ratio summary at the end.
 
 bench_*.py files are collected when a directory is given (pytest's default pattern is test_*.py).
 A bench module may define ``bench_summary() -> str``: it is printed after pytest-benchmark's tables."""

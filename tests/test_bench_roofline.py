@@ -3,8 +3,6 @@ the real computation, the ceilings and achieved rates as the suite reports them.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,11 +60,24 @@ def test_neftune_and_lora_bytes():
         roofline.work("lora_linear", "sideways", m, k, n, torch.float32)
 
 
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 1024), (torch.bfloat16, 512)])
+def test_ceiling_operations(dtype, n):
+    """The timed calls are what the ceilings count: an n x n x n matmul, a copy of the buffer."""
+    assert roofline.ceiling_sizes("cpu", dtype) == (n, 64 << 20)
+    assert roofline.ceiling_sizes("cuda", dtype) == (8192, 256 << 20)
+    product = roofline.ceiling_operation("gemm", "cpu", dtype)()
+    assert product.shape == (n, n) and product.dtype == dtype
+    copied = roofline.ceiling_operation("copy", "cpu", dtype)()
+    assert copied.nbytes == 64 << 20 and bool((copied == 1).all())
+    with pytest.raises(ValueError, match="kind"):
+        roofline.ceiling_operation("fma", "cpu", dtype)
+
+
 def test_ceilings_and_achieved_rates():
-    c = roofline.measure_ceilings("cpu", torch.float32, "fp32", budget_s=0.0, max_runs=1)
+    c = roofline.ceilings_from("cpu", torch.float32, "fp32", gemm_ms=20.0, copy_ms=4.0)
     assert c.gemm_n == 1024 and c.copy_bytes == 64 << 20
-    assert math.isfinite(c.gemm_tflops) and c.gemm_tflops > 0
-    assert math.isfinite(c.copy_gbs) and c.copy_gbs > 0
+    assert c.gemm_tflops == pytest.approx(2 * 1024**3 / 0.02 / 1e12)
+    assert c.copy_gbs == pytest.approx(2 * (64 << 20) / 0.004 / 1e9)
     w = roofline.Work(flops=4e12, bytes=3e9)
     rates = roofline.achieved(w, 2000.0, c)  # 2 s
     assert rates["tflops"] == pytest.approx(2.0) and rates["gbs"] == pytest.approx(1.5)

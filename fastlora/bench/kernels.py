@@ -19,21 +19,32 @@ Providers: ``fastlora:<backend>`` for every backend that runs on the device here
 compiled extension; cuda / triton on a GPU), ``torch-reference`` (fastlora's reference backend: plain
 torch, the ground truth) and the peer (``bitsandbytes``, ``peft``, ``transformers``). A provider whose
 library is missing is left out with a note.
+
+Timing: pytest-benchmark. :func:`plan` names every case before anything is built, :func:`build` makes the
+callables of one (op, dtype); fastlora/bench/pytest_kernels.py turns them into pytest-benchmark tests, which
+:func:`run` executes in a pytest process of its own; :func:`rows_from_benchmarks` reads its JSON report back
+into result rows, with each case's achieved TFLOP/s and GB/s against the device's ceilings
+(:mod:`fastlora.bench.roofline`, timed the same way). ``--crossover`` (a GPU's small-M / large-M dispatch
+crossover, :mod:`fastlora.bench.crossover`) is timed with :func:`fastlora.bench.timing.measure` instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
+import pathlib
+import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
 
 from . import crossover, results, roofline
 from .arg_types import positive_int
-from .timing import measure
 
 OPS = ("dequantize_4bit", "lora_linear", "neftune_embedding", "gated_mlp")
 PASSES = ("fwd", "bwd", "full")
@@ -186,6 +197,88 @@ CASES = {  # op -> (builder, the peer's modules, shape label)
 }
 
 
+SINGLE_PASS = ("dequantize_4bit", "neftune_embedding")  # ops timed as one forward call
+PEER_PROVIDERS = {"dequantize_4bit": "bitsandbytes", "lora_linear": "peft", "neftune_embedding": "transformers",
+                  "gated_mlp": "peft"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    """What one run of the suite measures (JSON-able: it travels to the pytest-benchmark process)."""
+    ops: list[str]
+    dtypes: list[str]
+    tokens: int
+    k: int
+    n: int
+    device: str = "cpu"
+    seconds: float = 0.5  # time budget per case (0: one timed run, no warm-up)
+    max_runs: int = 15
+    reference: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SuiteConfig:
+        return cls(**json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedCase:
+    """One timed case, known before any tensor is built (a pytest-benchmark test id)."""
+    op: str
+    pass_: str
+    dtype: str
+    provider: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.pass_}-{self.dtype}-{self.provider}"
+
+
+def op_label(op: str, pass_: str) -> str:
+    return op if op in SINGLE_PASS else f"{op} {pass_}"
+
+
+def providers_of(cfg: SuiteConfig) -> list[Provider]:
+    return [p for p in fastlora_providers(cfg.device) if cfg.reference or p.role != "reference"]
+
+
+def plan(cfg: SuiteConfig) -> list[PlannedCase]:
+    """Every (op, dtype, pass, provider) of a run, in the order they are timed (ops, dtypes, then as each op's
+    builder yields them: fastlora's providers and the reference per pass, the peer last)."""
+    names = [p.name for p in providers_of(cfg)]
+    out = []
+    for op in cfg.ops:
+        passes = ("fwd",) if op in SINGLE_PASS else PASSES
+        for dtype in cfg.dtypes:
+            for provider in [*names, PEER_PROVIDERS[op]]:
+                out += [PlannedCase(op, pass_, dtype, provider) for pass_ in passes]
+    return out
+
+
+def build(op: str, dtype: str, cfg: SuiteConfig) -> tuple[dict[tuple[str, str], tuple], str | None]:
+    """The callables of one (op, dtype): {(pass, provider name): (Provider, fn, setup)}, and why the peer is
+    missing (None when it is there). ``fn(setup())`` (or ``fn()`` without setup) is one timed call."""
+    builder = CASES[op][0]
+    cases = builder(cfg.tokens, cfg.k, cfg.n, DTYPES[dtype], cfg.device, providers_of(cfg))
+    out, missing = {}, _peer_missing(*CASES[op][1])
+    while True:
+        try:
+            name, provider, fn, setup = next(cases)
+        except StopIteration:
+            break
+        except ImportError as exc:  # the peer's library, imported when its case is built
+            missing = str(exc)
+            break
+        out[(name, provider.name)] = (provider, fn, setup)
+    return out, missing
+
+
+def shape_label(op: str, cfg: SuiteConfig) -> str:
+    return CASES[op][2](cfg.tokens, cfg.k, cfg.n)
+
+
 def ceiling_rows(c: roofline.Ceilings) -> list[dict]:
     device = c.device if c.device != "cpu" else None
     return [results.row("GEMM ceiling", "torch.mm", "reference", f"{c.gemm_n}x{c.gemm_n}x{c.gemm_n}", c.dtype,
@@ -194,52 +287,35 @@ def ceiling_rows(c: roofline.Ceilings) -> list[dict]:
                         c.copy_gbs, "GB/s", device=device)]
 
 
-def run_suite(ops, dtypes, tokens, k, n, device, *, budget_s, max_runs, reference: bool = True,
-              progress=print) -> tuple[list[dict], list[str]]:
-    """Time every (op, pass, provider, dtype), each with its achieved TFLOP/s and GB/s against the device's
-    measured ceilings (:mod:`fastlora.bench.roofline`); returns (result rows, notes)."""
-    rows, notes = [], []
-    providers = [p for p in fastlora_providers(device) if reference or p.role != "reference"]
+def rows_from_benchmarks(report: dict, cfg: SuiteConfig) -> list[dict]:
+    """Result rows from a pytest-benchmark JSON report of fastlora.bench.pytest_kernels: the ceilings, then per
+    case its median time and achieved TFLOP/s and GB/s against the ceilings of its dtype."""
+    where = cfg.device if cfg.device != "cpu" else None
+    timed = [(b["extra_info"], b["stats"]) for b in report.get("benchmarks", [])]
     ceilings = {}
-    for dtype_name in dtypes:
-        ceilings[dtype_name] = c = roofline.measure_ceilings(device, DTYPES[dtype_name], dtype_name,
-                                                             budget_s=budget_s, max_runs=max_runs)
-        progress(f"  ceilings {dtype_name}: GEMM {c.gemm_tflops:.3g} TFLOP/s (torch.mm {c.gemm_n}^3), copy "
-                 f"{c.copy_gbs:.3g} GB/s ({c.copy_bytes >> 20} MiB)")
-        rows += ceiling_rows(c)
-    for op in ops:
-        builder, peer_modules, label = CASES[op]
-        missing = _peer_missing(*peer_modules)
-        if missing:
-            notes.append(f"{op}: peer left out: {missing}")
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
-            cases = builder(tokens, k, n, dtype, device, providers)
-            while True:
-                try:
-                    name, provider, fn, setup = next(cases)
-                except StopIteration:
-                    break
-                except ImportError as exc:  # the peer's library, imported when its case is built
-                    notes.append(f"{op} {dtype_name}: peer left out: {exc}")
-                    break
-                op_name = op if op in ("dequantize_4bit", "neftune_embedding") else f"{op} {name}"
-                t = measure(fn, setup=setup, warmup=0 if max_runs == 1 else 1, min_runs=min(3, max_runs),
-                            max_runs=max_runs,
-                            budget_s=budget_s, device=device)
-                rates = roofline.achieved(roofline.work(op, name, tokens, k, n, dtype), t.median_ms,
-                                          ceilings[dtype_name])
-                progress(f"  {op_name:<20} {dtype_name} {provider.name:<16} {t.median_ms:10.3f} ms ({t.runs} runs)")
-                common = (op_name, provider.name, provider.role, label(tokens, k, n), dtype_name)
-                where = device if device != "cpu" else None
-                rows.append(results.row(*common, "median time", t.median_ms, "ms", device=where, min_ms=t.min_ms,
-                                        runs=t.runs, backend=provider.backend, **rates))
-                if rates["tflops"] is not None:
-                    rows.append(results.row(*common, "achieved TFLOP/s", rates["tflops"], "TFLOP/s", device=where,
-                                            fraction_of_ceiling=rates["gemm_fraction"]))
-                rows.append(results.row(*common, "achieved GB/s", rates["gbs"], "GB/s", device=where,
-                                        fraction_of_ceiling=rates["copy_fraction"]))
-    return rows, notes
+    for dtype in cfg.dtypes:
+        ms = {info["ceiling"]: stats["median"] * 1e3 for info, stats in timed
+              if info.get("ceiling") and info["dtype"] == dtype}
+        if set(ms) == {"gemm", "copy"}:
+            ceilings[dtype] = roofline.ceilings_from(cfg.device, DTYPES[dtype], dtype, ms["gemm"], ms["copy"])
+    rows = [r for c in ceilings.values() for r in ceiling_rows(c)]
+    for info, stats in timed:
+        if info.get("ceiling"):
+            continue
+        op, pass_, dtype = info["op"], info["pass"], info["dtype"]
+        median_ms = stats["median"] * 1e3
+        common = (op_label(op, pass_), info["provider"], info["role"], shape_label(op, cfg), dtype)
+        rates = (roofline.achieved(roofline.work(op, pass_, cfg.tokens, cfg.k, cfg.n, DTYPES[dtype]), median_ms,
+                                   ceilings[dtype]) if dtype in ceilings else {})
+        rows.append(results.row(*common, "median time", median_ms, "ms", device=where, min_ms=stats["min"] * 1e3,
+                                runs=stats["rounds"], backend=info["backend"], **rates))
+        if rates.get("tflops") is not None:
+            rows.append(results.row(*common, "achieved TFLOP/s", rates["tflops"], "TFLOP/s", device=where,
+                                    fraction_of_ceiling=rates["gemm_fraction"]))
+        if rates:
+            rows.append(results.row(*common, "achieved GB/s", rates["gbs"], "GB/s", device=where,
+                                    fraction_of_ceiling=rates["copy_fraction"]))
+    return rows
 
 
 def _rate(value, fraction) -> str:
@@ -344,6 +420,37 @@ def run_crossover(args) -> int:
     return 0
 
 
+def _installed() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("fastlora")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def run_pytest_benchmark(cfg: SuiteConfig, progress) -> tuple[int, dict | None]:
+    """Run fastlora.bench.pytest_kernels under pytest-benchmark in a pytest process of its own (its output goes to
+    ``progress`` line by line); returns (pytest's exit status, the JSON report or None)."""
+    with tempfile.TemporaryDirectory(prefix="fastlora-bench-") as scratch:
+        folder = pathlib.Path(scratch)
+        (folder / "pytest.ini").write_text("[pytest]\n")  # not the configuration of whatever folder this runs in
+        report = folder / "report.json"
+        argv = [sys.executable, "-m", "pytest", "--pyargs", "fastlora.bench.pytest_kernels", "-c",
+                str(folder / "pytest.ini"), "--rootdir", scratch, "--noconftest", "-p", "no:cacheprovider", "-v", "-rs",
+                f"--benchmark-json={report}", "--benchmark-columns=median,min,rounds", "--benchmark-sort=name"]
+        env = dict(os.environ, FASTLORA_KERNELS_SUITE=cfg.to_json())
+        # An installed fastlora runs from the scratch folder: a source checkout's top-level folders (kernels/ is one)
+        # would otherwise shadow packages of the same name (PyPI's `kernels`, which bitsandbytes looks for).
+        cwd = scratch if _installed() else None
+        with subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
+            for line in proc.stdout:
+                progress(line.rstrip("\n"))
+        return proc.returncode, (json.loads(report.read_text()) if report.exists() else None)
+
+
 def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastlora bench: --device cuda: no CUDA GPU is available here", file=sys.stderr)
@@ -356,22 +463,30 @@ def run(args) -> int:
         return 2
     if args.crossover:
         return run_crossover(args)
-    args.dtype = args.dtype or ["fp32"]
     tokens, (k, n) = QUICK if args.quick else DEFAULT
-    tokens = args.tokens or tokens
     k, n = args.shape or (k, n)
-    torch.manual_seed(0)
+    cfg = SuiteConfig(list(args.ops), args.dtype or ["fp32"], args.tokens or tokens, k, n, args.device,
+                      0.0 if args.quick else args.seconds, 1 if args.quick else 15, not args.no_reference)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    progress(f"kernels suite: M={tokens}, K={k}, N={n}, {', '.join(args.dtype)}, {args.device} "
-             f"({torch.get_num_threads()} threads)")
-    rows, notes = run_suite(args.ops, args.dtype, tokens, k, n, args.device,
-                            budget_s=0.0 if args.quick else args.seconds, max_runs=1 if args.quick else 15,
-                            reference=not args.no_reference, progress=progress)
+    progress(f"kernels suite: M={cfg.tokens}, K={k}, N={n}, {', '.join(cfg.dtypes)}, {cfg.device} "
+             f"({torch.get_num_threads()} threads), pytest-benchmark in a process of its own")
+    status, report = run_pytest_benchmark(cfg, progress)
+    if report is None:
+        print(f"fastlora bench: the pytest-benchmark run failed (exit status {status}) before writing its report",
+              file=sys.stderr)
+        return 1
+    rows = rows_from_benchmarks(report, cfg)
     print(format_rows(rows))
-    for note in notes:
-        print(f"note: {note}")
+    for op in cfg.ops:
+        missing = _peer_missing(*CASES[op][1])
+        if missing:
+            print(f"note: {op}: peer left out: {missing}")
     args.rows.extend(rows)
+    if status != 0:
+        print(f"fastlora bench: {status} from pytest: some cases failed (see above); the others are recorded",
+              file=sys.stderr)
+        return 1
     return 0

@@ -1,6 +1,7 @@
 """Achieved throughput of the kernels suite's cases against the device's measured ceilings.
 
-Ceilings (:func:`measure_ceilings`), measured on the device the suite runs on, in the case's dtype:
+Ceilings (:func:`ceiling_operation`, timed by the suite like its cases; :func:`ceilings_from`), measured on the
+device the suite runs on, in the case's dtype:
   * GEMM: a square ``torch.mm`` (n x n by n x n; n = 8192 on a GPU, 1024 on a CPU, 512 for 16-bit dtypes on a
     CPU), 2n^3 flops per call;
   * copy: ``Tensor.copy_`` of a 256 MiB (GPU) / 64 MiB (CPU) buffer, counted as bytes read + bytes written.
@@ -32,11 +33,11 @@ near (a small-M LoRA forward is bandwidth-bound: its GB/s matters, not its TFLOP
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
 from .lora_setup import BLOCKSIZE, RANK
-from .timing import measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,22 +99,32 @@ def work(op: str, pass_: str, m: int, k: int, n: int, dtype: torch.dtype) -> Wor
     raise ValueError(f"no work model for op {op!r}")
 
 
-def measure_ceilings(device: str, dtype: torch.dtype, dtype_name: str, *, budget_s: float = 0.5,
-                     max_runs: int = 15) -> Ceilings:
+def ceiling_sizes(device: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(n of the square GEMM, bytes of the copy) measured for the ceilings."""
     on_gpu = device.startswith("cuda")
     # CPUs without native bf16 / fp16 GEMMs run them at ~0.15 GFLOP/s: a smaller square there keeps this short
     n = 8192 if on_gpu else (1024 if dtype == torch.float32 else 512)
-    operands = [torch.randn(n, n, device=device).to(dtype) for _ in range(2)]
-    gemm = measure(lambda: torch.mm(*operands), warmup=1, min_runs=min(3, max_runs), max_runs=max_runs,
-                   budget_s=budget_s, device=device)
-    operands.clear()  # free them before the copy buffers are allocated
-    nbytes = (256 if on_gpu else 64) << 20
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    copy = measure(lambda: dst.copy_(src), warmup=1, min_runs=min(3, max_runs), max_runs=max_runs,
-                   budget_s=budget_s, device=device)
-    return Ceilings(device, dtype_name, 2 * n**3 / (gemm.median_ms * 1e-3) / 1e12,
-                    2 * nbytes / (copy.median_ms * 1e-3) / 1e9, n, nbytes)
+    return n, (256 if on_gpu else 64) << 20
+
+
+def ceiling_operation(kind: str, device: str, dtype: torch.dtype) -> Callable[[], object]:
+    """The call timed for a ceiling: ``kind`` "gemm" (torch.mm of two n x n) or "copy" (copy_ of the buffer)."""
+    n, nbytes = ceiling_sizes(device, dtype)
+    if kind == "gemm":
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        return lambda: torch.mm(a, b)
+    if kind == "copy":
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    raise ValueError(f"kind must be 'gemm' or 'copy', got {kind!r}")
+
+
+def ceilings_from(device: str, dtype: torch.dtype, dtype_name: str, gemm_ms: float, copy_ms: float) -> Ceilings:
+    """The ceilings from the median times of the two ceiling operations."""
+    n, nbytes = ceiling_sizes(device, dtype)
+    return Ceilings(device, dtype_name, 2 * n**3 / (gemm_ms * 1e-3) / 1e12, 2 * nbytes / (copy_ms * 1e-3) / 1e9, n,
+                    nbytes)
 
 
 def achieved(w: Work, ms: float, ceilings: Ceilings) -> dict:
