@@ -121,8 +121,17 @@ def test_train_suite_tiny_one_step(tmp_path, capsys):
     assert times["fastlora"]["extra"]["initial_loss"] == pytest.approx(times["peft+bnb"]["extra"]["initial_loss"],
                                                                        rel=1e-5)
     assert times["fastlora"]["extra"]["fallback_calls"] == 0
-    out = capsys.readouterr().out
-    assert "speed PEFT/fastlora" in out and "h64" in out
+    captured = capsys.readouterr()
+    assert "speed PEFT/fastlora" in captured.out and "h64" in captured.out
+    # timed by pytest-benchmark (fastlora/bench/pytest_train.py) in a pytest process of its own
+    assert "test_train_step[fp32-p0]" in captured.err and "Median" in captured.err
+
+
+def test_train_suite_failing_run_is_reported(tmp_path, capsys):
+    assert _run(tmp_path, "--suite", "train", "--quick", "--backend", "nope") == 2
+    err = capsys.readouterr().err
+    assert "backend must be 'auto' or one of" in err and "ended with status" in err
+    assert not (tmp_path / "res" / results.CSV_NAME).exists()  # nothing measured, nothing recorded
 
 
 def test_compile_suite_quick(tmp_path):

@@ -22,10 +22,11 @@ library is missing is left out with a note.
 
 Timing: pytest-benchmark. :func:`plan` names every case before anything is built, :func:`build` makes the
 callables of one (op, dtype); fastlora/bench/pytest_kernels.py turns them into pytest-benchmark tests, which
-:func:`run` executes in a pytest process of its own; :func:`rows_from_benchmarks` reads its JSON report back
-into result rows, with each case's achieved TFLOP/s and GB/s against the device's ceilings
-(:mod:`fastlora.bench.roofline`, timed the same way). ``--crossover`` (a GPU's small-M / large-M dispatch
-crossover, :mod:`fastlora.bench.crossover`) is timed with :func:`fastlora.bench.timing.measure` instead.
+:func:`run` executes in a pytest process of its own (:mod:`fastlora.bench.pytest_run`);
+:func:`rows_from_benchmarks` reads its JSON report back into result rows, with each case's achieved
+TFLOP/s and GB/s against the device's ceilings (:mod:`fastlora.bench.roofline`, timed the same way).
+``--crossover`` (a GPU's small-M / large-M dispatch crossover, :mod:`fastlora.bench.crossover`) is timed
+with :func:`fastlora.bench.timing.measure` instead.
 """
 
 from __future__ import annotations
@@ -34,16 +35,12 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import pathlib
-import subprocess
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
-from . import crossover, results, roofline
+from . import crossover, pytest_run, results, roofline
 from .arg_types import positive_int
 
 OPS = ("dequantize_4bit", "lora_linear", "neftune_embedding", "gated_mlp")
@@ -197,6 +194,7 @@ CASES = {  # op -> (builder, the peer's modules, shape label)
 }
 
 
+CONFIG_ENV = "FASTLORA_KERNELS_SUITE"  # a SuiteConfig's JSON, read by fastlora.bench.pytest_kernels
 SINGLE_PASS = ("dequantize_4bit", "neftune_embedding")  # ops timed as one forward call
 PEER_PROVIDERS = {"dequantize_4bit": "bitsandbytes", "lora_linear": "peft", "neftune_embedding": "transformers",
                   "gated_mlp": "peft"}
@@ -420,37 +418,6 @@ def run_crossover(args) -> int:
     return 0
 
 
-def _installed() -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution("fastlora")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def run_pytest_benchmark(cfg: SuiteConfig, progress) -> tuple[int, dict | None]:
-    """Run fastlora.bench.pytest_kernels under pytest-benchmark in a pytest process of its own (its output goes to
-    ``progress`` line by line); returns (pytest's exit status, the JSON report or None)."""
-    with tempfile.TemporaryDirectory(prefix="fastlora-bench-") as scratch:
-        folder = pathlib.Path(scratch)
-        (folder / "pytest.ini").write_text("[pytest]\n")  # not the configuration of whatever folder this runs in
-        report = folder / "report.json"
-        argv = [sys.executable, "-m", "pytest", "--pyargs", "fastlora.bench.pytest_kernels", "-c",
-                str(folder / "pytest.ini"), "--rootdir", scratch, "--noconftest", "-p", "no:cacheprovider", "-v", "-rs",
-                f"--benchmark-json={report}", "--benchmark-columns=median,min,rounds", "--benchmark-sort=name"]
-        env = dict(os.environ, FASTLORA_KERNELS_SUITE=cfg.to_json())
-        # An installed fastlora runs from the scratch folder: a source checkout's top-level folders (kernels/ is one)
-        # would otherwise shadow packages of the same name (PyPI's `kernels`, which bitsandbytes looks for).
-        cwd = scratch if _installed() else None
-        with subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) as proc:
-            for line in proc.stdout:
-                progress(line.rstrip("\n"))
-        return proc.returncode, (json.loads(report.read_text()) if report.exists() else None)
-
-
 def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastlora bench: --device cuda: no CUDA GPU is available here", file=sys.stderr)
@@ -473,7 +440,7 @@ def run(args) -> int:
 
     progress(f"kernels suite: M={cfg.tokens}, K={k}, N={n}, {', '.join(cfg.dtypes)}, {cfg.device} "
              f"({torch.get_num_threads()} threads), pytest-benchmark in a process of its own")
-    status, report = run_pytest_benchmark(cfg, progress)
+    status, report, _ = pytest_run.run("fastlora.bench.pytest_kernels", {CONFIG_ENV: cfg.to_json()}, progress)
     if report is None:
         print(f"fastlora bench: the pytest-benchmark run failed (exit status {status}) before writing its report",
               file=sys.stderr)

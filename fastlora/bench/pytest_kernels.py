@@ -24,7 +24,7 @@ import torch
 
 from fastlora.bench import kernels, roofline
 
-CONFIG_ENV = "FASTLORA_KERNELS_SUITE"
+CONFIG_ENV = kernels.CONFIG_ENV
 
 
 def suite_config() -> kernels.SuiteConfig:

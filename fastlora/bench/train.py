@@ -1,83 +1,54 @@
 """``python -m fastlora bench --suite train``: one QLoRA training step, fastlora vs PEFT + bitsandbytes.
 
-The model (:mod:`fastlora.bench.train_setup`): a random-init Llama from a config (nothing downloaded),
-its seven projections bitsandbytes nf4 double quant, PEFT LoRA r=16, alpha 16 on all seven, fp32
-adapters; lora_B drawn from N(0, 0.02²) so the first step already runs every LoRA term. A step =
-forward + causal-LM loss + backward + AdamW (foreach=False) on the adapters. Providers: ``peft+bnb``
-(the PEFT model) and ``fastlora`` (a deep copy passed to ``fastlora.patch``). Their steps alternate
-(A B, B A, ...) so both see the same load on a shared machine. Reported per (dtype, lora_dropout): median
-ms/step, tokens/s, bytes saved for backward by one forward + loss, the initial loss of both (same
-weights and batch), and the ratios. The pytest-benchmark twin is bench/bench_train_step.py.
+Runs fastlora/bench/pytest_train.py (the pytest-benchmark tests bench/bench_train_step.py collects too) in a
+pytest process of its own (:mod:`fastlora.bench.pytest_run`) and turns its records into result rows. The model
+(:mod:`fastlora.bench.train_setup`): a random-init Llama from a config (nothing downloaded), its seven
+projections bitsandbytes nf4 double quant, PEFT LoRA r=16, alpha 16 on all seven, fp32 adapters; lora_B drawn
+from N(0, 0.02²) so the first step already runs every LoRA term. A step = forward + causal-LM loss + backward +
+AdamW (foreach=False) on the adapters. Providers: ``peft+bnb`` (the PEFT model) and ``fastlora`` (a deep copy
+passed to ``fastlora.patch``); their steps alternate (A B, B A, ...) so both see the same load on a shared
+machine. Reported per (dtype, lora_dropout): median ms/step, tokens/s, bytes saved for backward by one forward +
+loss, the initial loss of both (same weights and batch; the run fails where they disagree), and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
-import time
 
-import torch
-
-from . import results
+from . import pytest_run, results
 from . import train_setup as ts
 from .arg_types import positive_int
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("peft+bnb", "fastlora")
 ROLES = {"peft+bnb": "peer", "fastlora": "fastlora"}
-B_STD = 0.02
 MiB = 1 << 20
-
-
-def run_config(spec: ts.Spec, dtype: str, dropout: float, *, steps: int, warmup: int, backend: str,
-               progress=print) -> dict:
-    """Both providers on one configuration: {"ms": {provider: [step ms]}, "saved": {provider: bytes},
-    "initial_loss": {provider: loss}, "summary": patch summary, "fallback_calls": int}."""
-    peft_model = ts.peft_model(spec, dtype=DTYPES[dtype], dropout=dropout, rank=16, alpha=16, b_std=B_STD)
-    fast_model, handle = ts.patched_copy(peft_model, backend=backend)
-    models = {"peft+bnb": peft_model, "fastlora": fast_model}
-    ids = ts.token_batch(spec, seed=1)
-    initial = {}
-    for name, model in models.items():
-        torch.manual_seed(0)
-        with torch.no_grad():
-            initial[name] = model(input_ids=ids, labels=ids).loss.item()
-    saved = {name: ts.saved_for_backward(model, ids)["bytes"] for name, model in models.items()}
-    train_steps = {name: ts.TrainStep(model) for name, model in models.items()}
-    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
-    for i in range(warmup + steps):
-        order = PROVIDERS if i % 2 == 0 else PROVIDERS[::-1]
-        for provider in order:
-            t0 = time.perf_counter()
-            loss = train_steps[provider](ids).item()
-            ms = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times[provider].append(ms)
-            progress(f"  step {i + 1}{' (warm-up)' if i < warmup else ''} {provider}: {ms:.1f} ms, loss {loss:.5f}")
-    return {"ms": times, "saved": saved, "initial_loss": initial, "summary": handle.summary(),
-            "fallback_calls": sum(handle.report()["fallback_calls"].values())}
+RECORDS = "train_records.json"  # in the scratch folder of the pytest process
 
 
 def shape_label(spec: ts.Spec) -> str:
     return f"h{spec.hidden} i{spec.intermediate} L{spec.layers} {spec.batch}x{spec.seq}"
 
 
-def to_rows(spec: ts.Spec, dtype: str, dropout: float, out: dict) -> list[dict]:
+def to_rows(rec: dict) -> list[dict]:
+    """Result rows from one record of fastlora.bench.pytest_train.results() (one dtype and lora_dropout)."""
+    spec, dtype, dropout = ts.Spec(**rec["model"]), rec["dtype"], rec["lora_dropout"]
     rows = []
     op = f"train_step p{dropout:g}"
     for provider in PROVIDERS:
-        extra = {"lora_dropout": dropout, "initial_loss": out["initial_loss"][provider], "step_ms": out["ms"][provider],
-                 "model": spec.describe()}
+        r = rec[provider]
+        if r["ms_per_step"] is None or r["saved"] is None:
+            continue  # that provider's tests did not run (deselected or failed before measuring)
+        extra = {"lora_dropout": dropout, "initial_loss": rec["initial_loss"][provider], "step_ms": r["step_ms"],
+                 "model": spec.describe(), "cpu_ms_per_step": r["cpu_ms_per_step"], "losses": r["losses"],
+                 "peak_rss_delta": r["peak_rss_delta"]}
         if provider == "fastlora":
-            extra.update(patch_summary=out["summary"], fallback_calls=out["fallback_calls"])
-        med = statistics.median(out["ms"][provider])
-        rows.append(results.row(op, provider, ROLES[provider], shape_label(spec), dtype, "median step time", med, "ms",
-                                **extra))
-        rows.append(results.row(op, provider, ROLES[provider], shape_label(spec), dtype, "tokens/s",
-                                spec.tokens / (med / 1e3), "tokens/s", lora_dropout=dropout))
-        rows.append(results.row(op, provider, ROLES[provider], shape_label(spec), dtype, "saved for backward",
-                                out["saved"][provider], "bytes", lora_dropout=dropout))
+            extra.update(patch_summary=rec["patch_summary"], fallback_calls=rec["fallback_calls"])
+        common = (op, provider, ROLES[provider], shape_label(spec), dtype)
+        rows.append(results.row(*common, "median step time", r["ms_per_step"], "ms", **extra))
+        rows.append(results.row(*common, "tokens/s", r["tokens_per_s"], "tokens/s", lora_dropout=dropout))
+        rows.append(results.row(*common, "saved for backward", r["saved"]["bytes"], "bytes", lora_dropout=dropout))
     return rows
 
 
@@ -139,23 +110,28 @@ def run(args) -> int:
     if warmup < 0:
         print(f"fastlora bench: --warmup must be >= 0, got {warmup}", file=sys.stderr)
         return 2
-    spec = ts.PRESETS[preset]
-    dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
+    dtypes = "fp32,bf16" if args.dtype == "both" else args.dtype
+    env = {f"FASTLORA_TRAIN_BENCH_{k}": str(v) for k, v in {
+        "DTYPES": dtypes, "DROPOUTS": ",".join(f"{p:g}" for p in args.dropout), "STEPS": steps, "WARMUP": warmup,
+        "PRESET_FP32": preset, "PRESET_BF16": preset, "BACKEND": args.backend}.items()}
+    env["FASTLORA_TRAIN_BENCH_JSON"] = "{scratch}/" + RECORDS
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    rows = []
-    for dtype in dtypes:
-        for dropout in args.dropout:
-            progress(f"train suite: {dtype}, lora_dropout {dropout:g}, {spec.describe()}")
-            try:
-                out = run_config(spec, dtype, dropout, steps=steps, warmup=warmup, backend=args.backend,
-                                 progress=progress)
-            except ValueError as exc:  # e.g. a backend that cannot run here
-                print(f"fastlora bench: {exc}", file=sys.stderr)
-                return 2
-            rows += to_rows(spec, dtype, dropout, out)
-    print(format_rows(rows))
+    def records(folder):
+        path = folder / RECORDS
+        return json.loads(path.read_text()) if path.exists() else []
+
+    progress(f"train suite: {dtypes}, lora_dropout {', '.join(f'{p:g}' for p in args.dropout)}, "
+             f"{ts.PRESETS[preset].describe()}; pytest-benchmark in a process of its own")
+    status, _, recs = pytest_run.run("fastlora.bench.pytest_train", env, progress, read=records)
+    rows = [row for rec in recs for row in to_rows(rec)]
+    if rows:
+        print(format_rows(rows))
     args.rows.extend(rows)
+    if status != 0:
+        print(f"fastlora bench: the train suite's pytest run ended with status {status} (see above: a backend that "
+              "cannot run here, or fastlora's and PEFT's initial losses disagreeing)", file=sys.stderr)
+        return 2 if not rows else 1
     return 0
