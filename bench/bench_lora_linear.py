@@ -25,7 +25,6 @@ Environment (the CLI flags set these):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -37,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_memory  # noqa: E402
 import lora_setup as ls  # noqa: E402
+
+from fastlora.bench.pytest_progress import Progress  # noqa: E402
 
 TOKENS, SHAPES = ls.tokens_and_shapes()
 BACKEND = ls.env_backend()
@@ -54,7 +55,7 @@ _skipped: dict[tuple, str] = {}
 _saved: dict[tuple, list[dict]] = {}  # (impl, dtype) -> storages
 _memory: dict[str, dict] = {}  # impl -> lora_memory result
 _problems: dict[tuple, ls.Problem] = {}
-_progress = {"done": 0, "total": None}
+_progress = Progress("lora-bench")
 MiB = 1 << 20
 
 
@@ -74,20 +75,8 @@ def _problem(shape) -> ls.Problem:
     return _problems[shape]
 
 
-def _say(request, msg: str) -> None:
-    """A progress line on the terminal, even while pytest captures output."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
-    with ctx:
-        print(f"[lora-bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _start(request, what: str) -> None:
-    if _progress["total"] is None:
-        here = request.node.path
-        _progress["total"] = sum(1 for item in request.session.items if item.path == here)
-    _progress["done"] += 1
-    _say(request, f"{_progress['done']}/{_progress['total']} {what} ...")
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +103,12 @@ def _measure(benchmark, request, fn, what: str) -> float | None:
     first = time.perf_counter() - t0
     budget = float(os.environ.get("FASTLORA_BENCH_SECONDS", "10"))
     rounds = max(1, min(MAX_ROUNDS, int(budget / max(first, 1e-9))))
-    _say(request, f"    {what}: first call {first:.3f} s, timing {rounds} round(s)")
+    _progress.say(request, f"    {what}: first call {first:.3f} s, timing {rounds} round(s)")
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return None
     median = benchmark.stats.stats.median
-    _say(request, f"    {what}: median {median * 1e3:.1f} ms")
+    _progress.say(request, f"    {what}: median {median * 1e3:.1f} ms")
     return median
 
 
@@ -129,7 +118,7 @@ def test_fwd_bwd(benchmark, request, fastlora_reason, peft_reason, shape, case):
     impl, dtype, p = case
     key = (impl, dtype, p, shape)
     what = f"{_label(impl, dtype, p)} {shape[0]}->{shape[1]}"
-    _start(request, what)
+    _progress.start(request, what)
     if impl == "fastlora":
         _skip_if(fastlora_reason, key)
     if impl == "peft":
@@ -158,7 +147,7 @@ def test_saved_for_backward(benchmark, request, fastlora_reason, peft_reason, ca
     """Bytes the forward saves for backward (unique storages, the layer's own weights excluded)."""
     impl, dtype = case
     shape = SHAPES[-1]
-    _start(request, f"saved-for-backward {_label(impl, dtype)} {shape[0]}->{shape[1]}")
+    _progress.start(request, f"saved-for-backward {_label(impl, dtype)} {shape[0]}->{shape[1]}")
     _skip_if(fastlora_reason if impl == "fastlora" else peft_reason)
     prob = _problem(shape)
     dt = ls.DTYPES[dtype]
@@ -175,7 +164,7 @@ def test_saved_for_backward(benchmark, request, fastlora_reason, peft_reason, ca
 def test_peak_memory(benchmark, request, fastlora_reason, peft_reason, impl):
     """Peak extra RSS of one fp32 fwd+bwd at the largest shape, in a fresh process."""
     shape = SHAPES[-1]
-    _start(request, f"peak memory {impl} fp32 {shape[0]}->{shape[1]} (fresh process)")
+    _progress.start(request, f"peak memory {impl} fp32 {shape[0]}->{shape[1]} (fresh process)")
     if not Path("/proc/self/status").exists():
         pytest.skip("needs Linux /proc/self/status (VmHWM)")
     if impl == "fastlora":
@@ -188,7 +177,7 @@ def test_peak_memory(benchmark, request, fastlora_reason, peft_reason, impl):
                        rounds=1, iterations=1, warmup_rounds=0)
     _memory[impl] = out
     benchmark.extra_info.update(extra_bytes=out["extra_bytes"], baseline_bytes=out["baseline_bytes"])
-    _say(request, f"    {impl}: extra {out['extra_bytes'] / MiB:.1f} MiB")
+    _progress.say(request, f"    {impl}: extra {out['extra_bytes'] / MiB:.1f} MiB")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import gc
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from fastlora import backends
+from fastlora.bench.pytest_progress import Progress
 from fastlora.ops import neftune_embedding
+
+_progress = Progress("neftune-bench")
 
 QUICK = os.environ.get("FASTLORA_BENCH_QUICK", "") not in ("", "0")
 BATCH, LENGTH, DIM, VOCAB = (2, 256, 512, 1000) if QUICK else (8, 2048, 4096, 32000)
@@ -85,11 +87,6 @@ def _fn(impl: str, dtype: str):
     return lambda: hook(module, (ids,), F.embedding(ids, weight))
 
 
-def _say(request, msg: str) -> None:
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
-    with ctx:
-        print(f"[neftune-bench] {msg}", file=sys.stderr, flush=True)
 
 
 def _status(key: str) -> int:
@@ -148,7 +145,7 @@ def test_neftune_forward(benchmark, request, impl, dtype):
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     if benchmark.stats is not None:
         _results[(impl, dtype)] = benchmark.stats.stats.median
-        _say(request, f"{what}: median {_results[(impl, dtype)] * 1e3:.1f} ms")
+        _progress.say(request, f"{what}: median {_results[(impl, dtype)] * 1e3:.1f} ms")
 
 
 def bench_summary() -> str:

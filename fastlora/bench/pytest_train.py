@@ -41,13 +41,11 @@ Environment (the CLI flags set these):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -55,6 +53,7 @@ import pytest
 import torch
 
 from fastlora.bench import train_setup as ts
+from fastlora.bench.pytest_progress import Progress
 
 ENV = "FASTLORA_TRAIN_BENCH_"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -106,27 +105,15 @@ _cpu_times: dict[tuple, list[float]] = {}  # the same steps' process CPU seconds
 _losses: dict[tuple, list[float]] = {}  # (dtype, dropout, provider) -> loss of every step run
 _saved: dict[tuple, dict] = {}  # (dtype, dropout, provider) -> saved-for-backward accounting
 _rss: dict[tuple, int | None] = {}
-_progress = {"done": 0, "total": None}
+_progress = Progress("train-bench")
 
 
 def _cid(config) -> str:
     return f"{config[0]}-p{config[1]:g}"
 
 
-def _say(request, msg: str) -> None:
-    """A progress line on the terminal, even while pytest captures output."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
-    with ctx:
-        print(f"[train-bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _start(request, what: str) -> None:
-    if _progress["total"] is None:
-        here = request.node.path
-        _progress["total"] = sum(1 for item in request.session.items if item.path == here)
-    _progress["done"] += 1
-    _say(request, f"{_progress['done']}/{_progress['total']} {what} ...")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +142,7 @@ def _pair(request, dtype: str, dropout: float) -> dict:
     key = (dtype, dropout)
     if key not in _pairs:
         spec = _spec(dtype)
-        _say(request, f"    building {dtype} model: {spec.describe()}, lora_dropout {dropout:g}")
+        _progress.say(request, f"    building {dtype} model: {spec.describe()}, lora_dropout {dropout:g}")
         t0 = time.perf_counter()
         peft_model = ts.peft_model(spec, dtype=DTYPES[dtype], dropout=dropout, rank=16, alpha=16,
                                    b_std=B_STD)
@@ -169,7 +156,7 @@ def _pair(request, dtype: str, dropout: float) -> dict:
         _pairs[key] = {"spec": spec, "ids": ids, "load_average": _load(), "handle": handle, "initial_loss": initial,
                        "models": {"peft+bnb": peft_model, "fastlora": fast_model},
                        "steps": {"peft+bnb": ts.TrainStep(peft_model), "fastlora": ts.TrainStep(fast_model)}}
-        _say(request, f"    built in {time.perf_counter() - t0:.1f} s; {handle.summary()}")
+        _progress.say(request, f"    built in {time.perf_counter() - t0:.1f} s; {handle.summary()}")
     return _pairs[key]
 
 
@@ -179,7 +166,7 @@ def test_train_step(benchmark, request, unavailable, config):
     own: on a shared machine the load drifts, and interleaving exposes both providers to the same drift.
     pytest-benchmark's table times the whole round; the summary uses the per-provider times."""
     dtype, dropout = config
-    _start(request, f"train steps {dtype} lora_dropout {dropout:g}, providers interleaved")
+    _progress.start(request, f"train steps {dtype} lora_dropout {dropout:g}, providers interleaved")
     if unavailable:
         pytest.skip(unavailable)
     pair = _pair(request, dtype, dropout)
@@ -199,7 +186,8 @@ def test_train_step(benchmark, request, unavailable, config):
                 timed[provider].append(seconds)
                 _cpu_times.setdefault((dtype, dropout, provider), []).append(cpu)
             parts.append(f"{provider} {seconds:.3f} s, cpu {cpu:.3f} s (loss {loss:.5f})")
-        _say(request, f"    round {rounds[0] + 1}{' (warm-up)' if rounds[0] < WARMUP else ''}: " + ", ".join(parts))
+        warm = " (warm-up)" if rounds[0] < WARMUP else ""
+        _progress.say(request, f"    round {rounds[0] + 1}{warm}: " + ", ".join(parts))
         rounds[0] += 1
 
     benchmark.group = f"train step {dtype} lora_dropout {dropout:g}: {pair['spec'].describe()}"
@@ -216,7 +204,7 @@ def test_train_step(benchmark, request, unavailable, config):
 def test_saved_for_backward(benchmark, request, unavailable, config, provider):
     """Bytes one forward + loss saves for backward, and the peak RSS delta of one whole step."""
     dtype, dropout = config
-    _start(request, f"saved-for-backward + peak RSS {dtype} lora_dropout {dropout:g} {provider}")
+    _progress.start(request, f"saved-for-backward + peak RSS {dtype} lora_dropout {dropout:g} {provider}")
     if unavailable:
         pytest.skip(unavailable)
     pair = _pair(request, dtype, dropout)
@@ -230,7 +218,8 @@ def test_saved_for_backward(benchmark, request, unavailable, config, provider):
     _rss[key] = ts.peak_rss_delta(lambda: pair["steps"][provider](ids))
     benchmark.extra_info.update(saved_bytes=out["bytes"], saved_by_dtype=out["by_dtype"], peak_rss_delta=_rss[key])
     rss = "-" if _rss[key] is None else f"{_rss[key] / MiB:.1f} MiB"
-    _say(request, f"    saved {out['bytes'] / MiB:.1f} MiB in {out['storages']} storages; peak RSS delta {rss}")
+    _progress.say(request, f"    saved {out['bytes'] / MiB:.1f} MiB in {out['storages']} storages; peak RSS delta "
+                           f"{rss}")
     _write_json()
 
 
@@ -238,14 +227,14 @@ def test_saved_for_backward(benchmark, request, unavailable, config, provider):
 def test_initial_loss_agrees(request, unavailable, config):
     """Sanity: both providers compute the same loss on the same weights and batch."""
     dtype, dropout = config
-    _start(request, f"initial loss {dtype} lora_dropout {dropout:g}")
+    _progress.start(request, f"initial loss {dtype} lora_dropout {dropout:g}")
     if unavailable:
         pytest.skip(unavailable)
     pair = _pair(request, dtype, dropout)
     got, want = pair["initial_loss"]["fastlora"], pair["initial_loss"]["peft+bnb"]
     rel = abs(got - want) / abs(want)
     tol = LOSS_RTOL[dtype] if dropout == 0 else LOSS_RTOL_DROPOUT
-    _say(request, f"    fastlora {got:.6f} vs PEFT {want:.6f}: rel diff {rel:.2e} (tolerance {tol:g})")
+    _progress.say(request, f"    fastlora {got:.6f} vs PEFT {want:.6f}: rel diff {rel:.2e} (tolerance {tol:g})")
     _write_json()
     assert rel <= tol, (got, want)
     assert pair["handle"].report()["fallback_calls"] == {}
