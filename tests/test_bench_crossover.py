@@ -73,3 +73,39 @@ def test_cli_refusals(args, words, tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main(["bench", "--suite", "kernels", *args, "--results", str(tmp_path / "res")]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_cli_crossover_and_save_on_a_stand_in_gpu(tmp_path, capsys, monkeypatch):
+    """The CLI path past the GPU check, with the GPU and the sweep stood in for: every default shape swept per
+    dtype, the smallest crossover of the dtypes kept, the rows recorded and the tuned default saved."""
+    import torch
+
+    from fastlora import backends
+
+    monkeypatch.setenv("FASTLORA_TUNED_DIR", str(tmp_path / "tuned"))
+    tuning.clear_cache()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(backends, "available", lambda device_type="cpu": {"reference": True, "cpp": False,
+                                                                          "cuda": True, "triton": True})
+    swept = []
+
+    def fake_sweep(shapes, dtype_name, device, **kw):
+        swept.append((tuple(shapes), dtype_name, device))
+        found = {f"{k}x{n}": (8 if dtype_name == "bf16" else 12) for k, n in shapes}
+        rows = [{"op": "lora_linear fwd crossover", "provider": "fastlora", "role": "fastlora", "shape": s,
+                 "dtype": dtype_name, "device": device, "metric": "small-M path up to", "value": float(v),
+                 "unit": "rows", "extra": {}} for s, v in found.items()]
+        return rows, found
+
+    monkeypatch.setattr(crossover, "sweep", fake_sweep)
+    assert main(["bench", "--suite", "kernels", "--device", "cuda", "--crossover", "--save-tuned", "--dtype", "bf16",
+                 "fp32", "--results", str(tmp_path / "res")]) == 0
+    assert swept == [(crossover.DEFAULT_SHAPES, "bf16", "cuda"), (crossover.DEFAULT_SHAPES, "fp32", "cuda")]
+    out = capsys.readouterr().out
+    assert "4096x14336: CUDA small-M kernel at least as fast up to M=8 (bf16, fp32)" in out
+    saved = tuning.load("Stand-in-GPU-sm90")[tuning.CUDA_ROWS_KEY]
+    assert saved == {**{f"{k}x{n}": 8 for k, n in crossover.DEFAULT_SHAPES}, "default": 8}
+    assert "tuned default saved to" in out
+    tuning.clear_cache()

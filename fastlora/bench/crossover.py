@@ -12,6 +12,7 @@ as fast at every measured M (0: slower already at M=1). ``--save-tuned`` writes 
 from __future__ import annotations
 
 import datetime
+import sys
 
 import torch
 
@@ -97,3 +98,30 @@ def save(found: dict[str, int], device_name: str, capability: tuple[int, int], d
                          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                          "dtypes": dtypes, "rows": list(ROWS), "this_run": found}}
     return str(tuning.save(key, data))
+
+
+def run(args) -> int:
+    """``--crossover`` of the kernels suite (its options: fastlora.bench.kernels.add_arguments)."""
+    from fastlora import backends
+
+    if args.device != "cuda" or not backends.available("cuda")["cuda"]:
+        print("fastlora bench: --crossover needs --device cuda on a CUDA GPU with fastlora's CUDA extension built "
+              "(it compares the CUDA small-M kernel with the large-M path)", file=sys.stderr)
+        return 2
+    dtypes = args.dtype or ["bf16"]
+    shapes = [args.shape] if args.shape else list(DEFAULT_SHAPES)
+    found: dict[str, int] = {}
+    for dtype_name in dtypes:
+        print(f"crossover: {dtype_name}, {torch.cuda.get_device_name()}", file=sys.stderr, flush=True)
+        rows, per_shape = sweep(shapes, dtype_name, args.device, budget_s=0.0 if args.quick else args.seconds,
+                                max_runs=1 if args.quick else 15,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+        args.rows.extend(rows)
+        for shape, m in per_shape.items():
+            found[shape] = min(found.get(shape, m), m)
+    for shape, m in found.items():
+        print(f"{shape}: CUDA small-M kernel at least as fast up to M={m} ({', '.join(dtypes)})")
+    if args.save_tuned:
+        path = save(found, torch.cuda.get_device_name(), torch.cuda.get_device_capability(), dtypes)
+        print(f"tuned default saved to {path}")
+    return 0

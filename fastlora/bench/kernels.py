@@ -392,32 +392,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "~/.cache/fastlora/tuned; see fastlora/tuning.py)")
 
 
-def run_crossover(args) -> int:
-    from fastlora import backends
-
-    if args.device != "cuda" or not backends.available("cuda")["cuda"]:
-        print("fastlora bench: --crossover needs --device cuda on a CUDA GPU with fastlora's CUDA extension built "
-              "(it compares the CUDA small-M kernel with the large-M path)", file=sys.stderr)
-        return 2
-    dtypes = args.dtype or ["bf16"]
-    shapes = [args.shape] if args.shape else list(crossover.DEFAULT_SHAPES)
-    found: dict[str, int] = {}
-    for dtype_name in dtypes:
-        print(f"crossover: {dtype_name}, {torch.cuda.get_device_name()}", file=sys.stderr, flush=True)
-        rows, per_shape = crossover.sweep(shapes, dtype_name, args.device, budget_s=0.0 if args.quick else args.seconds,
-                                          max_runs=1 if args.quick else 15,
-                                          progress=lambda line: print(line, file=sys.stderr, flush=True))
-        args.rows.extend(rows)
-        for shape, m in per_shape.items():
-            found[shape] = min(found.get(shape, m), m)
-    for shape, m in found.items():
-        print(f"{shape}: CUDA small-M kernel at least as fast up to M={m} ({', '.join(dtypes)})")
-    if args.save_tuned:
-        path = crossover.save(found, torch.cuda.get_device_name(), torch.cuda.get_device_capability(), dtypes)
-        print(f"tuned default saved to {path}")
-    return 0
-
-
 def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastlora bench: --device cuda: no CUDA GPU is available here", file=sys.stderr)
@@ -429,7 +403,7 @@ def run(args) -> int:
         print("fastlora bench: --save-tuned saves what --crossover measures: give both", file=sys.stderr)
         return 2
     if args.crossover:
-        return run_crossover(args)
+        return crossover.run(args)
     tokens, (k, n) = QUICK if args.quick else DEFAULT
     k, n = args.shape or (k, n)
     cfg = SuiteConfig(list(args.ops), args.dtype or ["fp32"], args.tokens or tokens, k, n, args.device,
