@@ -516,6 +516,22 @@ def test_cuda_backend_routes_dense_and_large_m_forward_to_triton(monkeypatch, tm
     assert mod._backends("auto", gpu_x(17, 8), True, 48) == ("triton", "triton")  # never past the kernel's limit
 
 
+def test_no_cuda_backend_never_asks_for_the_gpu(monkeypatch):
+    """Where the CUDA backend is missing (fake CUDA tensors of the memory estimate, a build without CUDA), the
+    small-M decision reads no tuned default and asks nothing of torch.cuda."""
+    mod = importlib.import_module("fastlora.ops.lora_linear")
+    monkeypatch.setattr(backends, "available", lambda device_type="cpu": {
+        "reference": True, "cpp": device_type == "cpu", "cuda": False, "triton": True})
+
+    def no_gpu(device):
+        raise AssertionError("tuning.key_of called without a CUDA backend")
+
+    monkeypatch.setattr(tuning, "key_of", no_gpu)
+    x = types.SimpleNamespace(shape=torch.Size((4, 8)), dtype=torch.bfloat16, is_cuda=True,
+                              device=torch.device("cuda", 0))
+    assert mod._backends("auto", x, True, 32) == ("triton", "triton")
+
+
 def test_cuda_backend_on_cpu_tensors_is_refused():
     mod = importlib.import_module("fastlora.ops.lora_linear")
     with pytest.raises(ValueError, match="cuda"):

@@ -149,11 +149,12 @@ def _backends(backend: str, x: torch.Tensor, four_bit: bool, out_features: int) 
         chosen = backends.resolve(backend, x.device, ("reference",))
         return chosen, chosen
     rows = math.prod(x.shape[:-1])
-    cuda_fits = four_bit and rows <= CUDA_MAX_ROWS
-    if cuda_fits and backend == "auto" and x.is_cuda:
+    cuda_fits = (backend in ("cuda", "auto") and x.is_cuda and four_bit and rows <= CUDA_MAX_ROWS
+                 and backends.available("cuda")["cuda"])
+    if cuda_fits and backend == "auto":
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         cuda_fits = rows <= _tuned_cuda_rows(index, x.shape[-1], out_features)
-    if backend in ("cuda", "auto") and x.is_cuda and cuda_fits and backends.available("cuda")["cuda"]:
+    if cuda_fits:
         fwd = "cuda"
     elif backend == "cuda" and x.is_cuda:
         fwd = backends.resolve("triton", x.device, _FULL_OPS)
