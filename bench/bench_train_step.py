@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, help="override the presets' sequence length (batch stays 2)")
     ap.add_argument("--dropout", help="lora_dropout values, comma separated (default 0,0.05)")
     ap.add_argument("--backend", help="fastlora.patch backend (default auto)")
+    ap.add_argument("--emulate-no-bf16", action="store_true",
+                    help="emulate a CPU without native bf16 GEMMs (torch's oneDNN off for both providers, "
+                    "FASTLORA_CPU_BF16_GEMM=0 for fastlora): what the bf16 target is about, on a CPU that has them")
     ap.add_argument("--json", metavar="PATH", help="write the results (one record per dtype/dropout) as JSON")
     ap.add_argument("--benchmark-json", metavar="PATH", help="also save pytest-benchmark's JSON report")
     args, rest = ap.parse_known_args(argv)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for value, name in ((dtypes, "DTYPES"), (args.steps, "STEPS"), (args.warmup, "WARMUP"),
                         (args.preset_fp32, "PRESET_FP32"), (args.preset_bf16, "PRESET_BF16"),
                         (args.hidden, "HIDDEN"), (args.layers, "LAYERS"), (args.seq, "SEQ"),
-                        (args.dropout, "DROPOUTS"), (args.backend, "BACKEND"), (args.json, "JSON")):
+                        (args.dropout, "DROPOUTS"), (args.backend, "BACKEND"), (args.json, "JSON"),
+                        ("1" if args.emulate_no_bf16 else None, "NO_NATIVE_BF16")):
         if value is not None:
             os.environ[ENV + name] = str(value)
     extra = [f"--benchmark-json={args.benchmark_json}"] if args.benchmark_json else []

@@ -41,6 +41,20 @@ def extension_cuda() -> bool:
     return ext is not None and bool(ext.with_cuda())
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    ext = _extension.load()
+    return ext is not None and "native-bf16" in ext.cpu_features()
+
+
+def cpu_bf16_gemms() -> bool:
+    """Whether bf16 GEMMs on this CPU run in bf16 (the C++ kernels' bf16 GEMM mode, csrc/cpu/cpu_features.h
+    use_bf16_gemm): FASTLORA_CPU_BF16_GEMM=0|1 when set, else whether the CPU has native bf16 (AVX512-BF16 or
+    AMX). Without them bf16 GEMMs are computed in fp32: torch's own bf16 GEMMs are slow there."""
+    env = os.environ.get("FASTLORA_CPU_BF16_GEMM", "")
+    return env[0] != "0" if env else _native_bf16()
+
+
 def available(device_type: str = "cpu") -> dict[str, bool]:
     """Backend name -> whether it can run tensors on ``device_type`` ("cpu" or "cuda") here."""
     ext = _extension.load()

@@ -29,10 +29,10 @@ _HANDLE_ATTR = "_fastlora_handle"
 # (kind shown in reports, accelerator); the order is the order a module is offered to them. The
 # submodules of a claimed module (a LoRA layer's base layer, lora_A, lora_B) are not offered again,
 # unless the accelerator says ``CLAIMS_CHILDREN = False`` (a fused block whose projections are patched
-# one by one as well, for the calls the block hands back). An accelerator with ``UNCHANGED = True``
-# only reports: its modules are listed as unchanged.
+# one by one as well, for the calls the block hands back). An accelerator with ``UNCHANGED = True`` lists
+# the modules it gives a skip reason as unchanged (nothing to do there), not as skipped.
 _ACCELERATORS = (("gated MLP", gated_mlp), ("grouped q/k/v", grouped_qkv), ("LoRA layer", peft_lora),
-                 ("4-bit linear", bnb_linear4bit), ("linear", plain_linear))
+                 ("4-bit linear", bnb_linear4bit), ("frozen bf16 linear", plain_linear))
 _FUSED = (gated_mlp, grouped_qkv)  # what fuse_projections=False leaves out
 
 
@@ -219,7 +219,7 @@ def patch(model, *, lora=None, quantize: str | None = None, neftune_alpha: float
                 if getattr(accelerator, "CLAIMS_CHILDREN", True):
                     claimed.append(name + ".")
                 reason = accelerator.skip_reason(module)
-                if getattr(accelerator, "UNCHANGED", False):
+                if reason is not None and getattr(accelerator, "UNCHANGED", False):
                     unchanged[name] = reason
                 elif reason is not None:
                     skipped[name] = reason

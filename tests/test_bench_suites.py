@@ -127,6 +127,17 @@ def test_train_suite_tiny_one_step(tmp_path, capsys):
     assert "test_train_step[fp32-p0]" in captured.err and "Median" in captured.err
 
 
+def test_train_suite_emulating_a_cpu_without_bf16(tmp_path, capsys):
+    """--emulate-no-bf16: torch's bf16 GEMMs on the slow path for both providers, so fastlora also runs the frozen
+    bf16 lm_head on fp32 GEMMs (ops.frozen_linear)."""
+    assert _run(tmp_path, "--suite", "train", "--quick", "--dtype", "bf16", "--emulate-no-bf16") == 0
+    rows = _check_results(tmp_path, "train")
+    fast = next(r for r in rows if r["provider"] == "fastlora" and r["unit"] == "ms")
+    assert "1 frozen bf16 linear(s)" in fast["extra"]["patch_summary"] and fast["extra"]["fallback_calls"] == 0
+    assert fast["extra"]["emulated_no_native_bf16"] is True
+    assert "emulating a CPU without native bf16 GEMMs" in capsys.readouterr().err
+
+
 def test_train_suite_failing_run_is_reported(tmp_path, capsys):
     assert _run(tmp_path, "--suite", "train", "--quick", "--backend", "nope") == 2
     err = capsys.readouterr().err

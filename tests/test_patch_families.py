@@ -15,8 +15,9 @@ peft = pytest.importorskip("peft")
 
 # fp32: PEFT's three GEMMs and fastlora's fused ones sum in other orders. bf16 base (fp32 adapters):
 # PEFT rounds x·Wᵀ to bf16 and so does fastlora, but the LoRA sum and the bf16 GEMM blocking differ.
-RTOL = {torch.float32: 4e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # observed: 2.2e-6 (gemma2, the grouped q/k/v
-# GEMM sums in another order than three GEMMs), 1.4e-2, 1.8e-3
+RTOL = {torch.float32: 4e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}  # observed: 2.2e-6 (gemma2, the grouped q/k/v
+# GEMM sums in another order than three GEMMs), 1.4e-2 (2.1e-2 for gemma2 where torch's bf16 GEMMs are slow and the
+# frozen lm_head runs fastlora.ops.frozen_linear: fp32 sums in another order; as test_patch.py's bf16 3e-2), 1.8e-3
 
 
 def _peft(family, dtype=torch.float32, four_bit=None, dropout=0.0):

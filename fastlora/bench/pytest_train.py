@@ -35,6 +35,9 @@ Environment (the CLI flags set these):
   FASTLORA_TRAIN_BENCH_HIDDEN / _LAYERS / _SEQ   override the presets (intermediate = 2.75x hidden,
                                  rounded to 64; heads = hidden / 64, kv heads = heads / 4)
   FASTLORA_TRAIN_BENCH_BACKEND   fastlora.patch backend (default auto)
+  FASTLORA_TRAIN_BENCH_NO_NATIVE_BF16  1: emulate a CPU without native bf16 GEMMs on one that has them (torch's
+                                 oneDNN off, so its bf16 GEMMs take the portable path; FASTLORA_CPU_BF16_GEMM=0
+                                 for fastlora), for both providers
   FASTLORA_TRAIN_BENCH_JSON      write the results as JSON to this path (rewritten after every test, so a run
                                  cut short keeps what it measured)
 """
@@ -94,6 +97,10 @@ DROPOUTS = [float(p) for p in _env("DROPOUTS", "0,0.05").split(",") if p.strip()
 STEPS = int(_env("STEPS", "5"))
 WARMUP = int(_env("WARMUP", "1"))
 BACKEND = _env("BACKEND", "auto")
+NO_NATIVE_BF16 = _env("NO_NATIVE_BF16", "0") not in ("", "0")
+if NO_NATIVE_BF16:  # for this process: the bench's own pytest run (or the suite's process)
+    torch.backends.mkldnn.enabled = False
+    os.environ["FASTLORA_CPU_BF16_GEMM"] = "0"
 for _d in DTYPE_NAMES:
     if _d not in DTYPES:
         raise ValueError(f"{ENV}DTYPES: expected fp32 and/or bf16, got {_d!r}")
@@ -263,6 +270,7 @@ def results() -> list[dict]:
             continue
         rec: dict = {"dtype": dtype, "lora_dropout": dropout, "model": dataclasses.asdict(pair["spec"]),
                      "tokens": pair["spec"].tokens, "backend": BACKEND, "threads": torch.get_num_threads(),
+                     "emulated_no_native_bf16": NO_NATIVE_BF16,
                      "patch_summary": pair["handle"].summary(), "load_average": pair["load_average"],
                      "fallback_calls": sum(pair["handle"].report()["fallback_calls"].values()),
                      "initial_loss": dict(pair["initial_loss"])}
@@ -319,7 +327,8 @@ def bench_summary() -> str:
     path = _env("JSON", "")
     _write_json()
     lines = ["", f"QLoRA training step on this CPU ({torch.get_num_threads()} threads): r=16, alpha 16, all seven "
-             f"projections, nf4 double quant, fp32 adapters, AdamW; fastlora = fastlora.patch(backend={BACKEND!r}). "
+             f"projections, nf4 double quant, fp32 adapters, AdamW; fastlora = fastlora.patch(backend={BACKEND!r})"
+             f"{'; emulating a CPU without native bf16 GEMMs (oneDNN off)' if NO_NATIVE_BF16 else ''}. "
              f"{STEPS} timed step(s) per provider after {WARMUP} warm-up, the providers' "
              "steps interleaved; 'cpu ms' = process CPU time (all threads) per step."]
     for rec in recs:

@@ -42,7 +42,7 @@ def to_rows(rec: dict) -> list[dict]:
             continue  # that provider's tests did not run (deselected or failed before measuring)
         extra = {"lora_dropout": dropout, "initial_loss": rec["initial_loss"][provider], "step_ms": r["step_ms"],
                  "model": spec.describe(), "cpu_ms_per_step": r["cpu_ms_per_step"], "losses": r["losses"],
-                 "peak_rss_delta": r["peak_rss_delta"]}
+                 "peak_rss_delta": r["peak_rss_delta"], "emulated_no_native_bf16": rec["emulated_no_native_bf16"]}
         if provider == "fastlora":
             extra.update(patch_summary=rec["patch_summary"], fallback_calls=rec["fallback_calls"])
         common = (op, provider, ROLES[provider], shape_label(spec), dtype)
@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=_dropouts, default=[0.0],
                         help="lora_dropout value(s), comma separated; default 0")
     parser.add_argument("--backend", default="auto", help="fastlora.patch backend; default auto")
+    parser.add_argument("--emulate-no-bf16", action="store_true",
+                        help="emulate a CPU without native bf16 GEMMs (torch's oneDNN off for both providers, "
+                        "FASTLORA_CPU_BF16_GEMM=0 for fastlora): what the bf16 target is about, on a CPU that has them")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, one step: checks the suite in seconds")
 
 
@@ -113,7 +116,8 @@ def run(args) -> int:
     dtypes = "fp32,bf16" if args.dtype == "both" else args.dtype
     env = {f"FASTLORA_TRAIN_BENCH_{k}": str(v) for k, v in {
         "DTYPES": dtypes, "DROPOUTS": ",".join(f"{p:g}" for p in args.dropout), "STEPS": steps, "WARMUP": warmup,
-        "PRESET_FP32": preset, "PRESET_BF16": preset, "BACKEND": args.backend}.items()}
+        "PRESET_FP32": preset, "PRESET_BF16": preset, "BACKEND": args.backend,
+        "NO_NATIVE_BF16": int(args.emulate_no_bf16)}.items()}
     env["FASTLORA_TRAIN_BENCH_JSON"] = "{scratch}/" + RECORDS
 
     def progress(line: str) -> None:
@@ -124,7 +128,9 @@ def run(args) -> int:
         return json.loads(path.read_text()) if path.exists() else []
 
     progress(f"train suite: {dtypes}, lora_dropout {', '.join(f'{p:g}' for p in args.dropout)}, "
-             f"{ts.PRESETS[preset].describe()}; pytest-benchmark in a process of its own")
+             f"{ts.PRESETS[preset].describe()}"
+             f"{'; emulating a CPU without native bf16 GEMMs' if args.emulate_no_bf16 else ''}; pytest-benchmark in a "
+             "process of its own")
     status, _, recs = pytest_run.run("fastlora.bench.pytest_train", env, progress, read=records)
     rows = [row for rec in recs for row in to_rows(rec)]
     if rows:

@@ -48,12 +48,11 @@ Neither path saves the outputs, decoded weights or dropout masks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-from .. import _extension, backends
+from .. import backends
 from ._registry import FLOAT_DTYPES, backend_op, check_tensor, define_decode_ops
 from .linear_4bit import _workspace
 from .lora_linear import _WeightParts
@@ -236,23 +235,12 @@ define_decode_ops(_grouped_impls,
                   {"lora_qkv_grouped_fwd": _grouped_fwd_fake, "lora_qkv_grouped_bwd": _grouped_bwd_fake})
 
 
-_EXT = _extension.load()
-_NATIVE_BF16 = _EXT is not None and "native-bf16" in _EXT.cpu_features()
-
-
-def _cpp_bf16_gemms() -> bool:
-    """Whether the C++ CPU kernel runs bf16 x's big GEMMs in bf16 (csrc/cpu/cpu_features.h,
-    use_bf16_gemm: FASTLORA_CPU_BF16_GEMM, else whether the CPU has native bf16)."""
-    env = os.environ.get("FASTLORA_CPU_BF16_GEMM", "")
-    return env[0] != "0" if env else _NATIVE_BF16
-
-
 def grouped_applies(x: torch.Tensor, preps, flats) -> bool:
     """Whether a call runs the grouped path (the conditions are in the module docstring)."""
     if x.dtype == torch.float64:
         return False
     first = preps[0]
-    if x.dtype == torch.bfloat16 and first.fwd_backend == "cpp" and _cpp_bf16_gemms():
+    if x.dtype == torch.bfloat16 and first.fwd_backend == "cpp" and backends.cpu_bf16_gemms():
         return False  # its native bf16 GEMMs beat the grouped fp32 ones (~3x at M = K = 1024)
     for prep, run in zip(preps, flats, strict=True):
         if prep.dropout_p > 0.0 or prep.compute_dtype is not None or prep.fwd_backend == "cuda":
