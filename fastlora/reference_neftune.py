@@ -68,11 +68,6 @@ def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor
     return torch.where((mag == 0)[:, None], rows, noisy)
 
 
-def hook_magnitude(alpha: float, length: int, dim: int) -> torch.Tensor:
-    """The fp32 scalar transformers' NEFTune hook uses: ``alpha / torch.sqrt(torch.tensor(L * d))``."""
-    return alpha / torch.sqrt(torch.tensor(length * dim))
-
-
 def _magnitude_of(alpha: float, lengths: torch.Tensor, dim: int) -> torch.Tensor:
     """Elementwise ``alpha / sqrt(L*d)`` over int64 lengths with the hook's dtypes and roundings
     (int64 L*d -> fp32 sqrt -> fp32 division of the Python float alpha)."""
