@@ -55,6 +55,16 @@ def cpu_bf16_gemms() -> bool:
     return env[0] != "0" if env else _native_bf16()
 
 
+def cpu_tile_bytes() -> int:
+    """fp32 bytes one decoded / widened block of a weight may take on the CPU: FASTLORA_CPU_TILE_BYTES when it
+    is a positive integer, else 8 MiB (csrc/cpu/lora_linear.cpp tile_budget_bytes reads the same setting)."""
+    try:
+        value = int(os.environ.get("FASTLORA_CPU_TILE_BYTES", ""))
+    except ValueError:
+        value = 0
+    return value if value > 0 else 8 << 20
+
+
 def available(device_type: str = "cpu") -> dict[str, bool]:
     """Backend name -> whether it can run tensors on ``device_type`` ("cpu" or "cuda") here."""
     ext = _extension.load()

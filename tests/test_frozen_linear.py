@@ -3,15 +3,12 @@ against float64 and against torch's own bf16 linear, forward and backward, block
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastlora import backends
 from fastlora.ops import frozen_linear
-
-frozen_module = importlib.import_module("fastlora.ops.frozen_linear")  # the module (the package exports the op)
 
 # bf16 has 8 significant bits: one rounding of an fp32-accurate value is within 2^-8 relative of it. Outputs are
 # compared with float64 relative to the largest value (a sum's cancellation makes small entries relatively off).
@@ -82,12 +79,12 @@ def test_compiles_without_graph_breaks(seed):
 
 def test_tile_bytes_setting(monkeypatch):
     monkeypatch.delenv("FASTLORA_CPU_TILE_BYTES", raising=False)
-    assert frozen_module.tile_bytes() == 8 << 20
+    assert backends.cpu_tile_bytes() == 8 << 20
     for bad in ("", "abc", "0", "-5"):
         monkeypatch.setenv("FASTLORA_CPU_TILE_BYTES", bad)
-        assert frozen_module.tile_bytes() == 8 << 20
+        assert backends.cpu_tile_bytes() == 8 << 20
     monkeypatch.setenv("FASTLORA_CPU_TILE_BYTES", "4096")
-    assert frozen_module.tile_bytes() == 4096
+    assert backends.cpu_tile_bytes() == 4096
 
 
 def test_bad_input():

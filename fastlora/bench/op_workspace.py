@@ -28,9 +28,10 @@ the CPU allocator.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from fastlora import backends
 
 
 def _base_name(func) -> str:
@@ -96,17 +97,8 @@ def gpu_workspace(func, args, kwargs, out) -> int:
     return 0
 
 
-def _tile_budget() -> int:
-    value = os.environ.get("FASTLORA_CPU_TILE_BYTES", "")
-    try:
-        budget = int(value)
-    except ValueError:
-        budget = 0
-    return budget if budget > 0 else 8 << 20
-
-
 def _tile_extent_threads(total: int, row_len: int, threads: int) -> int:
-    t = max(16, _tile_budget() // (4 * max(row_len, 1)) // 16 * 16)
+    t = max(16, backends.cpu_tile_bytes() // (4 * max(row_len, 1)) // 16 * 16)
     per_thread = ((total + threads - 1) // threads + 15) // 16 * 16
     return min(min(t, total), max(per_thread, 16))
 

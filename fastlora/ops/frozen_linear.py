@@ -3,7 +3,7 @@
 Why: on CPUs without native bf16 GEMMs (no AVX512-BF16 / AMX, or torch's oneDNN off) torch runs bf16 matrix
 products on a portable path at ~0.15 GFLOP/s against ~65 for fp32, so in a bf16 training step the frozen layers
 fastlora has no LoRA to fuse into — a model's lm_head above all — take most of the time. Here the weight is
-widened to fp32 a block of rows at a time (at most ``tile_bytes()`` of fp32, 8 MiB unless
+widened to fp32 a block of rows at a time (at most ``backends.cpu_tile_bytes()`` of fp32, 8 MiB unless
 FASTLORA_CPU_TILE_BYTES says otherwise, as in the C++ kernels: no fp32 copy of a large weight is ever whole),
 and x once:
 
@@ -21,20 +21,10 @@ Returns (..., N) bfloat16.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import backends
 from ._registry import check_tensor
-
-_DEFAULT_TILE_BYTES = 8 << 20
-
-
-def tile_bytes() -> int:
-    """fp32 bytes one widened block of weight rows may take (FASTLORA_CPU_TILE_BYTES, default 8 MiB)."""
-    value = os.environ.get("FASTLORA_CPU_TILE_BYTES", "")
-    return int(value) if value.strip().isdigit() and int(value) > 0 else _DEFAULT_TILE_BYTES
 
 
 def torch_bf16_gemms_slow() -> bool:
@@ -44,7 +34,7 @@ def torch_bf16_gemms_slow() -> bool:
 
 
 def _rows_per_block(n: int, k: int) -> int:
-    return max(1, min(n, tile_bytes() // (4 * max(k, 1))))
+    return max(1, min(n, backends.cpu_tile_bytes() // (4 * max(k, 1))))
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
