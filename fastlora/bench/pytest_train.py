@@ -60,7 +60,7 @@ from fastlora.bench.pytest_progress import Progress
 
 ENV = "FASTLORA_TRAIN_BENCH_"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ("peft+bnb", "fastlora")
+PROVIDERS = ts.PROVIDERS
 SPEED_TARGET = {"fp32": 1.3, "bf16": 5.0}  # PEFT time / fastlora time, at least
 SAVED_TARGET = {"fp32": 0.7}  # fastlora saved bytes / PEFT's, at most
 # First-step loss, same weights and batch, dropout 0: fp32 differs only in summation order; bf16

@@ -21,7 +21,6 @@ from . import pytest_run, results
 from . import train_setup as ts
 from .arg_types import positive_int
 
-PROVIDERS = ("peft+bnb", "fastlora")
 ROLES = {"peft+bnb": "peer", "fastlora": "fastlora"}
 MiB = 1 << 20
 RECORDS = "train_records.json"  # in the scratch folder of the pytest process
@@ -36,7 +35,7 @@ def to_rows(rec: dict) -> list[dict]:
     spec, dtype, dropout = ts.Spec(**rec["model"]), rec["dtype"], rec["lora_dropout"]
     rows = []
     op = f"train_step p{dropout:g}"
-    for provider in PROVIDERS:
+    for provider in ts.PROVIDERS:
         r = rec[provider]
         if r["ms_per_step"] is None or r["saved"] is None:
             continue  # that provider's tests did not run (deselected or failed before measuring)
@@ -60,7 +59,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         by_key.setdefault((r["op"], r["shape"], r["dtype"]), {}).setdefault(r["provider"], {})[r["unit"]] = r
     for (op, shape, dtype), provs in by_key.items():
-        for provider in PROVIDERS:
+        for provider in ts.PROVIDERS:
             p = provs[provider]
             lines.append(f"{op:<17}{shape:<26}{dtype:<6}{provider:<10}{p['ms']['value']:>10.1f}"
                          f"{min(p['ms']['extra']['step_ms']):>10.1f}"

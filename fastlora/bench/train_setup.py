@@ -49,6 +49,9 @@ class Spec:
 
 # The sizes: "full" for the fp32 target, "small" for bf16 (PEFT's bf16 GEMMs are very slow on
 # CPUs without native bf16), "tiny" to check the benchmark itself in seconds.
+# The two sides of the training-step comparison: the PEFT model, and a deep copy passed to fastlora.patch.
+PROVIDERS = ("peft+bnb", "fastlora")
+
 PRESETS = {
     "full": Spec(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=2048, batch=2, seq=512),
     "small": Spec(hidden=256, intermediate=704, layers=2, heads=4, kv_heads=1, vocab=2048, batch=2, seq=128),
