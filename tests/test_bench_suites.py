@@ -113,8 +113,11 @@ def test_speedups_pair_fastlora_with_peer():
 def test_train_suite_tiny_one_step(tmp_path, capsys):
     assert _run(tmp_path, "--suite", "train", "--quick") == 0
     rows = _check_results(tmp_path, "train")
-    assert {(r["provider"], r["role"]) for r in rows} == {("peft+bnb", "peer"), ("fastlora", "fastlora")}
+    assert {(r["provider"], r["role"]) for r in rows} == {("peft+bnb", "peer"), ("fastlora", "fastlora"),
+                                                           ("floor", "reference")}
     assert {r["unit"] for r in rows} == {"ms", "tokens/s", "bytes"}
+    floor = next(r for r in rows if r["provider"] == "floor")
+    assert floor["unit"] == "ms" and len(floor["extra"]["step_ms"]) == 1 and floor["value"] > 0
     times = {r["provider"]: r for r in rows if r["unit"] == "ms"}
     assert len(times["fastlora"]["extra"]["step_ms"]) == 1
     # same weights and batch, dropout 0: the same first loss
@@ -122,7 +125,7 @@ def test_train_suite_tiny_one_step(tmp_path, capsys):
                                                                        rel=1e-5)
     assert times["fastlora"]["extra"]["fallback_calls"] == 0
     captured = capsys.readouterr()
-    assert "speed PEFT/fastlora" in captured.out and "h64" in captured.out
+    assert "speed PEFT/fastlora" in captured.out and "h64" in captured.out and "PEFT/floor" in captured.out
     # timed by pytest-benchmark (fastlora/bench/pytest_train.py) in a pytest process of its own
     assert "test_train_step[fp32-p0]" in captured.err and "Median" in captured.err
 

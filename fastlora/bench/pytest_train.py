@@ -17,7 +17,11 @@ Providers:
   peft+bnb  the PEFT model, unpatched
   fastlora  the same model object deep-copied and passed to fastlora.patch(copy, backend=...): whatever
             patch accelerates today (PEFT LoRA layers; more fusions later) is what is measured
-Steps of the two providers alternate (A B, B A, ...) so both see the same load on a shared machine.
+Timed beside them, the floor (train_setup.floor_model): the same Llama dense and frozen, no adapters, with a
+0-d trainable tap on the first layer's q/k/v outputs so that backward runs through everything LoRA makes it
+run. PEFT/floor is the most any implementation that leaves the model's own GEMMs, attention and norms to torch
+can gain over PEFT; fastlora/floor is what fastlora's adapter, dropout and 4-bit work still costs.
+Steps alternate (A B F, F B A, ...) so all three see the same load on a shared machine.
 Reported per (dtype, lora_dropout): ms/step (median, fastest, median process CPU time) and tokens/s of
 each provider, the speed ratio, bytes saved for backward by one forward + loss (saved_tensors_hooks,
 unique storages, the model's parameters, buffers and quant states excluded), the peak RSS delta of one
@@ -61,6 +65,7 @@ from fastlora.bench.pytest_progress import Progress
 ENV = "FASTLORA_TRAIN_BENCH_"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ts.PROVIDERS
+TIMED = (*PROVIDERS, ts.FLOOR)  # the floor's steps are interleaved with the two providers' in every round
 SPEED_TARGET = {"fp32": 1.3, "bf16": 5.0}  # PEFT time / fastlora time, at least
 SAVED_TARGET = {"fp32": 0.7}  # fastlora saved bytes / PEFT's, at most
 # First-step loss, same weights and batch, dropout 0: fp32 differs only in summation order; bf16
@@ -162,27 +167,29 @@ def _pair(request, dtype: str, dropout: float) -> dict:
                 initial[name] = model(input_ids=ids, labels=ids).loss.item()
         _pairs[key] = {"spec": spec, "ids": ids, "load_average": _load(), "handle": handle, "initial_loss": initial,
                        "models": {"peft+bnb": peft_model, "fastlora": fast_model},
-                       "steps": {"peft+bnb": ts.TrainStep(peft_model), "fastlora": ts.TrainStep(fast_model)}}
+                       "steps": {"peft+bnb": ts.TrainStep(peft_model), "fastlora": ts.TrainStep(fast_model),
+                                 ts.FLOOR: ts.TrainStep(ts.floor_model(spec, DTYPES[dtype]))}}
         _progress.say(request, f"    built in {time.perf_counter() - t0:.1f} s; {handle.summary()}")
     return _pairs[key]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_cid)
 def test_train_step(benchmark, request, unavailable, config):
-    """One round = one step of each provider, in alternating order (A B, then B A, ...), each timed on its
-    own: on a shared machine the load drifts, and interleaving exposes both providers to the same drift.
-    pytest-benchmark's table times the whole round; the summary uses the per-provider times."""
+    """One round = one step of each provider and of the floor (train_setup.floor_model), in alternating order
+    (A B F, then F B A, ...), each timed on its own: on a shared machine the load drifts, and interleaving
+    exposes all three to the same drift. pytest-benchmark's table times the whole round; the summary uses the
+    per-provider times."""
     dtype, dropout = config
     _progress.start(request, f"train steps {dtype} lora_dropout {dropout:g}, providers interleaved")
     if unavailable:
         pytest.skip(unavailable)
     pair = _pair(request, dtype, dropout)
     ids = pair["ids"]
-    timed = {provider: _step_times.setdefault((dtype, dropout, provider), []) for provider in PROVIDERS}
+    timed = {provider: _step_times.setdefault((dtype, dropout, provider), []) for provider in TIMED}
     rounds = [0]
 
     def run():
-        order = PROVIDERS if rounds[0] % 2 == 0 else PROVIDERS[::-1]
+        order = TIMED if rounds[0] % 2 == 0 else TIMED[::-1]
         parts = []
         for provider in order:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -199,9 +206,9 @@ def test_train_step(benchmark, request, unavailable, config):
 
     benchmark.group = f"train step {dtype} lora_dropout {dropout:g}: {pair['spec'].describe()}"
     benchmark.extra_info.update(dtype=dtype, dropout=dropout, tokens=pair["spec"].tokens, backend=BACKEND,
-                                round="one step of each provider")
+                                round="one step of each provider and of the floor")
     benchmark.pedantic(run, rounds=STEPS, iterations=1, warmup_rounds=WARMUP)
-    for provider in PROVIDERS:
+    for provider in TIMED:
         benchmark.extra_info[f"{provider} step seconds"] = timed[provider]
     _write_json()
 
@@ -274,7 +281,7 @@ def results() -> list[dict]:
                      "patch_summary": pair["handle"].summary(), "load_average": pair["load_average"],
                      "fallback_calls": sum(pair["handle"].report()["fallback_calls"].values()),
                      "initial_loss": dict(pair["initial_loss"])}
-        for provider in PROVIDERS:
+        for provider in TIMED:
             key = (dtype, dropout, provider)
             times = _step_times.get(key) or []
             t = statistics.median(times) if times else None
@@ -291,6 +298,9 @@ def results() -> list[dict]:
         rec["speedup"] = _ratio(rec, "min_ms_per_step")
         rec["speedup_of_medians"] = _ratio(rec, "ms_per_step")
         rec["cpu_time_ratio"] = _ratio(rec, "cpu_ms_per_step")
+        # The most any implementation leaving the model's own GEMMs, attention and norms to torch could gain.
+        rec["peft_over_floor"] = _ratio(rec, "min_ms_per_step", "peft+bnb", ts.FLOOR)
+        rec["fastlora_over_floor"] = _ratio(rec, "min_ms_per_step", "fastlora", ts.FLOOR)
         sp, sf = _saved.get((dtype, dropout, "peft+bnb")), _saved.get((dtype, dropout, "fastlora"))
         rec["saved_ratio"] = sf["bytes"] / sp["bytes"] if sp and sf and sp["bytes"] else None
         rp, rf = _rss.get((dtype, dropout, "peft+bnb")), _rss.get((dtype, dropout, "fastlora"))
@@ -304,9 +314,9 @@ def results() -> list[dict]:
     return out
 
 
-def _ratio(rec: dict, field: str) -> float | None:
-    peft, fast = rec["peft+bnb"][field], rec["fastlora"][field]
-    return peft / fast if peft and fast else None
+def _ratio(rec: dict, field: str, over: str = "peft+bnb", under: str = "fastlora") -> float | None:
+    a, b = rec[over][field], rec[under][field]
+    return a / b if a and b else None
 
 
 def _f(value, fmt: str, width: int) -> str:
@@ -338,20 +348,28 @@ def bench_summary() -> str:
                      f"{rec['load_average']} -> at the summary {_load()} (on {os.cpu_count()} CPUs)")
         lines.append(f"  {'provider':<10}{'ms/step':>10}{'min ms':>10}{'cpu ms':>10}{'tokens/s':>10}{'saved MiB':>11}"
                      f"{'peak RSS MiB':>14}{'initial loss':>14}")
-        for provider in PROVIDERS:
+        for provider in TIMED:
             r = rec[provider]
             saved = r["saved"]["bytes"] / MiB if r["saved"] else None
             rss = r["peak_rss_delta"] / MiB if r["peak_rss_delta"] is not None else None
             lines.append(f"  {provider:<10}{_f(r['ms_per_step'], '.1f', 10)}{_f(r['min_ms_per_step'], '.1f', 10)}"
                          f"{_f(r['cpu_ms_per_step'], '.1f', 10)}"
                          f"{_f(r['tokens_per_s'], '.0f', 10)}"
-                         f"{_f(saved, '.1f', 11)}{_f(rss, '.1f', 14)}{rec['initial_loss'][provider]:>14.6f}")
+                         f"{_f(saved, '.1f', 11)}{_f(rss, '.1f', 14)}"
+                         f"{_f(rec['initial_loss'].get(provider), '.6f', 14)}")
         init = rec["initial_loss"]
         rel0 = abs(init["fastlora"] - init["peft+bnb"]) / abs(init["peft+bnb"])
         tol = LOSS_RTOL[dtype] if p == 0 else LOSS_RTOL_DROPOUT
         lines.append(f"  speed PEFT/fastlora {_f(rec['speedup'], '.2f', 0)}x of the fastest steps  "
                      f"{rec['speed_verdict']} (of the medians {_f(rec['speedup_of_medians'], '.2f', 0)}x; "
                      f"process CPU time per step {_f(rec['cpu_time_ratio'], '.2f', 0)}x)")
+        target = SPEED_TARGET.get(dtype)
+        beyond = (rec["peft_over_floor"] is not None and target is not None and rec["peft_over_floor"] < target)
+        lines.append(f"  floor (the same model dense and frozen, no adapters: its own GEMMs, attention and norms at "
+                     f"torch's speed): PEFT/floor {_f(rec['peft_over_floor'], '.2f', 0)}x = the most any "
+                     f"implementation leaving those to torch can gain"
+                     f"{f' (below the {target:g}x target)' if beyond else ''}; fastlora/floor "
+                     f"{_f(rec['fastlora_over_floor'], '.2f', 0)}x")
         lines.append(f"  saved-for-backward fastlora/PEFT {_f(rec['saved_ratio'], '.2f', 0)}x  "
                      f"{rec['saved_verdict'] or '(no target)'}; peak RSS fastlora/PEFT "
                      f"{_f(rec['peak_rss_ratio'], '.2f', 0)}x (no target)")

@@ -6,9 +6,11 @@ pytest process of its own (:mod:`fastlora.bench.pytest_run`) and turns its recor
 projections bitsandbytes nf4 double quant, PEFT LoRA r=16, alpha 16 on all seven, fp32 adapters; lora_B drawn
 from N(0, 0.02²) so the first step already runs every LoRA term. A step = forward + causal-LM loss + backward +
 AdamW (foreach=False) on the adapters. Providers: ``peft+bnb`` (the PEFT model) and ``fastlora`` (a deep copy
-passed to ``fastlora.patch``); their steps alternate (A B, B A, ...) so both see the same load on a shared
-machine. Reported per (dtype, lora_dropout): median ms/step, tokens/s, bytes saved for backward by one forward +
-loss, the initial loss of both (same weights and batch; the run fails where they disagree), and the ratios.
+passed to ``fastlora.patch``), timed beside the floor (``train_setup.floor_model``: the same model dense and
+frozen, no adapters; PEFT/floor bounds any speed-up that leaves the model's GEMMs, attention and norms to
+torch); their steps alternate (A B F, F B A, ...) so all see the same load on a shared machine.
+Reported per (dtype, lora_dropout): median ms/step, tokens/s, bytes saved for backward by one forward + loss, the
+initial loss of both (same weights and batch; the run fails where they disagree), and the ratios.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from . import pytest_run, results
 from . import train_setup as ts
 from .arg_types import positive_int
 
-ROLES = {"peft+bnb": "peer", "fastlora": "fastlora"}
+ROLES = {"peft+bnb": "peer", "fastlora": "fastlora", ts.FLOOR: "reference"}
 MiB = 1 << 20
 RECORDS = "train_records.json"  # in the scratch folder of the pytest process
 
@@ -48,6 +50,12 @@ def to_rows(rec: dict) -> list[dict]:
         rows.append(results.row(*common, "median step time", r["ms_per_step"], "ms", **extra))
         rows.append(results.row(*common, "tokens/s", r["tokens_per_s"], "tokens/s", lora_dropout=dropout))
         rows.append(results.row(*common, "saved for backward", r["saved"]["bytes"], "bytes", lora_dropout=dropout))
+    floor = rec.get(ts.FLOOR)
+    if floor and floor["ms_per_step"] is not None:
+        rows.append(results.row(op, ts.FLOOR, ROLES[ts.FLOOR], shape_label(spec), dtype, "median step time",
+                                floor["ms_per_step"], "ms", lora_dropout=dropout, step_ms=floor["step_ms"],
+                                model=spec.describe(), what="the same model dense and frozen, no adapters "
+                                "(train_setup.floor_model)"))
     return rows
 
 
@@ -73,6 +81,12 @@ def format_rows(rows: list[dict]) -> str:
                      "the fastest steps (other load on the machine only adds time); saved-for-backward "
                      f"fastlora/PEFT {saved:.2f}x; {b['ms']['extra']['patch_summary']}; fallback calls "
                      f"{b['ms']['extra']['fallback_calls']}")
+        if ts.FLOOR in provs:
+            floor = min(provs[ts.FLOOR]["ms"]["extra"]["step_ms"])
+            lines.append(f"  {ts.FLOOR} (the same model dense and frozen, no adapters) fastest step {floor:.1f} ms: "
+                         f"PEFT/floor {min(a['ms']['extra']['step_ms']) / floor:.2f}x = the most any implementation "
+                         "leaving the model's own GEMMs, attention and norms to torch can gain; fastlora/floor "
+                         f"{min(b['ms']['extra']['step_ms']) / floor:.2f}x")
     return "\n".join(lines)
 
 

@@ -51,6 +51,8 @@ class Spec:
 # CPUs without native bf16), "tiny" to check the benchmark itself in seconds.
 # The two sides of the training-step comparison: the PEFT model, and a deep copy passed to fastlora.patch.
 PROVIDERS = ("peft+bnb", "fastlora")
+# Timed beside them: the same model's own work at torch's speed (floor_model), the bound on any speed-up.
+FLOOR = "floor"
 
 PRESETS = {
     "full": Spec(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=2048, batch=2, seq=512),
@@ -121,6 +123,24 @@ def peft_model(spec: Spec, *, dtype: torch.dtype = torch.float32, four_bit: bool
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * b_std)
     return pm.train()
+
+
+def floor_model(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The training step's floor at torch's speed: the same Llama, dense and frozen, no adapters, with one
+    trainable 0-d parameter (``gradient_tap``, zero) added to the first layer's q/k/v outputs. Its backward
+    runs exactly what LoRA on all seven projections makes any implementation run besides the adapters:
+    attention, norms, the loss, and every frozen projection's dX = dY·W except the first layer's q/k/v
+    (whose input needs no gradient), with torch's GEMMs on weights already dense. No 4-bit decoding, no
+    adapter or dropout work. So (PEFT step time) / (floor step time) bounds the speed-up over PEFT of any
+    implementation that leaves the model's own GEMMs, attention and norms to torch."""
+    model = base_model(spec, dtype, seed)
+    model.requires_grad_(False)
+    tap = torch.nn.Parameter(torch.zeros((), dtype=dtype))
+    model.register_parameter("gradient_tap", tap)
+    attention = model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attention, name).register_forward_hook(lambda module, args, out: out + tap)
+    return model
 
 
 def patched_copy(model, **patch_options):
