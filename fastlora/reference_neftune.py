@@ -42,7 +42,7 @@ def stream_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "ids") -> None:
+def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "input_ids") -> None:
     """ValueError naming ``name`` unless every id is in [0, vocab): one (min, max) read on the host. Skipped
     under CUDA graph capture, where the kernels' own masking (NaN rows; torch's indexing: a device-side
     assert) is what remains."""
@@ -52,7 +52,7 @@ def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "ids") -> None
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} must be in [0, {vocab}) (the weight's rows), got {bad}")
+        raise ValueError(f"{name} must be in [0, {vocab}) (the rows of weight), got {bad}")
 
 
 def neftune_embedding(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed) -> torch.Tensor:

@@ -196,12 +196,12 @@ def neftune_embedding(
     if T == 0 or d == 0:
         return out
     if V == 0:
-        raise ValueError("ids: out of range for an empty weight (V = 0)")
+        raise ValueError("input_ids: out of range for an empty weight (V = 0)")
     if check_ids and not stream_capturing(ids.device):
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device -> host copy
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"ids must be in [0, {V}) (the rows of weight), got {bad}")
+            raise ValueError(f"input_ids must be in [0, {V}) (the rows of weight), got {bad}")
     w = weight.contiguous()
     ids_c = ids.contiguous()
     mag_c = mag.contiguous()

@@ -263,6 +263,13 @@ def test_per_sequence_packed(seed):
     assert torch.equal(a, b) and torch.equal(a.view(-1, dim), c)
     noise = (a - F.embedding(ids, weight)).abs().view(-1, dim).amax(-1)
     assert torch.all(noise <= want * (1 + 2.0**-20))
+    # and from below: each token's largest of 64 draws of U(-mag, mag) is under mag / 2 with probability 2^-64,
+    # while the whole row's (padded) scale would leave the 1-, 5- and 9-token sequences under 0.55x their own
+    assert torch.all(noise > 0.5 * want)
+    # an empty sequence (equal neighbours in cu_seqlens, as flash-attn's varlen allows) changes nothing
+    cu_empty = torch.tensor([0, 5, 5, *cu[2:].tolist()], dtype=torch.int32)
+    torch.manual_seed(11)
+    assert torch.equal(a, neftune_embedding(ids, weight, alpha, cu_seqlens=cu_empty, mode="per_sequence"))
     # the padded (HF) scale of a packed batch uses the whole row: smaller than every sequence's own
     padded = reference_neftune.noise_magnitudes(ids, dim, alpha)
     assert torch.all(padded < want)
@@ -402,9 +409,9 @@ def _call(**kw):
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(input_ids=torch.tensor([[1, 10]])), ValueError, "ids must be in"),
-    (dict(input_ids=torch.tensor([[-1, 2]]), backend="reference"), ValueError, "ids must be in"),
-    (dict(input_ids=torch.tensor([[1, 10]]), mode="per_sequence"), ValueError, "ids must be in"),
+    (dict(input_ids=torch.tensor([[1, 10]])), ValueError, "input_ids must be in"),
+    (dict(input_ids=torch.tensor([[-1, 2]]), backend="reference"), ValueError, "input_ids must be in"),
+    (dict(input_ids=torch.tensor([[1, 10]]), mode="per_sequence"), ValueError, "input_ids must be in"),
     (dict(input_ids=torch.tensor([[-1, 2]]), training=False), ValueError, "input_ids"),
     (dict(input_ids=torch.tensor([[1.0, 2.0]])), TypeError, "input_ids"),
     (dict(input_ids=torch.tensor([[True, False]])), TypeError, "input_ids"),

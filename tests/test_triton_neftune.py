@@ -174,7 +174,7 @@ def test_capture_skips_the_host_check(monkeypatch):
     kernel's masking is what remains: NaN rows for bad ids, the others exact."""
     ids, weight, mag = make_inputs(5, 8, 40, torch.float32, gen_seed=8)
     ids[2] = 8
-    with pytest.raises(ValueError, match="ids must be in"):
+    with pytest.raises(ValueError, match="input_ids must be in"):
         kernels.neftune_embedding(ids, weight, mag, _st(4))
     monkeypatch.setattr(kernels, "stream_capturing", lambda device: True)
 

@@ -105,7 +105,7 @@ at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight
   const int64_t tokens = idc.size(0), vocab = wc.size(0), d = wc.size(1);
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK_VALUE(id[t] >= 0 && id[t] < vocab, "ids must be in [0, ", vocab, ") (the weight's rows), got ",
+    TORCH_CHECK_VALUE(id[t] >= 0 && id[t] < vocab, "input_ids must be in [0, ", vocab, ") (the rows of weight), got ",
                       id[t], " at position ", t);
   }
   at::Tensor out = at::empty({tokens, d}, wc.options().memory_format(at::MemoryFormat::Contiguous));

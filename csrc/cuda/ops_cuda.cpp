@@ -251,13 +251,13 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   const at::Tensor seed_dev = seed_on_device(seed, weight, T > 0 && d > 0);
   at::Tensor out = at::empty({T, d}, weight.options());
   if (T == 0 || d == 0) return out;
-  TORCH_CHECK_VALUE(V > 0, "ids: out of range for an empty weight (V = 0)");
+  TORCH_CHECK_VALUE(V > 0, "input_ids: out of range for an empty weight (V = 0)");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   if (c10::cuda::captureStatusMayInitCtx(stream) == c10::cuda::CaptureStatus::None) {
     const auto [lo, hi] = at::aminmax(ids);
     const at::Tensor range = at::stack({lo, hi}).cpu();  // one device -> host copy (the one sync)
     const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
-    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < V, "ids must be in [0, ", V, ") (the rows of weight), got ",
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < V, "input_ids must be in [0, ", V, ") (the rows of weight), got ",
                       lo_v < 0 ? lo_v : hi_v);
   }
   const at::Tensor i = ids.contiguous();

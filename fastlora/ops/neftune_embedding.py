@@ -148,8 +148,8 @@ def _check_cu_seqlens(cu_seqlens, tokens: int) -> None:
         raise ValueError(f"cu_seqlens must start at 0, got {int(bounds[0])}")
     if int(bounds[-1]) != tokens:
         raise ValueError(f"cu_seqlens must end at the token count T={tokens}, got {int(bounds[-1])}")
-    if bool((bounds[1:] < bounds[:-1]).any()):
-        raise ValueError("cu_seqlens must be increasing (non-decreasing sequence boundaries), got "
+    if bool((bounds[1:] < bounds[:-1]).any()):  # equal neighbours: an empty sequence, as in flash-attn's varlen
+        raise ValueError("cu_seqlens must be non-decreasing (sequence boundaries), got "
                          f"{bounds.tolist() if bounds.numel() <= 16 else 'a decreasing step'}")
 
 
@@ -217,7 +217,7 @@ def neftune_embedding(
         reference_neftune.check_ids_in_range(input_ids, vocab, "input_ids")
         return F.embedding(input_ids, weight, padding_idx)
 
-    # Every backend's op checks the ids itself (ValueError naming ids, one aminmax on a GPU, none while a CUDA
+    # Every backend's op checks the ids itself (ValueError naming input_ids, one aminmax on a GPU, none while a CUDA
     # graph is being captured): not repeated here.
     op = pick("neftune_embedding", backend, weight.device)
     ids = input_ids.reshape(-1).to(torch.int64).contiguous()
