@@ -395,6 +395,16 @@ def test_emulated_kernels_long_k(emu_lib, dtype):
         check_against_reference(case, *emu_fwd(emu_lib, case), exact_fraction=0.95)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_emulated_kernels_large_ranks(emu_lib, dtype):
+    # ranks up to the op's limit of 256: S and the LoRA term's loop over r cover several passes
+    X = DTYPES[dtype]
+    for r in (100, 256):
+        case = Case(3, 72, 40, r, dtype=X, adapter_dtype=torch.float32, double_quant=True, p=0.1,
+                    quant_type="nf4", gen_seed=r)
+        check_against_reference(case, *emu_fwd(emu_lib, case))
+
+
 def test_emulated_empty_and_degenerate_shapes(emu_lib):
     for M, K, N, r in DEGENERATE:
         for p in (0.0, 0.5):
