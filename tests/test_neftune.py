@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -402,6 +403,17 @@ def test_opcheck_triton(seed):
 # bad input
 
 
+@pytest.mark.parametrize("alpha", [np.float32(5.0), np.int64(5), torch.tensor(5), torch.tensor([5.0])],
+                         ids=["numpy-float32", "numpy-int64", "0d-int-tensor", "1-element-tensor"])
+def test_alpha_as_any_real_scalar(alpha):
+    """Any real scalar is alpha, read once: the same noise as the Python float 5.0."""
+    ids, weight = torch.randint(0, 10, (2, 6)), torch.randn(10, 4)
+    torch.manual_seed(5)
+    want = neftune_embedding(ids, weight, 5.0)
+    torch.manual_seed(5)
+    assert torch.equal(neftune_embedding(ids, weight, alpha), want)
+
+
 def _call(**kw):
     args = dict(input_ids=torch.randint(0, 10, (2, 6)), weight=torch.randn(10, 4), alpha=5.0)
     args.update(kw)
@@ -419,6 +431,8 @@ def _call(**kw):
     (dict(alpha=float("nan")), ValueError, "alpha"),
     (dict(alpha=float("inf")), ValueError, "alpha"),
     (dict(alpha="5"), TypeError, "alpha"),
+    (dict(alpha=torch.tensor([1.0, 2.0])), TypeError, "alpha"),
+    (dict(alpha=torch.tensor(-2)), ValueError, "alpha"),
     (dict(attention_mask=torch.ones(2, 5)), ValueError, "attention_mask"),
     (dict(attention_mask=torch.ones(12), mode="per_sequence"), ValueError, "attention_mask"),
     (dict(position_ids=torch.zeros(2, 7, dtype=torch.long), mode="per_sequence"), ValueError, "position_ids"),

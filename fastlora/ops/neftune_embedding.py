@@ -21,6 +21,7 @@ the usual dense scatter-add gradient (the noise is additive: nothing is saved bu
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +99,12 @@ class _NeftuneFunction(torch.autograd.Function):
 
 
 def check_alpha(alpha) -> float:
-    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and alpha.dtype.is_floating_point:
-        alpha = float(alpha)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    # numbers.Real takes numpy scalars too; a one-element tensor of a real dtype is read once on the host
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.dtype.is_complex \
+            and alpha.dtype != torch.bool:
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
@@ -183,7 +186,9 @@ def neftune_embedding(
       mode: "padded": mag = alpha / sqrt(L*d), L = input_ids.shape[-1] (transformers' Trainer
         ``neftune_noise_alpha``, same fp32 value); "per_sequence": L = each sequence's real length.
       padding_idx: like torch.nn.functional.embedding (that row gets no gradient).
-      training: False gives a plain embedding lookup (as does alpha 0).
+      training: False gives a plain embedding lookup (as does alpha 0): no seed drawn, no kernel of fastlora's;
+        the ids are still range-checked (one aminmax read on the host; skipped under CUDA graph capture) so that
+        a bad id is a ValueError naming input_ids, not an IndexError or a device-side assert.
       backend: "auto", "reference", "cpp", "triton" or "cuda".
 
     Returns: input_ids.shape + (d,) in weight's dtype.
