@@ -27,16 +27,20 @@ def load() -> ModuleType | None:
     _tried = True
     if os.environ.get("FASTLORA_DISABLE_EXTENSION", "") not in ("", "0"):
         _error = "disabled by FASTLORA_DISABLE_EXTENSION"
+        advice = "Unset FASTLORA_DISABLE_EXTENSION to use it."
     else:
         try:
             _module = importlib.import_module("fastlora._C")
         except Exception as exc:  # ImportError, OSError (undefined symbols), RuntimeError from torch
             _error = f"{type(exc).__name__}: {exc}"
+        # fastlora installs from a clone (README): an editable install there rebuilds the extension in place.
+        advice = ("Rebuild it against the installed torch: in the fastlora clone run "
+                  "`pip install --no-build-isolation -e .` (for a non-editable install, "
+                  "`pip install --no-build-isolation --force-reinstall --no-deps .`).")
     if _module is None:
         warnings.warn(
-            "fastlora: the compiled extension fastlora._C is not available "
-            f"({_error}); using the torch reference implementation (slow). Reinstall with "
-            "`pip install --no-build-isolation fastlora` against the installed torch to build it.",
+            f"fastlora: the compiled extension fastlora._C is not available ({_error}); using the torch reference "
+            f"implementation (slow). {advice}",
             RuntimeWarning,
             stacklevel=3,
         )

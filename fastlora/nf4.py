@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +40,10 @@ class NestedStats:
     code: torch.Tensor  # float32[256]
     offset: torch.Tensor  # float32 scalar: mean of the first-level absmax
     blocksize: int = NESTED_BLOCKSIZE
+
+    def __post_init__(self):
+        # Checked here rather than in _validate so that no way of building a double-quant weight skips it.
+        check_blocksize(self.blocksize, "nested blocksize")
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,7 @@ def from_bnb(param) -> QuantizedWeight:
     nested = None
     if getattr(state, "nested", False):
         s2 = state.state2
+        check_blocksize(s2.blocksize, "quant_state.state2.blocksize")
         offset = state.offset if isinstance(state.offset, torch.Tensor) else torch.tensor(float(state.offset))
         nested = NestedStats(absmax2=s2.absmax, code=s2.code, offset=offset.float(), blocksize=int(s2.blocksize))
     code = state.code if state.code is not None else reference.code_table(state.quant_type, data.device)
@@ -240,6 +246,11 @@ def from_bnb(param) -> QuantizedWeight:
 
 def to_bnb(qweight: QuantizedWeight, *, requires_grad: bool = False):
     """A bitsandbytes ``Params4bit`` sharing ``qweight``'s tensors (needs bitsandbytes)."""
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a fastlora.nf4.QuantizedWeight (see fastlora.nf4.quantize / from_bnb), "
+                        f"got {type(qweight).__name__}")
+    if not isinstance(requires_grad, bool):
+        raise TypeError(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import QuantState
@@ -257,34 +268,79 @@ def to_bnb(qweight: QuantizedWeight, *, requires_grad: bool = False):
                              quant_type=qweight.quant_type, quant_storage=qweight.packed.dtype, bnb_quantized=True)
 
 
+def _tensor_entry(state_dict: Mapping, key: str) -> torch.Tensor:
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state_dict['{key}'] must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _quant_state_meta(state_dict: Mapping, key: str, nested: bool) -> tuple[dict, bool]:
+    """The JSON settings bitsandbytes packs into ``state_dict[key]``, checked to hold every key this module
+    reads, and whether they describe a double-quantized weight (also true when ``nested`` is: the state dict
+    holds nested tensors)."""
+    blob = _tensor_entry(state_dict, key)
+    try:
+        meta = json.loads(bytes(blob.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"state_dict['{key}'] must hold bitsandbytes' quant state as UTF-8 JSON bytes; "
+                         f"it does not parse ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"state_dict['{key}'] must hold a JSON object, got a JSON {type(meta).__name__}")
+    nested = nested or any(k in meta for k in ("nested_offset", "nested_blocksize", "nested_absmax"))
+    required = ["quant_type", "blocksize", "dtype", "shape"] + (["nested_blocksize", "nested_offset"] if nested else [])
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"state_dict['{key}'] (the quant state) is missing {', '.join(map(repr, missing))}"
+                         f"{' of a double-quantized weight' if nested else ''}")
+    if meta["dtype"] not in _DTYPE_NAMES.values():
+        raise ValueError(f"'dtype' in state_dict['{key}'] must be one of {', '.join(_DTYPE_NAMES.values())}, "
+                         f"got {meta['dtype']!r}")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"'shape' in state_dict['{key}'] must be a list of non-negative ints, got {shape!r}")
+    check_blocksize(meta["blocksize"], f"'blocksize' in state_dict['{key}']")
+    if nested:
+        check_blocksize(meta["nested_blocksize"], f"'nested_blocksize' in state_dict['{key}']")
+        offset = meta["nested_offset"]
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+            raise ValueError(f"'nested_offset' in state_dict['{key}'] must be a number, got {offset!r}")
+    return meta, nested
+
+
 def from_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weight") -> QuantizedWeight:
     """Rebuild a weight from the entries a bitsandbytes ``Linear4bit`` saved (``{prefix}``,
     ``{prefix}.absmax``, ``{prefix}.quant_map``, ``{prefix}.nested_*``,
     ``{prefix}.quant_state.bitsandbytes__nf4|fp4``)."""
-    blob_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    blob_keys = [k for k in state_dict if isinstance(k, str) and k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
     if len(blob_keys) != 1:
         raise ValueError(f"state_dict must hold exactly one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' entry, "
                          f"found {blob_keys}")
     for key in (prefix, f"{prefix}.absmax"):
         if key not in state_dict:
             raise ValueError(f"state_dict is missing '{key}'")
-    meta = json.loads(bytes(state_dict[blob_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
-    dtype = getattr(torch, meta["dtype"], None)
+    meta, nested_meta = _quant_state_meta(state_dict, blob_keys[0], f"{prefix}.nested_absmax" in state_dict)
     quant_type = meta["quant_type"]
     check_quant_type(quant_type)
-    packed = state_dict[prefix]
+    packed = _tensor_entry(state_dict, prefix)
     nested = None
-    if "nested_absmax" in meta or f"{prefix}.nested_absmax" in state_dict:
+    if nested_meta:
         for key in (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing '{key}' of a double-quantized weight")
-        nested = NestedStats(absmax2=state_dict[f"{prefix}.nested_absmax"].float(),
-                             code=state_dict[f"{prefix}.nested_quant_map"].float(),
+        nested = NestedStats(absmax2=_tensor_entry(state_dict, f"{prefix}.nested_absmax").float(),
+                             code=_tensor_entry(state_dict, f"{prefix}.nested_quant_map").float(),
                              offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32),
-                             blocksize=int(meta["nested_blocksize"]))
-    code = state_dict.get(f"{prefix}.quant_map")
-    code = reference.code_table(quant_type, packed.device) if code is None else code.float()
-    qweight = QuantizedWeight(packed=packed, absmax=state_dict[f"{prefix}.absmax"], shape=torch.Size(meta["shape"]),
-                              dtype=dtype, blocksize=int(meta["blocksize"]), quant_type=quant_type, code=code,
-                              nested=nested)
+                             blocksize=meta["nested_blocksize"])
+    code_key = f"{prefix}.quant_map"
+    code = reference.code_table(quant_type, packed.device) if code_key not in state_dict else \
+        _tensor_entry(state_dict, code_key).float()
+    qweight = QuantizedWeight(packed=packed, absmax=_tensor_entry(state_dict, f"{prefix}.absmax"),
+                              shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
+                              blocksize=meta["blocksize"], quant_type=quant_type, code=code, nested=nested)
     return _validate(qweight)

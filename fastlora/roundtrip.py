@@ -11,6 +11,7 @@ import torch
 from . import backends, nf4
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BLOCKSIZES = [2**k for k in range(5, 13)]  # what fastlora.nf4.quantize accepts: powers of two, 32..4096
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                     "projection) to 4 bits, dequantize it, and report the error and the time of each backend.")
     parser.add_argument("--shape", default="4096x14336", help="weight shape OUTxIN (default: 4096x14336)")
     parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit code book (default nf4)")
-    parser.add_argument("--blocksize", type=int, default=64, help="elements per absmax block, 32..4096 (default 64)")
+    parser.add_argument("--blocksize", type=int, default=64, choices=_BLOCKSIZES, metavar="N",
+                        help="elements per absmax block, a power of two in 32..4096 (default 64)")
     parser.add_argument("--no-double-quant", action="store_true", help="keep fp32 absmax instead of 8-bit codes")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16",
                         help="dtype of the weight and of the dequantized output (default bfloat16)")

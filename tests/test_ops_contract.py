@@ -1,6 +1,7 @@
 """The op contract: schemas, fake implementations, opcheck, backend choice and bad input."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -124,6 +125,7 @@ def test_missing_extension_falls_back_with_one_warning():
         "ours = [x for x in w if 'fastlora' in str(x.message)]\n"
         "assert len(ours) == 1, [str(x.message) for x in ours]\n"
         "assert 'compiled extension' in str(ours[0].message)\n"
+        "assert 'Unset FASTLORA_DISABLE_EXTENSION' in str(ours[0].message)\n"
         "assert fastlora.backends.resolve('auto', torch.device('cpu')) == 'reference'\n"
         "print('ok')\n"
     )
@@ -134,15 +136,88 @@ def test_missing_extension_falls_back_with_one_warning():
     assert info.returncode == 0 and "NOT AVAILABLE" in info.stdout
 
 
+# Runs in a fresh interpreter: a meta-path finder makes `import fastlora._C` fail the way an extension built
+# against another torch does, before fastlora is imported; prints what the test checks as one JSON object.
+_BROKEN_EXTENSION_SCRIPT = """
+import contextlib, importlib.abc, io, json, sys, warnings
+
+class BrokenExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastlora._C":
+            raise ImportError("simulated: undefined symbol _ZN3c10 in fastlora._C")
+        return None
+
+sys.meta_path.insert(0, BrokenExtension())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    import fastlora
+    from fastlora import backends, info, nf4
+    q = nf4.quantize(torch.randn(64, 96), 32, "fp4", True)
+    auto = nf4.dequantize(q, torch.bfloat16)
+    fastlora._extension.load()
+report = io.StringIO()
+with contextlib.redirect_stdout(report):
+    rc = info.main([])
+print(json.dumps({
+    "warnings": [str(w.message) for w in caught if "fastlora" in str(w.message)],
+    "extension_module_loaded": "fastlora._C" in sys.modules,
+    "auto_backend": backends.resolve("auto", torch.device("cpu")),
+    "matches_reference": torch.equal(auto, nf4.dequantize(q, torch.bfloat16, backend="reference")),
+    "info_rc": rc,
+    "info": report.getvalue(),
+}))
+"""
+
+
+def test_extension_that_fails_to_import_falls_back_with_one_warning():
+    env = {k: v for k, v in os.environ.items() if k != "FASTLORA_DISABLE_EXTENSION"}
+    res = subprocess.run([sys.executable, "-c", _BROKEN_EXTENSION_SCRIPT], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got["warnings"]) == 1, got["warnings"]
+    warning = got["warnings"][0]
+    assert "ImportError: simulated: undefined symbol" in warning and "torch reference" in warning
+    assert "pip install --no-build-isolation -e ." in warning
+    assert not got["extension_module_loaded"]
+    assert got["auto_backend"] == "reference" and got["matches_reference"]
+    assert got["info_rc"] == 0
+    lines = dict(re.split(r" {2,}", line, maxsplit=1) for line in got["info"].splitlines())
+    assert "NOT AVAILABLE (ImportError: simulated: undefined symbol" in lines["extension"]
+    assert lines["extension built with cuda"] == "False"
+    assert lines["cpu features used"] == "-"
+    assert "reference: yes, cpp: no" in lines["backends cpu"]
+
+
 def test_info_cli_lists_backends():
     res = subprocess.run([sys.executable, "-m", "fastlora", "info", "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    import importlib.metadata
     import json
 
     facts = json.loads(res.stdout)
     assert facts["fastlora"] == fastlora.__version__
     assert set(facts["backends_cpu"]) == {"reference", "cpp", "cuda", "triton"}
     assert facts["backends_cpu"]["reference"] is True
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    # The plain-text report is what users read: one "name  value" line per fact, two or more spaces apart.
+    text = subprocess.run([sys.executable, "-m", "fastlora", "info"], capture_output=True, text=True)
+    assert text.returncode == 0, text.stderr
+    lines = dict(re.split(r" {2,}", line, maxsplit=1) for line in text.stdout.splitlines())
+    assert lines["torch"] == torch.__version__
+    for package in ("triton", "transformers", "bitsandbytes"):
+        assert lines[package] == version(package), (package, text.stdout)
+    ext = fastlora._extension.load()
+    assert lines["extension built with cuda"] == str(bool(ext is not None and ext.with_cuda()))
+    assert lines["cpu features used"] == (", ".join(ext.cpu_features()) if ext is not None else "") or "-"
 
 
 BAD_DEQUANT_CALLS = [

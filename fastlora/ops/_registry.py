@@ -80,15 +80,25 @@ def check_float_dtype(dtype, name: str = "dtype") -> None:
         raise TypeError(f"{name} must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
 
 
-def check_packed_4bit(packed, absmax, blocksize: int, quant_type, numel: int) -> None:
+def check_packed_4bit(packed, absmax, blocksize: int, quant_type, numel: int, numel_from: str = "numel") -> None:
     """Checks shared by the dequantize ops: dtypes of the codes and statistics, the blocksize and
-    quant_type, and that ``packed`` / ``absmax`` hold exactly what ``numel`` elements need."""
+    quant_type, and that ``packed`` / ``absmax`` hold exactly what ``numel`` elements need.
+    ``numel_from`` names the argument the element count was taken from (``out`` for the ops that
+    write into a buffer), so that a wrong count is reported against it rather than against ``packed``."""
     check_tensor(packed, "packed", (torch.uint8,))
     check_tensor(absmax, "absmax", (torch.float32,))
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
+    if packed.numel() != (numel + 1) // 2 and numel_from != "numel":
+        nbytes = packed.numel()
+        counts = [0] if nbytes == 0 else [2 * nbytes - 1, 2 * nbytes]
+        # When packed and absmax agree on an element count, the odd one out is the tensor numel came from.
+        if any(-(-n // blocksize) == absmax.numel() for n in counts):
+            fits = " or ".join(map(str, counts))
+            raise ValueError(f"{numel_from} must have {fits} elements, the count that packed ({nbytes} bytes) and "
+                             f"absmax ({absmax.numel()} blocks of {blocksize}) hold; got {numel}")
     if packed.numel() != (numel + 1) // 2:
         raise ValueError(f"packed must hold ceil(numel/2) = {(numel + 1) // 2} bytes for numel={numel}, "
                          f"got {packed.numel()}")

@@ -55,7 +55,7 @@ def dequantize_4bit_into(
     check_tensor(out, "out", FLOAT_DTYPES)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    check_packed_4bit(packed, absmax, blocksize, quant_type, out.numel())
+    check_packed_4bit(packed, absmax, blocksize, quant_type, out.numel(), numel_from="out")
     check_same_device(packed=packed, absmax=absmax, out=out)
     op = pick("dequantize_4bit_into", backend, packed.device, IMPLEMENTED, backends.GPU_ORDER_CUDA_FIRST)
     op(packed.reshape(-1), absmax.reshape(-1), blocksize, quant_type, out)
