@@ -419,7 +419,14 @@ def _good():
     (dict(lora_B=torch.randn(31, 4)), ValueError, "lora_B"),
     (dict(lora_B=torch.randn(30, 4, dtype=torch.float64)), TypeError, "lora_B"),
     (dict(lora_A=torch.randn(4, 72).to(torch.float16), lora_B=torch.randn(30, 4).to(torch.float16)), TypeError,
-     "lora_A"),
+     "lora_A must have dtype float32; got float16"),  # fp32 x: one allowed dtype, named once
+    (dict(x=torch.randn(5, 72).to(torch.bfloat16), weight=torch.randn(30, 72).to(torch.bfloat16),
+          lora_A=torch.randn(4, 72).to(torch.float16), lora_B=torch.randn(30, 4).to(torch.float16)), TypeError,
+     "lora_A must have dtype float32 or bfloat16"),
+    (dict(training="yes"), TypeError, "training must be a bool"),
+    (dict(x=torch.randn(5, 72, dtype=torch.float64), weight=torch.randn(30, 72, dtype=torch.float64),
+          lora_A=torch.randn(4, 72, dtype=torch.float64), lora_B=torch.randn(30, 4, dtype=torch.float64),
+          backend="cpp"), ValueError, "backend 'cpp' has no float64 kernels"),
     (dict(scaling=float("nan")), ValueError, "scaling"),
     (dict(scaling=float("inf")), ValueError, "scaling"),
     (dict(scaling="2"), TypeError, "scaling"),
@@ -442,10 +449,9 @@ def test_bad_input_4bit_shape_and_device():
     args["weight"] = make_weight("nf4", 30, 64, torch.float32)
     with pytest.raises(ValueError, match="in_features"):
         lora_linear(**args)
-    if torch.device("meta") is not None:
-        args = _good() | dict(lora_A=torch.randn(4, 72, device="meta"))
-        with pytest.raises(ValueError, match="one device"):
-            lora_linear(**args)
+    args = _good() | dict(lora_A=torch.randn(4, 72, device="meta"))
+    with pytest.raises(ValueError, match="one device"):
+        lora_linear(**args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -356,6 +356,7 @@ def test_unused_output_and_frozen_x(p, seed, paths):
     (dict(x=torch.randn(4, K + 1)), ValueError, r"projections\[0\].weight has in_features"),
     (dict(x=torch.randn(4, K).to(torch.int64)), TypeError, "x must have dtype"),
     (dict(backend="npu"), ValueError, "backend"),
+    (dict(training=1), TypeError, "training must be a bool"),
 ])  # fmt: skip
 def test_bad_input(change, error, words):
     projs = _projections("dense", torch.float32, 0.0, False)

@@ -57,7 +57,8 @@ def check_tensor(t, name: str, dtypes: tuple[torch.dtype, ...] | None = None, nd
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = list(dict.fromkeys(str(d).replace("torch.", "") for d in dtypes))  # (float32, x.dtype) may repeat
+        want = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         raise TypeError(f"{name} must have dtype {want}; got {str(t.dtype).replace('torch.', '')}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")

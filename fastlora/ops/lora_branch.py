@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from ._registry import check_tensor
-from .lora_dropout import check_dropout_p, lora_dropout
+from .lora_dropout import check_dropout_p, check_training, lora_dropout
 
 
 def branch_forward(x2d, lora_A, lora_B, seed_t, scaling: float, p: float, backend: str):
@@ -80,6 +80,7 @@ def lora_branch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
     check_dropout_p(dropout_p)
+    check_training(training)
     p = float(dropout_p) if training else 0.0
     call_site = call_site_of(lora_A)
     seed_t = draw_seed(call_site, x.device) if p > 0.0 else no_seed(x.device)

@@ -61,6 +61,12 @@ for _name in ("lora_dropout", "lora_dropout_reference", "lora_dropout_triton"):
     torch.library.register_autograd(f"fastlora::{_name}", _make_backward(_name), setup_context=_setup_context)
 
 
+def check_training(training) -> None:
+    # A truthy non-bool ("yes", a tensor) would silently decide whether dropout runs.
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+
+
 def check_dropout_p(p) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(p).__name__}")

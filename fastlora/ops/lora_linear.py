@@ -29,7 +29,7 @@ from .. import backends, reference_lora, tuning
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from ._registry import FLOAT_DTYPES, backend_op, check_same_device, check_tensor, define_native
 from .dequantize_absmax import dequantize_absmax
-from .lora_dropout import check_dropout_p
+from .lora_dropout import check_dropout_p, check_training
 
 FWD_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? absmax, int blocksize, str quant_type, int out_features, "
@@ -146,6 +146,11 @@ def _backends(backend: str, x: torch.Tensor, four_bit: bool, out_features: int) 
     585-925 us for the Triton in-loop-decode kernel), up to the crossover saved for this GPU and shape by
     ``python -m fastlora bench --suite kernels --crossover --save-tuned`` (fastlora/tuning.py) where there is one."""
     if x.dtype == torch.float64:
+        if backend not in ("auto", "reference"):
+            if backend not in backends.BACKENDS:
+                backends.resolve(backend, x.device)  # an unknown name is reported as such
+            raise ValueError(f"backend {backend!r} has no float64 kernels: float64 x runs on backend 'reference' "
+                             "(or 'auto')")
         chosen = backends.resolve(backend, x.device, ("reference",))
         return chosen, chosen
     rows = math.prod(x.shape[:-1])
@@ -337,6 +342,7 @@ def lora_linear(
     parts, rounding = check_projection(x, in_features, weight, lora_A, lora_B, scaling, bias, dropout_p, rounding)
     out_features = parts.shape[0]
 
+    check_training(training)
     p = float(dropout_p) if training else 0.0
     call_site = call_site_of(lora_A)
     seed_t = draw_seed(call_site, x.device) if p > 0.0 else no_seed(x.device)

@@ -27,6 +27,7 @@ from .. import backends
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
 from ._registry import FLOAT_DTYPES, backend_op, check_tensor
 from .lora_branch import branch_backward, branch_forward
+from .lora_dropout import check_training
 from .lora_linear import _backends, _WeightParts, check_projection
 
 
@@ -93,6 +94,7 @@ def prepare(x: torch.Tensor, in_features: int, proj, name: str, training: bool, 
                                                      backends.GPU_ORDER_CUDA_FIRST)
         dropout_backend = "auto" if fwd_backend == "cuda" else fwd_backend
     weight_tensors = parts.tensors()
+    check_training(training)
     p = float(proj.dropout_p) if training else 0.0
     prep = PreparedProjection(parts.meta(), len(weight_tensors), fwd_backend, bwd_backend, parts.shape[0],
                               float(proj.scaling), p, rounding, call_site_of(proj.lora_A), compute, dropout_backend)
