@@ -22,14 +22,33 @@ def test_config_round_trips_through_json():
 @pytest.mark.parametrize("op", kernels.OPS)
 def test_plan_is_what_the_builders_build(op):
     """Every planned test id has its callable and every callable a test id (a mismatch would skip or drop cases)."""
-    planned = {(c.pass_, c.provider) for c in kernels.plan(CFG) if c.op == op and c.dtype == "fp32"}
-    built, missing = kernels.build(op, "fp32", CFG)
+    dtype = kernels.dtypes_of(op, CFG)[0]  # fp32, or the op's own dtype (frozen_linear: bf16)
+    planned = {(c.pass_, c.provider) for c in kernels.plan(CFG) if c.op == op and c.dtype == dtype}
+    built, missing = kernels.build(op, dtype, CFG)
     assert missing is None
     assert planned == set(built)
     roles = {built[key][0].role for key in built}
     assert roles == {"fastlora", "reference", "peer"}
+    assert {name for (_, name), (p, _, _) in built.items() if p.role == "peer"} == {kernels.PEER_PROVIDERS[op]}
     no_ref = kernels.SuiteConfig(**{**CFG.__dict__, "reference": False})
     assert all(c.provider != "torch-reference" for c in kernels.plan(no_ref))
+
+
+def test_op_tables_cover_every_op():
+    assert set(kernels.CASES) == set(kernels.PEER_PROVIDERS) == set(kernels.OPS)
+
+
+def test_frozen_linear_runs_in_bf16_on_the_cpu_only():
+    """frozen_linear is a bf16 CPU op: planned in bf16 whatever the dtypes (with the bf16 ceilings), with one
+    backend-less fastlora provider, and left out on a GPU."""
+    cfg = kernels.SuiteConfig(["lora_linear", "frozen_linear"], ["fp32"], 8, 128, 192)
+    frozen = [c for c in kernels.plan(cfg) if c.op == "frozen_linear"]
+    assert {c.dtype for c in frozen} == {"bf16"} and {c.pass_ for c in frozen} == set(kernels.PASSES)
+    assert {c.provider for c in frozen} == {"fastlora", "torch-reference", "torch"}
+    assert kernels.ceiling_dtypes(cfg) == ["fp32", "bf16"]
+    on_gpu = kernels.SuiteConfig(**{**cfg.__dict__, "device": "cuda"})
+    assert kernels.ops_of(on_gpu) == ["lora_linear"] and kernels.ceiling_dtypes(on_gpu) == ["fp32"]
+    assert "torch's bf16 GEMMs are slow" in kernels.op_note("frozen_linear")
 
 
 def _bench(info: dict, median_s: float, rounds: int = 5) -> dict:

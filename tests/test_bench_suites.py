@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from fastlora.__main__ import main
-from fastlora.bench import results
+from fastlora.bench import SUITES, build_parser, results
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -51,10 +51,11 @@ def test_kernels_suite_rows(kernels_run, capsys):
     tmp_path, out, status = kernels_run
     assert status == 0
     every_row = _check_results(tmp_path, "kernels")
-    ceilings = {r["op"]: r for r in every_row if r["op"].endswith("ceiling")}
-    assert set(ceilings) == {"GEMM ceiling", "copy ceiling"}
-    assert ceilings["GEMM ceiling"]["unit"] == "TFLOP/s" and ceilings["copy ceiling"]["unit"] == "GB/s"
-    assert all(c["value"] > 0 and c["dtype"] == "fp32" for c in ceilings.values())
+    # the ceilings of fp32 (--dtype's default) and of bf16, frozen_linear's only dtype
+    ceilings = {(r["op"], r["dtype"]): r for r in every_row if r["op"].endswith("ceiling")}
+    assert set(ceilings) == {(c, d) for c in ("GEMM ceiling", "copy ceiling") for d in ("fp32", "bf16")}
+    assert all(c["unit"] == ("TFLOP/s" if c["op"] == "GEMM ceiling" else "GB/s") for c in ceilings.values())
+    assert all(c["value"] > 0 for c in ceilings.values())
     rows = [r for r in every_row if r["unit"] == "ms"]
     # every timed case also as achieved GB/s (and TFLOP/s where it multiplies matrices), from the same time
     rates = {(r["op"], r["provider"], r["unit"]): r for r in every_row if r["metric"].startswith("achieved")}
@@ -62,26 +63,34 @@ def test_kernels_suite_rows(kernels_run, capsys):
         x = r["extra"]
         gbs = rates[(r["op"], r["provider"], "GB/s")]
         assert gbs["value"] == pytest.approx(x["gbs"]) and x["gbs"] > 0
-        assert gbs["extra"]["fraction_of_ceiling"] == pytest.approx(x["gbs"] / ceilings["copy ceiling"]["value"])
+        copy_ceiling = ceilings[("copy ceiling", r["dtype"])]["value"]
+        assert gbs["extra"]["fraction_of_ceiling"] == pytest.approx(x["gbs"] / copy_ceiling)
         has_flops = not r["op"].startswith(("dequantize", "neftune"))
         assert ((r["op"], r["provider"], "TFLOP/s") in rates) == has_flops == (x["tflops"] is not None)
-    assert len(every_row) == 2 + len(rows) + len(rates)
+    assert len(every_row) == len(ceilings) + len(rows) + len(rates)
     ops = {r["op"] for r in rows}
-    assert ops == {"dequantize_4bit", "neftune_embedding", *(f"{op} {p}" for op in ("lora_linear", "gated_mlp")
+    multi_pass = ("lora_linear", "gated_mlp", "lora_qkv", "linear_4bit", "dora_linear", "frozen_linear")
+    assert ops == {"dequantize_4bit", "neftune_embedding", *(f"{op} {p}" for op in multi_pass
                                                              for p in ("fwd", "bwd", "full"))}
     for op in ops:  # every op: a fastlora provider, the torch reference and the peer
         roles = {r["role"] for r in rows if r["op"] == op}
         assert roles == {"fastlora", "reference", "peer"}, op
-    peers = {r["provider"] for r in rows if r["role"] == "peer"}
-    assert peers == {"bitsandbytes", "peft", "transformers"}
-    assert all(r["unit"] == "ms" and r["value"] > 0 and r["dtype"] == "fp32" for r in rows)
+    peers = {r["op"]: r["provider"] for r in rows if r["role"] == "peer"}
+    assert set(peers.values()) == {"bitsandbytes", "peft", "transformers", "torch"}
+    assert {peers[f"{op} full"] for op in ("lora_qkv", "dora_linear")} == {"peft"}
+    assert (peers["linear_4bit full"], peers["frozen_linear full"]) == ("bitsandbytes", "torch")
+    assert {r["shape"] for r in rows if r["op"] == "lora_qkv fwd"} == {"M32 128->128+32+32"}  # GQA: k, v = q / 4
+    assert all(r["unit"] == "ms" and r["value"] > 0 for r in rows)
+    assert all(r["dtype"] == ("bf16" if r["op"].startswith("frozen_linear") else "fp32") for r in rows)
+    assert all("torch's bf16 GEMMs are slow" in r["extra"]["note"] for r in rows if r["op"].startswith("frozen"))
     this_run = json.loads(out.read_text())
     assert this_run["suite"] == "kernels" and this_run["rows"] == every_row
     from fastlora.bench import kernels
 
     table = kernels.format_rows(every_row).splitlines()
-    assert table[0].startswith("ceiling fp32: GEMM ceiling") and "TFLOP/s" in table[2] and "%copy" in table[2]
-    assert len(table) == 2 + 2 + len(rows) + 1  # ceilings, header + rule, one line per timed case, the legend
+    header = table[len(ceilings)]
+    assert table[0].startswith("ceiling fp32: GEMM ceiling") and "TFLOP/s" in header and "%copy" in header
+    assert len(table) == len(ceilings) + 2 + len(rows) + 1  # ceilings, header + rule, one line per case, legend
 
 
 def test_kernels_options_select_ops_dtypes_shape(tmp_path, capsys):
@@ -128,6 +137,8 @@ def test_train_suite_tiny_one_step(tmp_path, capsys):
     assert "speed PEFT/fastlora" in captured.out and "h64" in captured.out and "PEFT/floor" in captured.out
     # timed by pytest-benchmark (fastlora/bench/pytest_train.py) in a pytest process of its own
     assert "test_train_step[fp32-p0]" in captured.err and "Median" in captured.err
+    # third-party noise (fastlora/_quiet.py) stays out of the suite's pytest process too
+    assert "Warning" not in captured.err and "kernels-community" not in captured.err, captured.err
 
 
 def test_train_suite_emulating_a_cpu_without_bf16(tmp_path, capsys):
@@ -166,18 +177,48 @@ def test_compile_suite_quick(tmp_path):
     assert "regs" in out
 
 
-@pytest.mark.parametrize("suite, options", [
-    ("kernels", ("--ops", "--dtype", "--tokens", "--shape", "--quick", "--seconds", "--no-reference", "--device")),
-    ("train", ("--preset", "--dtype", "--steps", "--warmup", "--dropout", "--backend", "--quick")),
-    ("compile", ("--arch", "--no-triton", "--no-cuda", "--quick")),
-])
-def test_suite_help_lists_options(suite, options, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--suite", suite, "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    for option in (*options, "--output", "--results", "--plot"):
-        assert option in out, option
+OPTIONS = {  # options each suite must offer (beside the common ones)
+    "kernels": ("--ops", "--dtype", "--tokens", "--shape", "--quick", "--seconds", "--no-reference", "--device"),
+    "train": ("--preset", "--dtype", "--steps", "--warmup", "--dropout", "--backend", "--quick"),
+    "compile": ("--arch", "--no-triton", "--no-cuda", "--quick"),
+    "memory": ("--model", "--seq", "--batch", "--rank", "--alpha", "--lora-dropout", "--checkpointing"),
+}
+
+
+@pytest.mark.parametrize("suite", [None, *SUITES])
+def test_suite_help_explains_every_option(suite, capsys):
+    parser = build_parser(suite)
+    offered = {s for action in parser._actions for s in action.option_strings}
+    assert {*OPTIONS.get(suite, ()), "--suite", "--output", "--results", "--plot"} <= offered
+    for action in parser._actions:
+        if "-h" in action.option_strings:
+            continue
+        assert action.help and action.help.strip(), f"{suite}: {action.option_strings} has no help text"
+    with pytest.raises(SystemExit) as exc:  # the help also formats: a stray % in a help string raises here
+        main(["bench", *(["--suite", suite] if suite else []), "--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m fastlora bench")
+
+
+@pytest.mark.parametrize("suite", ["kernels", "train"])
+@pytest.mark.parametrize("absent", ["pytest_benchmark", "pytest"])
+def test_pytest_suites_without_pytest_benchmark(suite, absent, tmp_path, monkeypatch, capsys):
+    """Installed with the demo extra before it had pytest-benchmark, these suites failed with pytest's
+    "unrecognized arguments: --benchmark-json" (or a message blaming a backend): now one line naming the package and
+    the install command, exit 2, nothing run."""
+    import importlib.util
+
+    from fastlora.bench import pytest_run
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else find_spec(name, *a))
+    monkeypatch.setattr(pytest_run, "run", lambda *a, **k: pytest.fail("the suite ran without pytest-benchmark"))
+    assert _run(tmp_path, "--suite", suite, "--quick") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    package = absent.replace("_", "-")
+    assert f"the {suite} suite cannot run: {package} is not installed" in err
+    assert 'pip install "fastlora[bench]"' in err and "pip install pytest pytest-benchmark" in err
+    assert not (tmp_path / "res").exists()
 
 
 @pytest.mark.parametrize("args", [
@@ -215,13 +256,13 @@ def test_bad_input_messages(tmp_path, capsys):
 
 def test_plot_memory_chart(tmp_path, capsys):
     """The memory chart from memory-suite rows (as the dispatcher converts them) appended to a folder."""
-    from fastlora.bench import _memory_rows
+    from fastlora.bench.memory import to_rows
 
     providers = {"peft+bnb": {"peak": 10 * 2**30, "decoder_peak": 6 * 2**30, "breakdown": {}},
                  "fastlora": {"peak": 7 * 2**30, "decoder_peak": 4 * 2**30, "breakdown": {}}}
     memory_rows = [{"model": "llama-3-8b", "seq": seq, "batch": 1, "rank": 16, "checkpointing": False,
                     "providers": providers} for seq in (2048, 8192)]
-    rows = results.stamp(_memory_rows(memory_rows), "memory")
+    rows = results.stamp(to_rows(memory_rows), "memory")
     assert len(rows) == 8 and {r["metric"] for r in rows} == {"step peak", "decoder peak"}
     results.append(tmp_path, rows)
     assert main(["bench", "--plot", "--results", str(tmp_path)]) == 0

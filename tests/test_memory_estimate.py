@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fastlora.bench import memory, memory_model
+from fastlora.bench.memory_tracker import CATEGORIES
 from fastlora.bench.op_workspace import cpu_workspace
 
 TINY = memory_model.Shape(hidden=128, intermediate=384, layers=2, heads=4, kv_heads=2, vocab=512)
@@ -141,7 +142,11 @@ def test_8b_estimate_allocates_nothing_and_runs_fastlora_ops():
                                                                    (h, i)])
     for r in results.values():
         assert adapter <= r.breakdown["adapters+optimizer"] <= 4 * adapter
-    assert fast.peak < peft.peak
+    # issue 6's target in exactly its configuration (StepConfig's defaults are the target's)
+    assert {k: getattr(step, k) for k in ("seq", "batch", "rank", "lora_dropout", "checkpointing")} == \
+        {k: v for k, v in memory.TARGET_CONFIG.items() if k != "model"}
+    assert fast.peak <= memory.TARGET_RATIO * peft.peak, fast.peak / peft.peak
+    assert memory.target_verdict([{**memory.TARGET_CONFIG, "ratio": fast.peak / peft.peak}]).endswith(": met")
     assert 0 < fast.decoder_peak < peft.decoder_peak <= peft.peak
 
 
@@ -210,11 +215,68 @@ def test_cli_runs_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "estimating llama-3.2-1b seq=128" in proc.stderr  # progress
+    # third-party noise (fastlora/_quiet.py): transformers' FutureWarnings, bitsandbytes' log about the hub kernels
+    assert "Warning" not in proc.stderr and "kernels-community" not in proc.stderr, proc.stderr
+    assert f"results written to {out}" in proc.stdout
     assert "peft+bnb" in proc.stdout and "fastlora" in proc.stdout and "ratio" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["seq"] == 128 and rows[0]["checkpointing"] is False
     peaks = {p: rows[0]["providers"][p]["peak"] for p in memory.PROVIDERS}
     assert rows[0]["ratio"] == pytest.approx(peaks["fastlora"] / peaks["peft+bnb"])
+
+
+def _estimated_row(ratio: float, model="llama-3-8b", seq=2048, checkpointing=False) -> dict:
+    """A row as memory.estimate returns it, with fastlora's peak ``ratio`` x PEFT's."""
+    def provider(peak):
+        breakdown = dict.fromkeys(CATEGORIES, peak // len(CATEGORIES))
+        return {"peak": sum(breakdown.values()), "decoder_peak": peak // 2, "breakdown": breakdown}
+
+    providers = {"peft+bnb": provider(40 * 2**30), "fastlora": provider(int(ratio * 40 * 2**30))}
+    return {"model": model, "seq": seq, "batch": 1, "rank": 16, "alpha": 32, "lora_dropout": 0.0,
+            "checkpointing": checkpointing, "providers": providers,
+            "ratio": providers["fastlora"]["peak"] / providers["peft+bnb"]["peak"]}
+
+
+@pytest.mark.parametrize("rows, verdict", [
+    ([_estimated_row(0.61), _estimated_row(0.5, seq=8192)], "0.610x; target <= 0.75x: met"),
+    ([_estimated_row(0.75)], "0.750x; target <= 0.75x: met"),
+    ([_estimated_row(0.5, checkpointing=True), _estimated_row(0.8)], "0.800x; target <= 0.75x: MISSED"),
+    ([_estimated_row(0.5, seq=8192), _estimated_row(0.9, checkpointing=True)], None),  # not the target's config
+    ([_estimated_row(0.9, model="llama-3.2-1b")], None),
+])
+def test_suite_prints_the_targets_verdict(rows, verdict, tmp_path, monkeypatch, capsys):
+    from fastlora.bench import main
+
+    monkeypatch.setattr(memory, "estimate", lambda *a, **k: rows)
+    assert main(["--suite", "memory", "--results", str(tmp_path / "res")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "target <=" in line]
+    if verdict is None:
+        assert lines == []
+    else:
+        assert lines == ["llama-3-8b seq 2048, batch 1, r=16, no checkpointing: fastlora / PEFT+bitsandbytes peak "
+                         + verdict]
+
+
+def test_suite_without_output_prints_only_paths_that_stay(tmp_path, monkeypatch, capsys):
+    """Without --output the suite once printed "results written to /tmp/tmpXXXX/memory.json", a scratch file
+    deleted right after. Now as the other suites: the results folder, and --output only when given."""
+    from fastlora.bench import main
+    from fastlora.bench import results as bench_results
+
+    monkeypatch.setattr(memory, "estimate", lambda *a, **k: [_estimated_row(0.6)])
+    res = tmp_path / "res"
+    assert main(["--suite", "memory", "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "results written to" not in out and "memory.json" not in out
+    assert f"4 result rows appended to {res / bench_results.CSV_NAME}" in out
+    rows = bench_results.load_json(res / bench_results.JSON_NAME)
+    assert {(r["provider"], r["metric"]) for r in rows} == {(p, m) for p in memory.PROVIDERS
+                                                             for m in ("step peak", "decoder peak")}
+    own = tmp_path / "own.json"
+    assert main(["--suite", "memory", "--results", str(res), "--output", str(own)]) == 0
+    assert f"results written to {own}" in capsys.readouterr().out
+    assert json.loads(own.read_text())["rows"][0]["ratio"] == pytest.approx(0.6)
+    assert len(bench_results.load_json(res / bench_results.JSON_NAME)) == 8
 
 
 def test_main_entry_dispatches_bench(capsys):

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,3 +34,13 @@ def test_wheel_holds_every_package(tmp_path):
         assert f"fastlora/kernels/{kernel.name}" in names
     assert "fastlora/data/fables.txt" in names
     assert not any(name.startswith("kernels/") for name in names)  # no top-level `kernels` package
+
+
+def test_bench_extra_is_in_the_demo_and_test_extras():
+    """`python -m fastlora bench --suite kernels / train` run on pytest-benchmark: the bench extra holds pytest and
+    pytest-benchmark, and the demo's and the tests' installs get them with the same pins."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras["bench"]) == ["pytest-benchmark>=4", "pytest>=8"]
+    for name in ("demo", "test"):
+        assert set(extras["bench"]) <= set(extras[name]), name

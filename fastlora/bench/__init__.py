@@ -4,8 +4,10 @@ Each suite is an entry of :data:`SUITES`: name -> (module, help). The module pro
 ``add_arguments(parser)`` (its own options) and ``run(args) -> int``; ``run`` appends its measurements
 to ``args.rows`` (:func:`fastlora.bench.results.row`). The dispatcher stamps them (suite, fastlora version,
 git commit, time) and appends them to the results folder (``--results``, CSV and JSON); ``--output``
-writes this run's JSON. ``--plot`` draws PNG charts from the results folder (:mod:`fastlora.bench.plot`).
-Suites are added by adding a row; the dispatcher knows nothing else about them.
+writes this run's JSON (the memory suite writes its own, with every breakdown). ``--plot`` draws PNG charts from
+the results folder (:mod:`fastlora.bench.plot`). Suites are added by adding a row, and to :data:`PYTEST_SUITES` if
+pytest-benchmark times them; the dispatcher knows nothing else about them. Suites run without the third-party noise
+that :mod:`fastlora._quiet` names.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import pathlib
 import sys
 
+from .._quiet import quiet
 from . import results
 
 SUITES = {
@@ -23,8 +26,9 @@ SUITES = {
                "peak memory of one QLoRA training step at real model scale (Llama 1B / 8B / 70B shapes), "
                "fastlora vs PEFT + bitsandbytes, estimated under FakeTensorMode on this CPU"),
     "kernels": ("fastlora.bench.kernels",
-                "every op (4-bit dequantize, LoRA linear, NEFTune embedding, gated MLP; fwd / bwd / full): "
-                "fastlora's backends vs the torch reference vs bitsandbytes / PEFT / transformers"),
+                "every op (4-bit dequantize, LoRA linear, NEFTune embedding, gated MLP, LoRA q/k/v, 4-bit linear, "
+                "DoRA linear, frozen bf16 linear; fwd / bwd / full): fastlora's backends vs the torch reference vs "
+                "bitsandbytes / PEFT / transformers / torch"),
     "train": ("fastlora.bench.train",
               "one QLoRA training step of a small Llama, fastlora.patch vs PEFT + bitsandbytes: time, saved bytes"),
     "offload": ("fastlora.bench.offload",
@@ -33,10 +37,13 @@ SUITES = {
     "compile": ("fastlora.bench.compile",
                 "the compile-check table: every Triton and CUDA kernel compiled ahead of time for sm_80 / sm_90"),
 }
+# timed by pytest-benchmark in a pytest process of their own (fastlora.bench.pytest_run), unless --crossover
+PYTEST_SUITES = ("kernels", "train")
 DEFAULT_RESULTS = pathlib.Path("fastlora-bench-results")
 
 
-def _parser(suite: str | None) -> argparse.ArgumentParser:
+def build_parser(suite: str | None) -> argparse.ArgumentParser:
+    """The command line of ``python -m fastlora bench``, with the options of ``suite`` (a name of SUITES) if given."""
     parser = argparse.ArgumentParser(
         prog="python -m fastlora bench",
         description="Run a benchmark suite. Suites: " + "; ".join(f"{name}: {text}" for name, (_, text)
@@ -65,42 +72,13 @@ def _suite_named(argv: list[str]) -> str | None:
     return None
 
 
-def _memory_rows(memory_rows: list[dict]) -> list[dict]:
-    """The memory suite (which prints and writes its own JSON) as result rows: one per provider and peak."""
-    out = []
-    for r in memory_rows:
-        shape = f"{r['model']} seq{r['seq']} b{r['batch']} r{r['rank']} ckpt {'on' if r['checkpointing'] else 'off'}"
-        for provider, m in r["providers"].items():
-            role = "fastlora" if provider == "fastlora" else "peer"
-            for metric, key in (("step peak", "peak"), ("decoder peak", "decoder_peak")):
-                out.append(results.row("train_step memory", provider, role, shape, "bf16", metric, m[key], "bytes",
-                                       device="estimate (FakeTensorMode, CUDA workspaces)",
-                                       breakdown=m["breakdown"] if key == "peak" else {}))
-    return out
-
-
-def _run_memory(module, args) -> int:
-    # memory.run returns no rows: read them back from its own --output JSON (a scratch file when not asked)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        asked = args.output
-        if asked is None:
-            args.output = pathlib.Path(scratch) / "memory.json"
-        status = int(module.run(args) or 0)
-        if args.output.exists():
-            args.rows.extend(_memory_rows(json.loads(args.output.read_text())["rows"]))
-        args.output = asked
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     suite = _suite_named(argv)
     if suite is not None and suite not in SUITES:
         print(f"fastlora bench: unknown suite {suite!r}; available: {', '.join(SUITES)}", file=sys.stderr)
         return 2
-    parser = _parser(suite)
+    parser = build_parser(suite)
     args = parser.parse_args(argv)  # argparse exits 2 with a message on bad options
     if args.suite is None and not args.plot:
         parser.print_usage(sys.stderr)
@@ -116,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"fastlora bench: --results: {problem}", file=sys.stderr)
             return 2
+        if args.suite in PYTEST_SUITES and not getattr(args, "crossover", False):
+            from . import pytest_run
+
+            problem = pytest_run.missing()
+            if problem:
+                print(f"fastlora bench: the {args.suite} suite cannot run: {problem}", file=sys.stderr)
+                return 2
         module = importlib.import_module(SUITES[args.suite][0])
         args.rows = []
-        if args.suite == "memory":
-            status = _run_memory(module, args)
-        else:
+        with quiet():
             status = int(module.run(args) or 0)
         rows = results.stamp(args.rows, args.suite)
         if rows:

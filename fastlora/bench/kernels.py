@@ -14,11 +14,26 @@ Ops (M tokens, a K -> N projection; ``--tokens`` and ``--shape KxN`` set them):
   after ``F.embedding``.
 * ``gated_mlp`` fwd / bwd / full: ``down(silu(gate(x)) * up(x))``, hidden K, intermediate N, QLoRA on
   all three; ``fastlora.ops.lora_gated_mlp`` per backend vs three PEFT layers composed as LlamaMLP.
+* ``lora_qkv`` fwd / bwd / full: attention's q, k, v of hidden size K, Llama-style grouped-query attention
+  (q K -> K, k and v K -> K/4; N is not used), QLoRA on all three; ``fastlora.ops.lora_qkv`` per backend vs
+  three PEFT ``lora.bnb.Linear4bit`` layers called one by one on the same x, as PEFT computes them.
+* ``linear_4bit`` fwd / bwd / full: x (M, K) through a frozen NF4 K -> N linear without adapter (the weight of
+  lora_linear's case); ``fastlora.ops.linear_4bit`` per backend vs a bitsandbytes ``Linear4bit``. Nothing is
+  trainable but x: bwd is dx alone.
+* ``dora_linear`` fwd / bwd / full: lora_linear's projection with DoRA's magnitude vector (fp32, the row norms
+  ‖W + s·BA‖); ``fastlora.ops.dora_linear`` per backend vs PEFT's DoRA layer (``LoraConfig(use_dora=True)``
+  over a bitsandbytes ``Linear4bit``).
+* ``frozen_linear`` fwd / bwd / full: a frozen bf16 K -> N dense linear, always bf16 whatever ``--dtype`` says
+  (its only dtype), CPU only (left out on a GPU); bwd is dx alone. ``fastlora.ops.frozen_linear`` (fp32 GEMMs
+  over blocks of W, one provider ``fastlora``: it has no backends) vs torch's bf16 ``F.linear``, the call it
+  replaces. fastlora patches it in only where torch's bf16 GEMMs are slow (CPUs without native bf16:
+  ``fastlora.ops.frozen_linear.torch_bf16_gemms_slow``); its rows say whether that holds on this CPU.
 
 Providers: ``fastlora:<backend>`` for every backend that runs on the device here (cpp on a CPU with the
 compiled extension; cuda / triton on a GPU), ``torch-reference`` (fastlora's reference backend: plain
-torch, the ground truth) and the peer (``bitsandbytes``, ``peft``, ``transformers``). A provider whose
-library is missing is left out with a note.
+torch, the ground truth; for frozen_linear the same fp32 math untiled) and the peer (``bitsandbytes``,
+``peft``, ``transformers``, ``torch``). A provider whose library is missing is left out with a note. The
+builders are in :mod:`fastlora.bench.kernel_cases`.
 
 Timing: pytest-benchmark. :func:`plan` names every case before anything is built, :func:`build` makes the
 callables of one (op, dtype); fastlora/bench/pytest_kernels.py turns them into pytest-benchmark tests, which
@@ -38,24 +53,18 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from . import crossover, pytest_run, results, roofline
+from . import crossover, lora_setup, pytest_run, results, roofline
+from . import kernel_cases as kc
 from .arg_types import positive_int
+from .kernel_cases import Provider
 
-OPS = ("dequantize_4bit", "lora_linear", "neftune_embedding", "gated_mlp")
+OPS = ("dequantize_4bit", "lora_linear", "neftune_embedding", "gated_mlp", "lora_qkv", "linear_4bit", "dora_linear",
+       "frozen_linear")
 PASSES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT = (256, (1024, 2816))  # tokens, (K, N): runs in about a minute on a 2-core CPU
 QUICK = (32, (128, 256))
-NEFTUNE_ALPHA = 5.0
-
-
-@dataclasses.dataclass
-class Provider:
-    name: str
-    role: str
-    backend: str | None  # fastlora backend; None for the peer
 
 
 def fastlora_providers(device: str) -> list[Provider]:
@@ -77,127 +86,33 @@ def _peer_missing(*modules: str) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------
-# the ops: each yields (pass, provider, fn, setup)
-
-
-def dequantize_cases(tokens, k, n, dtype, device, providers):
-    from fastlora import nf4
-
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g) * 0.02
-    q = nf4.quantize(w, 64, "nf4", True).to(device)
-    for p in providers:
-        yield "fwd", p, (lambda b=p.backend: nf4.dequantize(q, dtype, backend=b)), None
-    import bitsandbytes.functional as bnbF
-
-    packed, state = bnbF.quantize_4bit(w.to(dtype).to(device), blocksize=64, quant_type="nf4",
-                                       compress_statistics=True)
-    yield "fwd", Provider("bitsandbytes", "peer", None), (lambda: bnbF.dequantize_4bit(packed, state)), None
-
-
-def _passes(forward, dy, leaves):
-    """(pass, fn, setup) for a forward with autograd: fwd, bwd (forward untimed in setup), full."""
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    def fwd_setup():
-        reset()
-        return forward()
-
-    yield "fwd", (lambda: forward()), None
-    yield "bwd", (lambda y: y.backward(dy)), fwd_setup
-    yield "full", (lambda: (reset(), forward().backward(dy))), None
-
-
-def lora_linear_cases(tokens, k, n, dtype, device, providers):
-    from fastlora.bench import lora_setup as ls
-    from fastlora.ops import lora_linear
-
-    prob = ls.make_problem(tokens, k, n)
-    x0, dy = (t.to(device) for t in prob.inputs(dtype))
-    q = prob.qweight.to(device)
-    for p in providers:
-        x, a, b = (t.to(device).detach().requires_grad_(True) for t in (x0, prob.lora_A, prob.lora_B))
-
-        def forward(x=x, a=a, b=b, backend=p.backend):
-            return lora_linear(x, q, a, b, ls.SCALING, dropout_p=0.0, training=True, backend=backend)
-
-        for name, fn, setup in _passes(forward, dy, [x, a, b]):
-            yield name, p, fn, setup
-    layer = ls.peft_layer(prob, dtype).to(device)
-    x = x0.detach().requires_grad_(True)
-    leaves = [x, *(t for t in layer.parameters() if t.requires_grad)]
-    for name, fn, setup in _passes(lambda: layer(x), dy, leaves):
-        yield name, Provider("peft", "peer", None), fn, setup
-
-
-def _hf_neftune_hook():
-    from transformers.integrations.neftune import neftune_post_forward_hook
-
-    return neftune_post_forward_hook
-
-
-def neftune_cases(tokens, k, n, dtype, device, providers):
-    from fastlora.ops import neftune_embedding
-
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(n, k, generator=g).to(dtype).to(device)
-    ids = torch.randint(0, n, (1, tokens), generator=g).to(device)
-    for p in providers:
-        yield "fwd", p, (lambda b=p.backend: neftune_embedding(ids, weight, NEFTUNE_ALPHA, backend=b)), None
-    hook = _hf_neftune_hook()
-    module = torch.nn.Module()  # the hook reads module.training and module.neftune_noise_alpha
-    module.neftune_noise_alpha = NEFTUNE_ALPHA
-    yield "fwd", Provider("transformers", "peer", None), (lambda: hook(module, (ids,), F.embedding(ids, weight))), None
-
-
-def gated_mlp_cases(tokens, k, n, dtype, device, providers):
-    from fastlora.bench import lora_setup as ls
-    from fastlora.ops.lora_gated_mlp import lora_gated_mlp
-    from fastlora.ops.lora_projection import LoraProjection
-
-    probs = {"gate": ls.make_problem(tokens, k, n, seed=1), "up": ls.make_problem(tokens, k, n, seed=2),
-             "down": ls.make_problem(tokens, n, k, seed=3)}
-    g = torch.Generator().manual_seed(7)
-    x0 = torch.randn(tokens, k, generator=g).to(dtype).to(device)
-    dy = (torch.randn(tokens, k, generator=g) * 0.01).to(dtype).to(device)
-    for p in providers:
-        x = x0.detach().requires_grad_(True)
-        adapters = {name: [t.to(device).detach().requires_grad_(True) for t in (pr.lora_A, pr.lora_B)]
-                    for name, pr in probs.items()}
-        projs = {name: LoraProjection(pr.qweight.to(device), *adapters[name], ls.SCALING) for name, pr in probs.items()}
-
-        def forward(x=x, projs=projs, backend=p.backend):
-            return lora_gated_mlp(x, projs["gate"], projs["up"], projs["down"], backend=backend)
-
-        leaves = [x, *(t for pair in adapters.values() for t in pair)]
-        for name, fn, setup in _passes(forward, dy, leaves):
-            yield name, p, fn, setup
-    layers = {name: ls.peft_layer(pr, dtype).to(device) for name, pr in probs.items()}
-    x = x0.detach().requires_grad_(True)
-    leaves = [x, *(t for layer in layers.values() for t in layer.parameters() if t.requires_grad)]
-
-    def peft_forward():
-        return layers["down"](F.silu(layers["gate"](x)) * layers["up"](x))
-
-    for name, fn, setup in _passes(peft_forward, dy, leaves):
-        yield name, Provider("peft", "peer", None), fn, setup
+def _qkv_label(m: int, k: int, n: int) -> str:
+    q, kv, _ = lora_setup.qkv_out_features(k)
+    return f"M{m} {k}->{q}+{kv}+{kv}"
 
 
 CASES = {  # op -> (builder, the peer's modules, shape label)
-    "dequantize_4bit": (dequantize_cases, ("bitsandbytes",), lambda m, k, n: f"{n}x{k}"),
-    "lora_linear": (lora_linear_cases, ("bitsandbytes", "peft"), lambda m, k, n: f"M{m} {k}->{n}"),
-    "neftune_embedding": (neftune_cases, ("transformers",), lambda m, k, n: f"M{m} vocab{n} d{k}"),
-    "gated_mlp": (gated_mlp_cases, ("bitsandbytes", "peft"), lambda m, k, n: f"M{m} {k}->{n}->{k}"),
+    "dequantize_4bit": (kc.dequantize_cases, ("bitsandbytes",), lambda m, k, n: f"{n}x{k}"),
+    "lora_linear": (kc.lora_linear_cases, ("bitsandbytes", "peft"), lambda m, k, n: f"M{m} {k}->{n}"),
+    "neftune_embedding": (kc.neftune_cases, ("transformers",), lambda m, k, n: f"M{m} vocab{n} d{k}"),
+    "gated_mlp": (kc.gated_mlp_cases, ("bitsandbytes", "peft"), lambda m, k, n: f"M{m} {k}->{n}->{k}"),
+    "lora_qkv": (kc.lora_qkv_cases, ("bitsandbytes", "peft"), _qkv_label),
+    "linear_4bit": (kc.linear_4bit_cases, ("bitsandbytes",), lambda m, k, n: f"M{m} {k}->{n}"),
+    "dora_linear": (kc.dora_linear_cases, ("bitsandbytes", "peft"), lambda m, k, n: f"M{m} {k}->{n}"),
+    "frozen_linear": (kc.frozen_linear_cases, (), lambda m, k, n: f"M{m} {k}->{n}"),
 }
 
 
 CONFIG_ENV = "FASTLORA_KERNELS_SUITE"  # a SuiteConfig's JSON, read by fastlora.bench.pytest_kernels
 SINGLE_PASS = ("dequantize_4bit", "neftune_embedding")  # ops timed as one forward call
 PEER_PROVIDERS = {"dequantize_4bit": "bitsandbytes", "lora_linear": "peft", "neftune_embedding": "transformers",
-                  "gated_mlp": "peft"}
+                  "gated_mlp": "peft", "lora_qkv": "peft", "linear_4bit": "bitsandbytes", "dora_linear": "peft",
+                  "frozen_linear": "torch"}
+# frozen_linear: bf16 only, CPU only, no backends (one "fastlora" provider); the other ops take --dtype and run on
+# --device with fastlora_providers
+OWN_DTYPES = {"frozen_linear": ("bf16",)}
+CPU_ONLY = ("frozen_linear",)
+NO_BACKENDS = ("frozen_linear",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,18 +153,34 @@ def op_label(op: str, pass_: str) -> str:
     return op if op in SINGLE_PASS else f"{op} {pass_}"
 
 
-def providers_of(cfg: SuiteConfig) -> list[Provider]:
-    return [p for p in fastlora_providers(cfg.device) if cfg.reference or p.role != "reference"]
+def providers_of(cfg: SuiteConfig, op: str) -> list[Provider]:
+    own = [Provider("fastlora", "fastlora", None), Provider("torch-reference", "reference", None)]
+    return [p for p in (own if op in NO_BACKENDS else fastlora_providers(cfg.device))
+            if cfg.reference or p.role != "reference"]
+
+
+def ops_of(cfg: SuiteConfig) -> list[str]:
+    """The ops of a run that run on its device (a CPU-only op is left out on a GPU)."""
+    return [op for op in cfg.ops if cfg.device == "cpu" or op not in CPU_ONLY]
+
+
+def dtypes_of(op: str, cfg: SuiteConfig) -> list[str]:
+    return list(OWN_DTYPES.get(op, cfg.dtypes))
+
+
+def ceiling_dtypes(cfg: SuiteConfig) -> list[str]:
+    """The dtypes whose ceilings a run measures: those of its cases."""
+    return list(dict.fromkeys(d for op in ops_of(cfg) for d in dtypes_of(op, cfg)))
 
 
 def plan(cfg: SuiteConfig) -> list[PlannedCase]:
     """Every (op, dtype, pass, provider) of a run, in the order they are timed (ops, dtypes, then as each op's
     builder yields them: fastlora's providers and the reference per pass, the peer last)."""
-    names = [p.name for p in providers_of(cfg)]
     out = []
-    for op in cfg.ops:
+    for op in ops_of(cfg):
         passes = ("fwd",) if op in SINGLE_PASS else PASSES
-        for dtype in cfg.dtypes:
+        names = [p.name for p in providers_of(cfg, op)]
+        for dtype in dtypes_of(op, cfg):
             for provider in [*names, PEER_PROVIDERS[op]]:
                 out += [PlannedCase(op, pass_, dtype, provider) for pass_ in passes]
     return out
@@ -259,7 +190,7 @@ def build(op: str, dtype: str, cfg: SuiteConfig) -> tuple[dict[tuple[str, str], 
     """The callables of one (op, dtype): {(pass, provider name): (Provider, fn, setup)}, and why the peer is
     missing (None when it is there). ``fn(setup())`` (or ``fn()`` without setup) is one timed call."""
     builder = CASES[op][0]
-    cases = builder(cfg.tokens, cfg.k, cfg.n, DTYPES[dtype], cfg.device, providers_of(cfg))
+    cases = builder(cfg.tokens, cfg.k, cfg.n, DTYPES[dtype], cfg.device, providers_of(cfg, op))
     out, missing = {}, _peer_missing(*CASES[op][1])
     while True:
         try:
@@ -277,6 +208,18 @@ def shape_label(op: str, cfg: SuiteConfig) -> str:
     return CASES[op][2](cfg.tokens, cfg.k, cfg.n)
 
 
+def op_note(op: str) -> str | None:
+    """What the rows of ``op`` must say besides their numbers (frozen_linear: whether fastlora patches it in on
+    this CPU), or None."""
+    if op != "frozen_linear":
+        return None
+    from fastlora.ops.frozen_linear import torch_bf16_gemms_slow
+
+    here = ("they are here" if torch_bf16_gemms_slow() else
+            "not here: this CPU runs them natively, so fastlora leaves torch's F.linear in place")
+    return f"fastlora patches it in only where torch's bf16 GEMMs are slow (CPUs without native bf16); {here}"
+
+
 def ceiling_rows(c: roofline.Ceilings) -> list[dict]:
     device = c.device if c.device != "cpu" else None
     return [results.row("GEMM ceiling", "torch.mm", "reference", f"{c.gemm_n}x{c.gemm_n}x{c.gemm_n}", c.dtype,
@@ -291,7 +234,7 @@ def rows_from_benchmarks(report: dict, cfg: SuiteConfig) -> list[dict]:
     where = cfg.device if cfg.device != "cpu" else None
     timed = [(b["extra_info"], b["stats"]) for b in report.get("benchmarks", [])]
     ceilings = {}
-    for dtype in cfg.dtypes:
+    for dtype in ceiling_dtypes(cfg):
         ms = {info["ceiling"]: stats["median"] * 1e3 for info, stats in timed
               if info.get("ceiling") and info["dtype"] == dtype}
         if set(ms) == {"gemm", "copy"}:
@@ -305,8 +248,9 @@ def rows_from_benchmarks(report: dict, cfg: SuiteConfig) -> list[dict]:
         common = (op_label(op, pass_), info["provider"], info["role"], shape_label(op, cfg), dtype)
         rates = (roofline.achieved(roofline.work(op, pass_, cfg.tokens, cfg.k, cfg.n, DTYPES[dtype]), median_ms,
                                    ceilings[dtype]) if dtype in ceilings else {})
+        note = {"note": op_note(op)} if op_note(op) else {}
         rows.append(results.row(*common, "median time", median_ms, "ms", device=where, min_ms=stats["min"] * 1e3,
-                                runs=stats["rounds"], backend=info["backend"], **rates))
+                                runs=stats["rounds"], backend=info["backend"], **rates, **note))
         if rates.get("tflops") is not None:
             rows.append(results.row(*common, "achieved TFLOP/s", rates["tflops"], "TFLOP/s", device=where,
                                     fraction_of_ceiling=rates["gemm_fraction"]))
@@ -364,12 +308,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops; default all")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                         help="activation / output dtype(s); default fp32 (PEFT's bf16 GEMMs are very slow on CPUs "
-                             "without native bf16), bf16 with --crossover")
+                             "without native bf16), bf16 with --crossover; frozen_linear is always bf16")
     parser.add_argument("--tokens", type=positive_int, default=None,
                         help=f"tokens M per call; default {DEFAULT[0]} ({QUICK[0]} with --quick)")
     parser.add_argument("--shape", type=_shape, default=None, metavar="KxN",
                         help=f"in x out features K x N (dequantize: an (N, K) weight; NEFTune: vocab N, dim K; "
-                             f"gated MLP: hidden K, intermediate N), multiples of 64; default "
+                             f"gated MLP: hidden K, intermediate N; q/k/v: hidden K, q K -> K, k and v K -> K/4, N "
+                             f"unused), multiples of 64; default "
                              f"{DEFAULT[1][0]}x{DEFAULT[1][1]} ({QUICK[1][0]}x{QUICK[1][1]} with --quick); "
                              "real sizes e.g. --tokens 1024 --shape 4096x14336")
     parser.add_argument("--quick", action="store_true",
@@ -423,8 +368,12 @@ def run(args) -> int:
     print(format_rows(rows))
     for op in cfg.ops:
         missing = _peer_missing(*CASES[op][1])
-        if missing:
+        if op not in ops_of(cfg):
+            print(f"note: {op}: left out: it runs on the CPU only")
+        elif missing:
             print(f"note: {op}: peer left out: {missing}")
+        elif op_note(op):
+            print(f"note: {op}: {op_note(op)}")
     args.rows.extend(rows)
     if status != 0:
         print(f"fastlora bench: {status} from pytest: some cases failed (see above); the others are recorded",

@@ -32,6 +32,7 @@ BLOCKSIZE = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FULL = (1024, [(4096, 4096), (4096, 14336)])  # tokens, [(in_features, out_features)] (Llama-3-8B q/o and gate/up)
 QUICK = (128, [(512, 512), (512, 1792)])
+KV_GROUPS = 4  # query heads per key / value head in grouped-query attention (Llama-3-8B: 32 / 8)
 
 
 def env_backend() -> str:
@@ -108,6 +109,12 @@ class Problem:
         return x, dy
 
 
+def qkv_out_features(hidden: int) -> tuple[int, int, int]:
+    """Out features of attention's q, k, v projections of hidden size ``hidden``, Llama-style GQA: q is
+    hidden -> hidden, k and v hidden -> hidden / KV_GROUPS (Llama-3-8B: 4096 -> 4096, 1024, 1024)."""
+    return hidden, hidden // KV_GROUPS, hidden // KV_GROUPS
+
+
 def make_problem(tokens: int, in_features: int, out_features: int, keep_dense: bool = False, seed: int = 0) -> Problem:
     """An NF4 (double quant) weight quantized from N(0, 0.02²) values and non-zero fp32 adapters
     (B is random, not PEFT's zero init, so the LoRA branch carries real values). The dense
@@ -154,21 +161,36 @@ def fastlora_step(p: Problem, dtype: torch.dtype, dropout_p: float, backend: str
     return Step(fwd, dy, [x, a, b], [a, b, *qweight_tensors(q)], {_ptr(x): "x"})
 
 
-def peft_layer(p: Problem, dtype: torch.dtype, dropout_p: float = 0.0):
-    """``peft.tuners.lora.bnb.Linear4bit`` (adapter "default", r=16, alpha=32) over a bitsandbytes
-    ``Linear4bit`` (compute dtype = activation dtype) holding ``p.qweight``'s very tensors. The
-    quant state's dtype is set to the activation dtype, as for a model loaded with
-    ``bnb_4bit_compute_dtype`` = that dtype; the decoded values do not depend on it. Adapters are
-    fp32, PEFT's default."""
+def bnb_layer(p: Problem, dtype: torch.dtype):
+    """A bitsandbytes ``Linear4bit`` (no bias, compute dtype = activation dtype) holding ``p.qweight``'s very
+    tensors (``fastlora.nf4.to_bnb``). The quant state's dtype is set to the activation dtype, as for a model
+    loaded with ``bnb_4bit_compute_dtype`` = that dtype; the decoded values do not depend on it."""
     import bitsandbytes as bnb
-    from peft import LoraConfig
-    from peft.tuners.lora.bnb import Linear4bit
 
     base = bnb.nn.Linear4bit(p.in_features, p.out_features, bias=False, compute_dtype=dtype,
                              compress_statistics=True, quant_type="nf4", device="meta")
     base.weight = nf4.to_bnb(dataclasses.replace(p.qweight, dtype=dtype))
-    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=dropout_p)
-    layer = Linear4bit(base, "default", config=config, r=RANK, lora_alpha=LORA_ALPHA)
+    return base
+
+
+def dora_magnitude(p: Problem) -> torch.Tensor:
+    """DoRA's magnitude vector for ``p``: the fp32 row norms ‖W + s·BA‖ (PEFT's initialisation, here of the
+    problem's non-zero adapters)."""
+    from fastlora.ops.dora_linear import dora_weight_norm
+
+    return dora_weight_norm(p.qweight, p.lora_A, p.lora_B, SCALING, torch.float32)
+
+
+def peft_layer(p: Problem, dtype: torch.dtype, dropout_p: float = 0.0, use_dora: bool = False):
+    """``peft.tuners.lora.bnb.Linear4bit`` (adapter "default", r=16, alpha=32) over :func:`bnb_layer`.
+    Adapters are fp32, PEFT's default. ``use_dora``: a DoRA layer (``LoraConfig(use_dora=True)``) with
+    :func:`dora_magnitude` as its fp32 magnitude vector."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit
+
+    base = bnb_layer(p, dtype)
+    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=dropout_p, use_dora=use_dora)
+    layer = Linear4bit(base, "default", config=config, r=RANK, lora_alpha=LORA_ALPHA, use_dora=use_dora)
     # PEFT moves new adapters to the base layer's dtype; get_peft_model(autocast_adapter_dtype=True),
     # its default, then upcasts them to fp32. Do the same here.
     layer.lora_A.float()
@@ -176,6 +198,9 @@ def peft_layer(p: Problem, dtype: torch.dtype, dropout_p: float = 0.0):
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(p.lora_A)
         layer.lora_B["default"].weight.copy_(p.lora_B)
+        if use_dora:
+            layer.lora_magnitude_vector.float()
+            layer.lora_magnitude_vector["default"].weight.copy_(dora_magnitude(p))
     assert layer.scaling["default"] == SCALING
     return layer.train()
 

@@ -31,13 +31,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import memory_model
+from . import memory_model, results
 from .arg_types import dropout_probability, positive_int
 from .memory_tracker import CATEGORIES, MemoryTracker
 from .op_workspace import gpu_workspace
 
 PROVIDERS = ("peft+bnb", "fastlora")
 GiB = 2**30
+# issue 6's target: fastlora's peak <= 0.75x PEFT + bitsandbytes' in this configuration (the suite's defaults)
+TARGET_CONFIG = {"model": "llama-3-8b", "seq": 2048, "batch": 1, "rank": 16, "lora_dropout": 0.0,
+                 "checkpointing": False}
+TARGET_RATIO = 0.75
 
 
 @dataclass
@@ -179,16 +183,16 @@ def estimate(model: str, seqs=(2048, 8192), checkpointing=(False, True), *, batc
         for seq in seqs:
             step = memory_model.StepConfig(seq=seq, batch=batch, rank=rank, alpha=alpha, lora_dropout=lora_dropout,
                                            checkpointing=ckpt)
-            results = {}
+            measured = {}
             for provider in PROVIDERS:
                 if progress is not None:
                     progress(f"estimating {model} seq={seq} batch={batch} checkpointing={'on' if ckpt else 'off'} "
                              f"{provider} ...")
-                results[provider] = measure_step(shape, step, provider)
+                measured[provider] = measure_step(shape, step, provider)
             rows.append({"model": model, "seq": seq, "batch": batch, "rank": rank, "alpha": alpha,
                          "lora_dropout": lora_dropout, "checkpointing": ckpt,
-                         "providers": {p: asdict(r) for p, r in results.items()},
-                         "ratio": results["fastlora"].peak / results["peft+bnb"].peak})
+                         "providers": {p: asdict(r) for p, r in measured.items()},
+                         "ratio": measured["fastlora"].peak / measured["peft+bnb"].peak})
     return rows
 
 
@@ -212,6 +216,30 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def target_verdict(rows: list[dict]) -> str | None:
+    """The line saying whether the target is met, from the row of :data:`TARGET_CONFIG`; None if not estimated."""
+    for row in rows:
+        if all(row[key] == value for key, value in TARGET_CONFIG.items()):
+            verdict = "met" if row["ratio"] <= TARGET_RATIO else "MISSED"
+            return (f"{row['model']} seq {row['seq']}, batch {row['batch']}, r={row['rank']}, no checkpointing: "
+                    f"fastlora / PEFT+bitsandbytes peak {row['ratio']:.3f}x; target <= {TARGET_RATIO}x: {verdict}")
+    return None
+
+
+def to_rows(rows: list[dict]) -> list[dict]:
+    """:func:`estimate`'s rows as result rows (:mod:`fastlora.bench.results`): one per provider and peak."""
+    out = []
+    for r in rows:
+        shape = f"{r['model']} seq{r['seq']} b{r['batch']} r{r['rank']} ckpt {'on' if r['checkpointing'] else 'off'}"
+        for provider, m in r["providers"].items():
+            role = "fastlora" if provider == "fastlora" else "peer"
+            for metric, key in (("step peak", "peak"), ("decoder peak", "decoder_peak")):
+                out.append(results.row("train_step memory", provider, role, shape, "bf16", metric, m[key], "bytes",
+                                       device="estimate (FakeTensorMode, CUDA workspaces)",
+                                       breakdown=m["breakdown"] if key == "peak" else {}))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(memory_model.PRESETS),
                         help="model shape preset (Llama architecture, built from a config, nothing downloaded); "
@@ -229,7 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    """The memory suite of ``fastlora bench``: estimate, print the table, write JSON to args.output."""
+    """The memory suite of ``fastlora bench``: estimate, print the table and the target's verdict, append result
+    rows to ``args.rows``; with ``--output``, also this run's estimates (breakdowns, peak ops) as JSON there."""
     ckpt = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
 
     def progress(line: str) -> None:
@@ -240,6 +269,10 @@ def run(args) -> int:
     print(format_rows(rows))
     print("Estimated under FakeTensorMode on this CPU (nothing allocated); in-kernel workspaces of the 4-bit GEMMs "
           "modelled as on a CUDA GPU; bf16 model, fp32 adapters, AdamW, SDPA attention.")
+    verdict = target_verdict(rows)
+    if verdict is not None:
+        print(verdict)
+    args.rows.extend(to_rows(rows))
     if args.output is not None:
         payload = {"suite": "memory", "torch": torch.__version__, "rows": rows}
         args.output.write_text(json.dumps(payload, indent=2) + "\n")

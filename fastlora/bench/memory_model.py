@@ -12,7 +12,8 @@ The recipe modelled (stated in every report): the whole model in ``dtype`` (bflo
 embeddings, norms and lm_head included — no ``prepare_model_for_kbit_training`` upcast, which would
 make the hidden states float32 and send every call back to bitsandbytes), PEFT's default float32
 adapters, lora_dropout 0 unless asked, SDPA attention, gradient checkpointing via transformers'
-``gradient_checkpointing_enable()`` on every decoder layer.
+``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before transformers 5) on every
+decoder layer.
 """
 
 from __future__ import annotations
@@ -163,7 +164,9 @@ def build_peft_model(shape: Shape, step: StepConfig, *, fake: bool, seed: int = 
     quantize_projections(model, step.dtype, fake)
     model.config.use_cache = False
     if step.checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it and warns on the old name, the only one before 5
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.enable_input_require_grads()
     config = peft.LoraConfig(r=step.rank, lora_alpha=step.alpha, lora_dropout=step.lora_dropout,
                              target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")

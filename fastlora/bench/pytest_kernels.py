@@ -2,11 +2,12 @@
 (in a pytest process of its own) and what ``python -m pytest bench/`` collects through bench/bench_kernels_suite.py.
 
 One test per timed case, ``test_case[<op>-<pass>-<dtype>-<provider>]`` (:func:`fastlora.bench.kernels.plan`), and
-per dtype the two ceilings, ``test_ceiling[<dtype>-gemm|copy]``. Each is timed by pytest-benchmark's
-``benchmark.pedantic``, one call per round: a round count from the time budget (one untimed warm-up call first,
-then as many rounds as fit the budget, 3 to ``max_runs``; one round and no warm-up with a budget of 0), an untimed
-``setup`` where the case has one (the forward before a timed backward), the GPU synchronized inside the timed
-call. ``extra_info`` carries what a result row needs (op, pass, dtype, provider, role, backend).
+per dtype of the cases (:func:`fastlora.bench.kernels.ceiling_dtypes`) the two ceilings,
+``test_ceiling[<dtype>-gemm|copy]``. Each is timed by pytest-benchmark's ``benchmark.pedantic``, one call per
+round: a round count from the time budget (one untimed warm-up call first, then as many rounds as fit the budget,
+3 to ``max_runs``; one round and no warm-up with a budget of 0), an untimed ``setup`` where the case has one (the
+forward before a timed backward), the GPU synchronized inside the timed call. ``extra_info`` carries what a result
+row needs (op, pass, dtype, provider, role, backend).
 
 Configuration: the JSON of a :class:`fastlora.bench.kernels.SuiteConfig` in ``$FASTLORA_KERNELS_SUITE`` (the CLI
 sets it), else the suite's defaults (``FASTLORA_BENCH_QUICK=1``: its --quick sizes). The tensors of one (op,
@@ -43,7 +44,7 @@ def pytest_generate_tests(metafunc):
         cases = kernels.plan(cfg)
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
     if "ceiling" in metafunc.fixturenames:
-        pairs = [(dtype, kind) for dtype in cfg.dtypes for kind in ("gemm", "copy")]
+        pairs = [(dtype, kind) for dtype in kernels.ceiling_dtypes(cfg) for kind in ("gemm", "copy")]
         metafunc.parametrize("ceiling", pairs, ids=[f"{d}-{k}" for d, k in pairs])
 
 

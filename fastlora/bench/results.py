@@ -5,8 +5,8 @@ A row is a dict with the keys of :data:`KEYS`. Suites fill ``op``, ``provider``,
 else, JSON-able); :func:`stamp` adds the suite, fastlora's version, the git commit of the checkout
 ("unknown" outside one), the run id and the time. ``role`` says what the provider is in the comparison:
 "fastlora", "reference" (the torch reference) or "peer" (what users run today: bitsandbytes, PEFT,
-transformers); the speedup charts divide each peer time by each fastlora time of the same op, shape,
-dtype and device.
+transformers, torch's own bf16 linear); the speedup charts divide each peer time by each fastlora time of the
+same op, shape, dtype and device.
 
 The folder holds ``results.csv`` (appended, header written once; ``extra`` as a JSON string) and
 ``results.json`` (``{"rows": [...]}``, rewritten with the new rows appended).

@@ -10,7 +10,7 @@ Work per case (:func:`work`): the flops of its matrix products and the bytes it 
 operand read once, every result written once), from the shapes alone, so that every provider of a case is
 divided by the same numbers. M tokens, a K -> N projection, LoRA rank r, element size e of the dtype, fp32
 adapters, the weight NF4 double-quant (blocksize 64: K·N/2 code bytes + K·N/64 one-byte absmax + the
-second-level fp32 absmax every 256 blocks):
+second-level fp32 absmax every 256 blocks), bwd of a frozen linear (linear_4bit, frozen_linear) dx alone:
 
   ================  ===============================================  ==============================================
   case              flops                                            bytes
@@ -24,6 +24,14 @@ second-level fp32 absmax every 256 blocks):
                     down N -> K)
   neftune           0                                                ids (8 bytes each) + M·d·e rows read + M·d·e
                                                                      written
+  lora_qkv          the three projections' lora_linear sums (q K -> K, k and v K -> K/4: lora_setup's GQA shapes),
+                    but x read once (fwd and bwd) and dx written once (bwd)
+  linear_4bit fwd   2MKN                                             weight + x + y
+  linear_4bit bwd   2MNK (dx)                                        weight + G + dx
+  dora_linear fwd   lora_linear fwd + 2NrK (B·A for the row norms    lora_linear fwd + magnitude (N·4)
+                    ‖W + s·BA‖)
+  dora_linear bwd   lora_linear bwd                                  lora_linear bwd + magnitude + its grad (2·N·4)
+  frozen_linear     as linear_4bit with a dense bf16 weight (K·N·2 bytes; e = 2: the op is bf16 only)
   ================  ===============================================  ==============================================
 
 Achieved TFLOP/s = flops / time and GB/s = bytes / time; the fraction of each ceiling says which bound a case is
@@ -37,7 +45,7 @@ from collections.abc import Callable
 
 import torch
 
-from .lora_setup import BLOCKSIZE, RANK
+from .lora_setup import BLOCKSIZE, RANK, qkv_out_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,27 @@ def _lora_linear(m: int, k: int, n: int, e: int, r: int = RANK) -> tuple[Work, W
     return fwd, bwd
 
 
+def _frozen_linear(m: int, k: int, n: int, e: int, weight_bytes: float) -> tuple[Work, Work]:
+    """(forward, backward) work of a linear without adapter over a frozen weight: dx alone in backward."""
+    return (Work(2 * m * k * n, weight_bytes + m * k * e + m * n * e),
+            Work(2 * m * n * k, weight_bytes + m * n * e + m * k * e))
+
+
+def _lora_qkv(m: int, k: int, e: int) -> tuple[Work, Work]:
+    """(forward, backward) work of q, k, v on one x: the three projections' sums, x read once, dx written once."""
+    parts = [_lora_linear(m, k, n, e) for n in qkv_out_features(k)]
+    x = m * k * e
+    fwd = Work(sum(f.flops for f, _ in parts), sum(f.bytes for f, _ in parts) - 2 * x)
+    bwd = Work(sum(b.flops for _, b in parts), sum(b.bytes for _, b in parts) - 2 * (x + x))
+    return fwd, bwd
+
+
+def _dora_linear(m: int, k: int, n: int, e: int, r: int = RANK) -> tuple[Work, Work]:
+    fwd, bwd = _lora_linear(m, k, n, e, r)
+    magnitude = n * 4
+    return Work(fwd.flops + 2 * n * r * k, fwd.bytes + magnitude), Work(bwd.flops, bwd.bytes + 2 * magnitude)
+
+
 def _passes(fwd: Work, bwd: Work, pass_: str) -> Work:
     if pass_ == "fwd":
         return fwd
@@ -85,7 +114,7 @@ def _passes(fwd: Work, bwd: Work, pass_: str) -> Work:
 
 def work(op: str, pass_: str, m: int, k: int, n: int, dtype: torch.dtype) -> Work:
     """The flops and least bytes of one kernels-suite case (see the module docstring); ``n`` is NEFTune's vocab
-    and the gated MLP's intermediate size, as in the suite."""
+    and the gated MLP's intermediate size, as in the suite, and not used by lora_qkv (hidden size ``k``)."""
     e = torch.empty((), dtype=dtype).element_size()
     if op == "dequantize_4bit":
         return Work(0.0, weight_4bit_bytes(k, n) + k * n * e)
@@ -96,6 +125,14 @@ def work(op: str, pass_: str, m: int, k: int, n: int, dtype: torch.dtype) -> Wor
     if op == "gated_mlp":
         parts = [_lora_linear(m, k, n, e), _lora_linear(m, k, n, e), _lora_linear(m, n, k, e)]
         return Work(sum(_passes(*p, pass_).flops for p in parts), sum(_passes(*p, pass_).bytes for p in parts))
+    if op == "lora_qkv":
+        return _passes(*_lora_qkv(m, k, e), pass_)
+    if op == "linear_4bit":
+        return _passes(*_frozen_linear(m, k, n, e, weight_4bit_bytes(k, n)), pass_)
+    if op == "dora_linear":
+        return _passes(*_dora_linear(m, k, n, e), pass_)
+    if op == "frozen_linear":
+        return _passes(*_frozen_linear(m, k, n, e, k * n * e), pass_)
     raise ValueError(f"no work model for op {op!r}")
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 
+from .._quiet import quiet
 from . import corpus, models, presets, report, train
 from .environment import environment
 from .generate import GENERATED_BYTES, PROMPT, greedy
@@ -19,18 +19,9 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-# Third-party warnings every demo run would print, none about the user's setup: PEFT calls a transformers
-# method deprecated in transformers 5; bitsandbytes' CPU 4-bit ops have no autograd kernel registered
-# (torch warns on every backward through them; bitsandbytes' own autograd function computes the gradient).
-_QUIET = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-          (UserWarning, r"bitsandbytes::\w+: an autograd kernel was not registered")]
-
-
 def run(args, device: torch.device, output: str) -> dict:
     """Train, compare, write every result file into ``output``; returns the table (as data)."""
-    with warnings.catch_warnings():
-        for category, message in _QUIET:
-            warnings.filterwarnings("ignore", message=message, category=category)
+    with quiet():
         return _run(args, device, output)
 
 
