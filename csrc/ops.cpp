@@ -19,7 +19,8 @@ TORCH_LIBRARY(fastlora, m) {
   m.def("dequantize_absmax(Tensor qabsmax, Tensor code, Tensor absmax2, Tensor offset, int blocksize) -> Tensor");
   // weight: fp32/bf16/fp16, any shape. Returns (packed uint8[ceil(numel/2)], absmax fp32[blocks]).
   m.def("quantize_4bit(Tensor weight, int blocksize, str quant_type) -> (Tensor, Tensor)");
-  // values: fp32[n]; code: fp32[256] sorted. Returns (uint8[n] nearest codes, fp32 absmax per block).
+  // values: fp32[n]; code: fp32[256] sorted. Returns (uint8[n] codes, fp32 absmax per block), bitsandbytes'
+  // CPU 8-bit quantization (65536-point grid, see cpu/quantize_4bit.cpp).
   m.def("quantize_absmax(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)");
 
   // LoRA ops (shapes, dtypes and rounding: fastlora/ops/lora_linear.py and fastlora/reference_lora.py;

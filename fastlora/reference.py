@@ -114,20 +114,49 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tupl
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
+# 8-bit quantization of the nested statistics, the way bitsandbytes' CPU quantizer (0.50) does it,
+# for byte compatibility. It does not search the code per value: it samples [-1, 1] on a uniform
+# grid of 65536 points, g_k = fp32(2k / 65535) - 1, gives each grid point the code entry whose
+# fp32 midpoint interval holds it (the first j with NOT mid_j < g_k, mid_j = (code[j] + code[j+1]) * 0.5
+# in fp32, the code used as given), and sends a value x to the grid point
+# k = trunc(fp32((x * fp32(1 / absmax) clamped to [-1, 1] + 1) * 0.5 * 65535 + 0.5)), the last
+# multiply-add fused (one rounding). So a value within half a grid step (~1.5e-5) of a midpoint can
+# get the entry on the other side of it: not always the nearest one, but what bitsandbytes stores.
+# An all-zero block stores code 0; a NaN (0 * inf under a subnormal absmax) lands on grid point 0.
+# bitsandbytes' CUDA kernel instead searches the code with fp32 midpoints (nearest entry); fastlora
+# follows the CPU quantizer on every device, so its bytes do not depend on where it ran.
+ABSMAX_GRID = 65536
+
+
+def absmax_code_lut(code: torch.Tensor) -> torch.Tensor:
+    """uint8[ABSMAX_GRID]: the code entry of each grid point (see the comment above), built on the CPU."""
+    code = code.detach().to("cpu", torch.float32).reshape(-1)
+    mid = (code[:-1] + code[1:]) * 0.5
+    k = torch.arange(ABSMAX_GRID, dtype=torch.float32)
+    grid = (k + k) / torch.full_like(k, ABSMAX_GRID - 1.0) - 1.0  # fp32 division, correctly rounded
+    # First j with NOT mid[j] < g: the count of leading midpoints below g, i.e. of running maxima
+    # below g (a NaN midpoint stops the scan, as +inf does).
+    stops = torch.where(mid.isnan(), torch.inf, mid).cummax(0).values.contiguous()
+    return torch.searchsorted(stops, grid, side="left").to(torch.uint8)
+
+
+def absmax_grid_index(normed: torch.Tensor) -> torch.Tensor:
+    """int64 grid point of each fp32 x * (1 / absmax) (see the comment above). The fused multiply-add
+    is emulated in fp64: t * 65535 is exact there, and so is + 0.5 wherever the result can reach 1."""
+    t = (normed.clamp(-1.0, 1.0) + 1.0) * 0.5
+    point = (t.double() * (ABSMAX_GRID - 1.0) + 0.5).float()
+    return torch.where(point.isnan(), 0, point.nan_to_num(0.0).long())
+
+
 def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of the (centred) statistics: nearest code entry of x / absmax,
-    searching with code[0] taken as -1 and ties going to the lower entry."""
+    """8-bit blockwise quantization of the (centred) statistics, bitsandbytes' CPU way: the code
+    entry of the 65536-point grid point nearest x * (1 / absmax) (see the comment above)."""
     flat = values.reshape(-1).float()
     n = flat.numel()
     blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
     absmax = padded.abs().amax(dim=1)
-    normed = (flat / absmax.repeat_interleave(blocksize)[:n])
-    table = code.float().clone()
-    table[0] = -1.0
-    left = (torch.searchsorted(table, normed, right=True) - 1).clamp(min=0)
-    right = (left + 1).clamp(max=255)
-    closer_right = (normed - table[right]).abs() < (normed - table[left]).abs()
-    idx = torch.where((left < 255) & closer_right, right, left)
-    idx = torch.where(normed.isnan(), 0, idx)  # 0 / 0 in an all-zero block: bitsandbytes gives code 0
-    return idx.to(torch.uint8), absmax
+    inv = (torch.ones_like(absmax) / absmax).repeat_interleave(blocksize)[:n]
+    idx = absmax_code_lut(code).to(flat.device)[absmax_grid_index(flat * inv)]
+    idx = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, idx)  # an all-zero block: code 0
+    return idx, absmax

@@ -3,13 +3,17 @@
 //  * 4-bit: absmax per block; full blocks scale by x * (1 / absmax), a trailing partial block by
 //    x / absmax (bitsandbytes does exactly this); clamp to [-1, 1]; the code is the bucket of the
 //    sorted table's midpoints with ties going to the lower bucket.
-//  * 8-bit (the nested statistics): x / absmax, nearest entry of the 256-entry code with the
-//    search treating code[0] as -1 and ties going left.
+//  * 8-bit (the nested statistics): bitsandbytes' CPU quantizer (0.50) does not search the code per
+//    value; it rounds x * (1 / absmax) to a uniform 65536-point grid over [-1, 1] and reads the code
+//    entry of that grid point from a table (see AbsmaxGrid). fastlora does the same arithmetic so that
+//    the stored bytes are identical; the result is the nearest entry except within half a grid step
+//    (~1.5e-5) of a midpoint between two entries.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "fastlora/checks.h"
 #include "fastlora/quant4.h"
@@ -97,6 +101,39 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, i
   return {packed, absmax};
 }
 
+// The code entry of each point of bitsandbytes' 65536-point grid over [-1, 1] (kept identical to
+// fastlora/reference.py absmax_code_lut; compatibility, not accuracy, is the goal). Grid point k is
+// fp32(2k / 65535) - 1; its entry is the first j whose fp32 midpoint (code[j] + code[j+1]) * 0.5 is
+// not below it (255 if none), the code taken as given. A scan that only moves forward gives that
+// because the grid increases. All fp32 operations are single, correctly rounded ones (the build
+// disables contraction), so the table is the same on every machine.
+struct AbsmaxGrid {
+  static constexpr int kPoints = 65536;
+  uint8_t entry[kPoints];
+  explicit AbsmaxGrid(const float* code) {
+    float mid[255];
+    for (int j = 0; j < 255; ++j) mid[j] = (code[j] + code[j + 1]) * 0.5f;
+    int j = 0;
+    for (int k = 0; k < kPoints; ++k) {
+      const float g = static_cast<float>(k + k) / static_cast<float>(kPoints - 1) - 1.0f;
+      while (j < 255 && mid[j] < g) ++j;
+      entry[k] = static_cast<uint8_t>(j);
+    }
+  }
+  // Grid point of a normalised value: clamp to [-1, 1], t = (v + 1) * 0.5 in fp32, then
+  // trunc(t * 65535 + 0.5) with the multiply-add rounded once, as bitsandbytes' build fuses it.
+  // In fp64 t * 65535 is exact and so is + 0.5 wherever the truncation can reach 1, so one fp64
+  // multiply-add plus the cast to fp32 is that fused operation, without needing FMA hardware.
+  // NaN (0 * inf under a subnormal absmax) goes to point 0, where bitsandbytes' conversion sends it.
+  static inline int point(float v) {
+    if (std::isnan(v)) return 0;
+    v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    const float t = (v + 1.0f) * 0.5f;
+    const float p = static_cast<float>(static_cast<double>(t) * (kPoints - 1.0) + 0.5);
+    return static_cast<int>(p);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> quantize_absmax_cpu(const at::Tensor& values, const at::Tensor& code,
                                                        int64_t blocksize) {
   TORCH_CHECK_VALUE(blocksize > 0, "blocksize must be positive, got ", blocksize);
@@ -110,9 +147,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_cpu(const at::Tensor& values,
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   at::Tensor q = at::empty({n}, v.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, v.options().dtype(at::kFloat));
-  float table[256];
-  std::copy_n(code.contiguous().data_ptr<float>(), 256, table);
-  table[0] = -1.0f;  // the search range must cover [-1, 1]
+  if (n == 0) return {q, absmax};
+  const auto grid = std::make_unique<AbsmaxGrid>(code.contiguous().data_ptr<float>());
   const float* vp = v.data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* ap = absmax.data_ptr<float>();
@@ -120,21 +156,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_cpu(const at::Tensor& values,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * blocksize;
       const int64_t end = std::min(n, begin + blocksize);
-      float amax = -std::numeric_limits<float>::max();
+      float amax = 0.0f;
       for (int64_t i = begin; i < end; ++i) amax = std::fmax(amax, std::fabs(vp[i]));
       ap[b] = amax;
-      for (int64_t i = begin; i < end; ++i) {
-        const float x = vp[i] / amax;
-        if (std::isnan(x)) {  // 0 / 0 in an all-zero block: bitsandbytes' search yields code 0
-          qp[i] = 0;
-          continue;
-        }
-        // Largest k with table[k] <= x (0 if none), then step right only when strictly closer.
-        int64_t k = std::upper_bound(table, table + 256, x) - table - 1;
-        k = std::max<int64_t>(k, 0);
-        if (k < 255 && std::fabs(x - table[k + 1]) < std::fabs(x - table[k])) ++k;
-        qp[i] = static_cast<uint8_t>(k);
+      if (amax == 0.0f) {  // an all-zero block: bitsandbytes stores code 0
+        std::fill(qp + begin, qp + end, uint8_t{0});
+        continue;
       }
+      const float inv = 1.0f / amax;  // bitsandbytes multiplies by the reciprocal, in every block
+      for (int64_t i = begin; i < end; ++i) qp[i] = grid->entry[AbsmaxGrid::point(vp[i] * inv)];
     }
   });
   return {q, absmax};

@@ -2,8 +2,10 @@
 (double quant).
 
 Input:   values float32[n] (absmax - mean(absmax)), code float32[256] (sorted dynamic map).
-Output:  (uint8[n] index of the nearest code entry of values[i] / absmax2[block],
-          absmax2 float32[ceil(n/blocksize)]), identical to bitsandbytes' CPU quantize_blockwise.
+Output:  (uint8[n] code entry of values[i] * (1 / absmax2[block]), absmax2 float32[ceil(n/blocksize)]),
+          identical to bitsandbytes' CPU quantize_blockwise (0.50): the value is rounded to a uniform
+          65536-point grid over [-1, 1] and the entry read from a per-code table, so within ~1.5e-5 of
+          a midpoint between two entries it need not be the nearest one (fastlora/reference.py).
 Backends: cpp (CPU) and reference (any device).
 """
 
