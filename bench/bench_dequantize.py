@@ -127,4 +127,17 @@ def teardown_module(module):
         peer = "bitsandbytes-workspace" if where == "workspace" else "bitsandbytes"
         lines.append(f"{op:<11}{where:<10}{_id(shape):<11}{dtype:<6}{t * 1e3:>12.2f}{ratio(peer)}"
                      f"{ratio('torch-reference')}{gbs}{pct('copy-fresh'):>14}{pct('copy-reused'):>15}")
+        if op == "dequantize":
+            lines.append(f"{'':<11}{_verdicts(t, peer, shape, dtype)}")
     print("\n".join(lines))
+
+
+def _verdicts(t: float, peer: str, shape, dtype: str) -> str:
+    """Issue 2's targets for one dequantization row: >= 5x bitsandbytes, and >= 50% of the copy bandwidth
+    (the reused-buffer copy of the same bytes: pure bandwidth, the stricter ceiling)."""
+    out = []
+    bnb = _results.get(("dequantize", peer, shape, dtype))
+    out.append(f"target >= 5x bitsandbytes: {'-' if bnb is None else ('met' if bnb / t >= 5 else 'MISSED')}")
+    copy = _results.get(("dequantize", "copy-reused", shape, dtype))
+    out.append(f"target >= 50% of copy bandwidth: {'-' if copy is None else ('met' if copy / t >= 0.5 else 'MISSED')}")
+    return "; ".join(out)
