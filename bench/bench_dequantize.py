@@ -128,16 +128,25 @@ def teardown_module(module):
         lines.append(f"{op:<11}{where:<10}{_id(shape):<11}{dtype:<6}{t * 1e3:>12.2f}{ratio(peer)}"
                      f"{ratio('torch-reference')}{gbs}{pct('copy-fresh'):>14}{pct('copy-reused'):>15}")
         if op == "dequantize":
-            lines.append(f"{'':<11}{_verdicts(t, peer, shape, dtype)}")
+            lines.append(f"{'':<11}{_verdicts(t, where, shape, dtype)}")
     print("\n".join(lines))
 
 
-def _verdicts(t: float, peer: str, shape, dtype: str) -> str:
-    """Issue 2's targets for one dequantization row: >= 5x bitsandbytes, and >= 50% of the copy bandwidth
-    (the reused-buffer copy of the same bytes: pure bandwidth, the stricter ceiling)."""
+def _verdicts(t: float, where: str, shape, dtype: str) -> str:
+    """Issue 2's targets for one dequantization row: >= 5x bitsandbytes, and >= 50% of the copy bandwidth of
+    the same bytes with the same allocation (a fresh output against copy-fresh, a workspace against copy-reused).
+    bitsandbytes 0.50 has no out= on the CPU: a workspace row is compared with its fresh output, which is what
+    its layers allocate on every call."""
     out = []
-    bnb = _results.get(("dequantize", peer, shape, dtype))
-    out.append(f"target >= 5x bitsandbytes: {'-' if bnb is None else ('met' if bnb / t >= 5 else 'MISSED')}")
-    copy = _results.get(("dequantize", "copy-reused", shape, dtype))
-    out.append(f"target >= 50% of copy bandwidth: {'-' if copy is None else ('met' if copy / t >= 0.5 else 'MISSED')}")
+    bnb = _results.get(("dequantize", "bitsandbytes-workspace", shape, dtype)) if where == "workspace" else None
+    note = ""
+    if bnb is None:
+        bnb = _results.get(("dequantize", "bitsandbytes", shape, dtype))
+        note = " (its fresh output)" if where == "workspace" else ""
+    if bnb is not None:
+        out.append(f"{bnb / t:.2f}x bitsandbytes{note}, target >= 5x: {'met' if bnb / t >= 5 else 'MISSED'}")
+    copy = _results.get(("dequantize", f"copy-{'reused' if where == 'workspace' else 'fresh'}", shape, dtype))
+    if copy is not None:
+        out.append(f"{100 * copy / t:.0f}% of copy-{'reused' if where == 'workspace' else 'fresh'} bandwidth, "
+                   f"target >= 50%: {'met' if copy / t >= 0.5 else 'MISSED'}")
     return "; ".join(out)
