@@ -123,8 +123,9 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tupl
 # multiply-add fused (one rounding). So a value within half a grid step (~1.5e-5) of a midpoint can
 # get the entry on the other side of it: not always the nearest one, but what bitsandbytes stores.
 # An all-zero block stores code 0; a NaN (0 * inf under a subnormal absmax) lands on grid point 0.
-# bitsandbytes' CUDA kernel instead searches the code with fp32 midpoints (nearest entry); fastlora
-# follows the CPU quantizer on every device, so its bytes do not depend on where it ran.
+# bitsandbytes' CUDA kernel does something else (quantize_absmax_search below), and the two disagree
+# on about 0.2% of realistic statistics; fastlora follows the bitsandbytes kernel of the device the
+# tensor is on: this grid lookup for CPU tensors, the search for CUDA tensors.
 ABSMAX_GRID = 65536
 
 
@@ -148,7 +149,7 @@ def absmax_grid_index(normed: torch.Tensor) -> torch.Tensor:
     return torch.where(point.isnan(), 0, point.nan_to_num(0.0).long())
 
 
-def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_absmax_grid(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of the (centred) statistics, bitsandbytes' CPU way: the code
     entry of the 65536-point grid point nearest x * (1 / absmax) (see the comment above)."""
     flat = values.reshape(-1).float()
@@ -160,3 +161,84 @@ def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int) ->
     idx = absmax_code_lut(code).to(flat.device)[absmax_grid_index(flat * inv)]
     idx = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, idx)  # an all-zero block: code 0
     return idx, absmax
+
+
+# 8-bit quantization of the nested statistics the way bitsandbytes' CUDA kernel does it
+# (kQuantizeBlockwise -> dQuantize<0>, built with --use_fast_math), for byte compatibility with
+# bitsandbytes on a GPU. Everything is fp32 with subnormals flushed to zero (inputs and results of
+# every step). Per block: absmax = the largest |x| (NaNs ignored, as fmaxf does; a partial last block
+# also sees its zero padding, so its absmax is >= 0, while a full block of NaNs gets -FLT_MAX);
+# x is scaled by multiplying with the reciprocal of absmax (the hardware's approximate reciprocal
+# there, the correctly rounded one here: see below). Then a binary search over the 256 sorted code
+# entries: the pivot starts at entry 127 and moves up (x > entry, strictly) or down by 64, 32, ..., 1,
+# remembering the last entry passed on each side (lower / upper); an entry never passed on a side is
+# the code's first / last entry. Finally, above the entry it stopped at, x takes the upper entry only
+# when x > fp32((upper + entry) * 0.5); otherwise it takes the lower entry only when
+# x < fp32((lower + entry) * 0.5). Ties at a midpoint therefore go towards the entry the search stopped
+# at, which is why this differs from the CPU grid lookup within ~1.5e-5 of a midpoint. The search can
+# only return the last entry (255) through `upper`. A NaN (an all-zero block: 0 * inf) fails every
+# comparison and gets entry 0; +-inf get entry 255 / 0.
+# The reciprocal: the kernel uses the GPU's approximate reciprocal (MUFU.RCP, within 1 ulp). Where it
+# is not the correctly rounded 1 / absmax, x * (1 / absmax) can move by an ulp, which changes a code
+# only for a value within about an ulp of a midpoint or entry; torch has no way to issue that
+# instruction, so this uses the correctly rounded reciprocal (flushed to zero when subnormal).
+_FLT_MIN = 2.0**-126
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _flush_subnormals(t: torch.Tensor) -> torch.Tensor:
+    """Subnormal values -> a zero of the same sign (what the kernel's .ftz arithmetic does)."""
+    return torch.where(t.abs() < _FLT_MIN, t * 0.0, t)
+
+
+def absmax_search_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """int64 code entry of each fp32 x (already scaled into [-1, 1]) by bitsandbytes' CUDA search
+    (see the comment above); ``code`` holds 256 sorted fp32 entries on x's device."""
+    x = _flush_subnormals(x.float())
+    code = code.to(device=x.device, dtype=torch.float32).reshape(-1)
+    pivot = torch.full(x.shape, 127, dtype=torch.int64, device=x.device)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    upper = torch.ones_like(x)
+    lower = -torch.ones_like(x)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        above = x > val
+        lower_pivot = torch.where(above, pivot, lower_pivot)
+        lower = torch.where(above, val, lower)
+        upper_pivot = torch.where(above, upper_pivot, pivot)
+        upper = torch.where(above, upper, val)
+        pivot = torch.where(above, pivot + step, pivot - step)
+        val = code[pivot]
+        step >>= 1
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    mid_up = _flush_subnormals((upper + val) * 0.5)
+    mid_down = _flush_subnormals((lower + val) * 0.5)
+    above = x > val
+    return torch.where(above, torch.where(x > mid_up, upper_pivot, pivot),
+                       torch.where(x < mid_down, lower_pivot, pivot))
+
+
+def quantize_absmax_search(values: torch.Tensor, code: torch.Tensor, blocksize: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of the (centred) statistics, bitsandbytes' CUDA way (see the
+    comment above): (uint8 code entries, fp32 absmax per block), on any device."""
+    flat = _flush_subnormals(values.reshape(-1).float())
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
+    magnitude = padded.abs()
+    absmax = torch.where(magnitude.isnan(), -_FLT_MAX, magnitude).amax(dim=1)
+    inv = _flush_subnormals(torch.ones_like(absmax) / absmax).repeat_interleave(blocksize)[:n]
+    idx = absmax_search_index(_flush_subnormals(flat * inv), code)
+    return idx.to(torch.uint8), absmax
+
+
+def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of the (centred) statistics as bitsandbytes does it on the
+    tensor's device: its CUDA kernel's search for CUDA tensors, its CPU grid lookup otherwise."""
+    if values.device.type == "cuda":
+        return quantize_absmax_search(values, code, blocksize)
+    return quantize_absmax_grid(values, code, blocksize)

@@ -67,6 +67,54 @@ def test_bitsandbytes_cuda_dequantize_matches_fastlora(quant_type, double_quant,
         assert torch.equal(got, want), backend
 
 
+def _quantization_mismatches(q, ref_packed, ref_state) -> list[str]:
+    """Which parts of a fastlora QuantizedWeight differ from bitsandbytes' (compared on the CPU, torch.equal)."""
+    n = ref_state.state2
+    pairs = {
+        "packed": (q.packed, ref_packed), "code": (q.code, ref_state.code),
+        "absmax (nested codes)": (q.absmax, ref_state.absmax),
+        "absmax2": (q.nested.absmax2, n.absmax), "nested code": (q.nested.code, n.code),
+        "offset": (q.nested.offset, ref_state.offset),
+    }
+    bad = [name for name, (ours, theirs) in pairs.items()
+           if ours.dtype != theirs.dtype or not torch.equal(ours.cpu(), theirs.cpu())]
+    if tuple(q.shape) != tuple(ref_state.shape) or q.nested.blocksize != n.blocksize:
+        bad.append("shape / blocksize")
+    return bad
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_matches_bitsandbytes_on_each_device(quant_type, dtype, seed):
+    """nf4.quantize(double_quant=True) against bitsandbytes' quantize_4bit(compress_statistics=True) run on the
+    same device: on the GPU its CUDA kernel, whose 8-bit search fastlora follows for CUDA tensors, and on the
+    CPU its grid lookup. Every byte and statistic equal (the nested codes included, which differ between the
+    two devices on ~0.2% of blocks, so the GPU case checks fastlora's CUDA search, not its CPU lookup)."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    fp4_gpu_packed = []
+    for shape, blocksize in [((4096, 1024), 64), ((1000, 4096 + 96), 64), ((2048, 777), 128), ((3, 100_003), 32)]:
+        w = (torch.randn(shape) * 10 ** torch.empty(()).uniform_(-3, 0)).to(dtype)
+        codes = {}
+        for device in (GPU, "cpu"):
+            wd = w.to(device)
+            ref_packed, ref_state = F.quantize_4bit(wd, blocksize=blocksize, quant_type=quant_type,
+                                                   compress_statistics=True)
+            q = nf4.quantize(wd, blocksize, quant_type, True)
+            assert q.absmax.device.type == torch.device(device).type
+            bad = _quantization_mismatches(q, ref_packed, ref_state)
+            if device == GPU and quant_type == "fp4" and bad == ["packed"]:
+                fp4_gpu_packed.append(shape)  # see the xfail below; the statistics are equal
+                bad = []
+            assert not bad, f"{device} {shape} blocksize {blocksize}: {bad} differ from bitsandbytes"
+            codes[device] = q.absmax.cpu()
+        if shape == (4096, 1024):  # 65536 nested codes: the two devices' quantizers do disagree somewhere
+            assert int((codes[GPU] != codes["cpu"]).sum()) > 0
+    if fp4_gpu_packed:
+        # fastlora's 4-bit encoder follows bitsandbytes' CPU quantizer on every device; bitsandbytes' CUDA FP4
+        # encoder stores small negative values as code 8 (-0) rather than 0 and uses its own rounded thresholds.
+        pytest.xfail(f"FP4 packed codes differ from bitsandbytes' CUDA encoder for {fp4_gpu_packed}")
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA ops
 

@@ -160,6 +160,112 @@ def test_nested_codes_near_midpoints_through_quantize(seed, backend, blocksize):
     assert int((_nearest_codes(plain, q.nested.absmax2, code, 256) != q.absmax.long()).sum()) > 0
 
 
+# bitsandbytes' CUDA 8-bit quantizer (kQuantizeBlockwise -> dQuantize<0>), which fastlora follows for CUDA
+# tensors. It cannot be compared with bitsandbytes here (tests/test_gpu.py does that); instead it is checked
+# against a plain per-value port of the kernel's search, written the obvious way.
+
+
+def _dquantize_scalar(code, x):
+    """bitsandbytes' dQuantize<0> for one np.float32 x (a line-by-line port of the CUDA function)."""
+    import numpy as np
+
+    pivot, upper_pivot, lower_pivot = 127, 255, 0
+    lower, upper = np.float32(-1.0), np.float32(1.0)
+    val = code[pivot]
+    i = 64
+    while i > 0:
+        if x > val:
+            lower_pivot = pivot
+            lower = val
+            pivot += i
+        else:
+            upper_pivot = pivot
+            upper = val
+            pivot -= i
+        val = code[pivot]
+        i >>= 1
+    if upper_pivot == 255:
+        upper = code[upper_pivot]
+    if lower_pivot == 0:
+        lower = code[lower_pivot]
+    if x > val:
+        midpoint = (upper + val) * np.float32(0.5)
+        return upper_pivot if x > midpoint else pivot
+    midpoint = (lower + val) * np.float32(0.5)
+    return lower_pivot if x < midpoint else pivot
+
+
+def _cuda_quantize_scalar(values, code, blocksize):
+    """kQuantizeBlockwise's per-block steps for each value: absmax, x * (1 / absmax), dQuantize."""
+    import numpy as np
+
+    vals = values.numpy().astype(np.float32)
+    table = code.numpy().astype(np.float32)
+    codes, absmaxes = [], []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, len(vals), blocksize):
+            block = vals[start:start + blocksize]
+            absmax = np.float32(0.0) if len(block) < blocksize else np.float32(-np.finfo(np.float32).max)
+            for v in block:
+                absmax = max(absmax, np.float32(abs(v)))
+            inv = np.float32(1.0) / absmax
+            absmaxes.append(absmax)
+            codes += [_dquantize_scalar(table, np.float32(v * inv)) for v in block]
+    return torch.tensor(codes, dtype=torch.uint8), torch.tensor(absmaxes, dtype=torch.float32)
+
+
+def _midpoint_probe(code, seed_values):
+    """Values for the search: normal spread, values within 1e-6 of every midpoint (and on it, and one
+    fp32 step either side), +-1, 0 and an all-zero block; blocks of 256 with absmax 1 except the
+    zero block and a scaled one."""
+    mid = (code[:-1] + code[1:]) * 0.5
+    near = [mid, torch.nextafter(mid, torch.full_like(mid, 2.0)), torch.nextafter(mid, torch.full_like(mid, -2.0))]
+    near += [(mid + (torch.rand(255) * 2 - 1) * 1e-6) for _ in range(6)]
+    x = torch.cat(near + [code, torch.tensor([1.0, -1.0, 0.0, -0.0]), seed_values]).clamp(-1, 1)
+    x = x[torch.randperm(x.numel())]
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 256)).reshape(-1, 256)
+    x[:, 0] = torch.where(torch.arange(x.shape[0]) % 2 == 0, 1.0, -1.0)  # each block's absmax is exactly 1
+    scaled = x[-1:] * 3.0e-3  # one block with a non-trivial reciprocal
+    return torch.cat([x.reshape(-1), torch.zeros(256), scaled.reshape(-1), x[0, :77]])  # partial last block
+
+
+def test_cuda_search_matches_a_scalar_port_of_the_kernel(seed):
+    from fastlora import reference
+
+    code = reference.dynamic_map()
+    x = _midpoint_probe(code, torch.randn(1500).clamp(-3, 3) / 3)
+    assert x.numel() > 4000
+    q, absmax = reference.quantize_absmax_search(x, code, 256)
+    want_q, want_absmax = _cuda_quantize_scalar(x, code, 256)
+    assert torch.equal(absmax, want_absmax)
+    assert q.dtype == torch.uint8
+    assert torch.equal(q, want_q), f"{int((q != want_q).sum())} of {x.numel()} codes differ"
+    zero_block = x.numel() - 256 - 256 - 77  # start of the all-zero block
+    assert absmax[zero_block // 256] == 0 and bool((q[zero_block:zero_block + 256] == 0).all())
+
+
+def test_cuda_search_and_cpu_grid_differ_only_next_to_midpoints(seed):
+    """The device rule matters: within ~1.5e-5 of a midpoint the CPU grid lookup and the CUDA search
+    store different codes (the search the nearest entry); away from midpoints both store the nearest."""
+    from fastlora import reference
+
+    code = reference.dynamic_map()
+    x = torch.cat([_near_midpoints(code, 256 * 200, 1e-5), (torch.rand(256 * 200) * 2 - 1) ** 3])
+    x[::256] = 1.0  # absmax 1 in every block: the scaled value is x itself
+    grid, _ = reference.quantize_absmax_grid(x, code, 256)
+    search, _ = reference.quantize_absmax_search(x, code, 256)
+    cpu, _ = reference.quantize_absmax(x, code, 256)
+    assert torch.equal(cpu, grid)  # CPU tensors: the CPU quantizer
+    nearest = _nearest_codes(x, torch.ones(x.numel() // 256), code, 256)
+    mid = (code[:-1] + code[1:]) * 0.5
+    dist = (x[:, None] - mid[None, :]).abs().min(dim=1).values
+    far, near = dist > 2e-5, (dist > 1e-6) & (dist < 1.5e-5)
+    assert int(far.sum()) > 10_000 and int(near.sum()) > 10_000
+    assert torch.equal(grid[far].long(), nearest[far]) and torch.equal(search[far].long(), nearest[far])
+    assert torch.equal(search[near].long(), nearest[near])
+    assert int((grid[near] != search[near]).sum()) > 100
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
