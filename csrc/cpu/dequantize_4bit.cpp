@@ -1,17 +1,22 @@
 // C++ CPU kernels of fastlora::dequantize_4bit and fastlora::dequantize_absmax.
 //
 // The weight is decoded block by block (one absmax per block); threads take contiguous runs of
-// blocks. The AVX2 path decodes 32 elements (16 packed bytes) per step with two in-register
-// 8-entry table permutes; the portable path is the shared per-element math in quant4.h, which is
+// blocks. The AVX2 path computes each block's 16 possible outputs once (code * absmax, rounded to
+// the output dtype) and then only looks them up: fp32 with two in-register 8-entry table permutes
+// per 8 elements, bf16 / fp16 with vpshufb on byte planes of the 16-bit results, 64 elements per
+// step (quant4_avx2.h); the portable path is the shared per-element math in quant4.h, which is
 // also what the AVX2 path must equal bit for bit (the tests compare both with bitsandbytes).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "cpu_features.h"
 #include "fastlora/quant4.h"
 #include "fastlora/checks.h"
+#include "quant4_avx2.h"
 
 namespace fastlora::cpu {
 namespace {
@@ -44,42 +49,12 @@ void dequant_blocks_portable(const uint8_t* packed, const float* absmax, int64_t
 }
 
 #if defined(__x86_64__)
-#define FL_AVX2 __attribute__((target("avx2,fma,f16c")))
-
+// FL_AVX2 (the target attribute) comes from quant4_avx2.h.
 FL_AVX2 inline __m256 lookup16(__m256 table_lo, __m256 table_hi, __m256i idx) {
   // permutevar uses the low three bits; bit 3 picks the upper half of the table.
   const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx);
   const __m256 hi = _mm256_permutevar8x32_ps(table_hi, idx);
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
-FL_AVX2 inline __m256i bf16_rne_bits(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
-}
-
-// Stores 16 decoded values (a = elements 0..7, b = 8..15).
-template <Out kind>
-FL_AVX2 inline void store16(void* out, int64_t i, __m256 a, __m256 b) {
-  if constexpr (kind == Out::F32) {
-    float* o = static_cast<float*>(out) + i;
-    _mm256_storeu_ps(o, a);
-    _mm256_storeu_ps(o + 8, b);
-  } else if constexpr (kind == Out::F16) {
-    uint16_t* o = static_cast<uint16_t*>(out) + i;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8),
-                     _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    // packus interleaves 128-bit lanes: [a0-3 b0-3 a4-7 b4-7]; the permute restores order.
-    const __m256i packed = _mm256_packus_epi32(bf16_rne_bits(a), bf16_rne_bits(b));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                        _mm256_permute4x64_epi64(packed, 0xd8));
-  }
 }
 
 template <Out kind>
@@ -91,22 +66,37 @@ FL_AVX2 void dequant_blocks_avx2(const uint8_t* packed, const float* absmax, int
   const __m256 table_hi = _mm256_load_ps(table + 8);
   const __m128i low_nibble = _mm_set1_epi8(0x0f);
   for (int64_t b = block_begin; b < block_end; ++b) {
+    // The block's 16 possible outputs, code * absmax in fp32 (rounded below for 16-bit outputs):
+    // every element with nibble j gets exactly entry j, so the loops only look values up.
     const __m256 scale = _mm256_set1_ps(absmax[b]);
+    const __m256 value_lo = _mm256_mul_ps(table_lo, scale);
+    const __m256 value_hi = _mm256_mul_ps(table_hi, scale);
     const int64_t begin = b * blocksize;
     const int64_t end = std::min(numel, begin + blocksize);
     int64_t i = begin;  // even: blocksize is a power of two >= 32
-    for (; i + 32 <= end; i += 32) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1)));
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
-      const __m128i lo = _mm_and_si128(bytes, low_nibble);
-      const __m128i first = _mm_unpacklo_epi8(hi, lo);   // codes of elements i .. i+15 in order
-      const __m128i second = _mm_unpackhi_epi8(hi, lo);  // i+16 .. i+31
-      const __m256 v0 = _mm256_mul_ps(lookup16(table_lo, table_hi, _mm256_cvtepu8_epi32(first)), scale);
-      const __m256 v1 = _mm256_mul_ps(lookup16(table_lo, table_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))), scale);
-      const __m256 v2 = _mm256_mul_ps(lookup16(table_lo, table_hi, _mm256_cvtepu8_epi32(second)), scale);
-      const __m256 v3 = _mm256_mul_ps(lookup16(table_lo, table_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))), scale);
-      store16<kind>(out, i, v0, v1);
-      store16<kind>(out, i + 16, v2, v3);
+    if constexpr (kind == Out::F32) {
+      float* o = static_cast<float*>(out);
+      for (; i + 32 <= end; i += 32) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1)));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
+        const __m128i lo = _mm_and_si128(bytes, low_nibble);
+        const __m128i first = _mm_unpacklo_epi8(hi, lo);   // codes of elements i .. i+15 in order
+        const __m128i second = _mm_unpackhi_epi8(hi, lo);  // i+16 .. i+31
+        _mm256_storeu_ps(o + i, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(first)));
+        _mm256_storeu_ps(o + i + 8, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))));
+        _mm256_storeu_ps(o + i + 16, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(second)));
+        _mm256_storeu_ps(o + i + 24, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))));
+      }
+    } else {
+      // bf16 / fp16: vpshufb lookups in byte planes of the 16 rounded 16-bit values (quant4_avx2.h).
+      const Planes16 planes = kind == Out::BF16 ? planes16_bf16(value_lo, value_hi, std::isfinite(absmax[b]))
+                                                : planes16_fp16(value_lo, value_hi);
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (; i + 64 <= end; i += 64) decode64_planes16(packed + (i >> 1), planes, o + i);
+      if (i + 32 <= end) {
+        decode32_planes16(packed + (i >> 1), planes, o + i);
+        i += 32;
+      }
     }
     const float s = absmax[b];
     for (; i < end; ++i) {

@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
@@ -42,6 +43,7 @@
 #include "lora_cpu.h"
 #include "lora_elementwise.h"
 #include "lora_philox.h"
+#include "quant4_avx2.h"
 
 namespace fastlora::cpu {
 namespace {
@@ -125,6 +127,9 @@ FL_AVX2 inline __m256 lookup16(__m256 table_lo, __m256 table_hi, __m256i idx) {
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+// Per absmax block, the 16 possible outputs round_X(code * absmax) are computed once and then only
+// looked up: fp32 tiles with two 8-entry table permutes per 8 elements, bf16 (fp16) tiles with
+// vpshufb on byte planes of the 16-bit results (quant4_avx2.h). Same bits as the per-element math.
 template <DT X, DT Out>
 FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, void* out) {
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
@@ -144,20 +149,30 @@ FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, void* o
       ++i;
     }
     const __m256 scale = _mm256_set1_ps(s);
-    for (; i + 32 <= seg_end; i += 32) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((e0 + i) >> 1)));
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
-      const __m128i lo = _mm_and_si128(bytes, low_nibble);
-      const __m128i first = _mm_unpacklo_epi8(hi, lo);
-      const __m128i second = _mm_unpackhi_epi8(hi, lo);
-      const __m256i q0 = _mm256_cvtepu8_epi32(first);
-      const __m256i q1 = _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8));
-      const __m256i q2 = _mm256_cvtepu8_epi32(second);
-      const __m256i q3 = _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8));
-      store8<Out>(out, i, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q0), scale)));
-      store8<Out>(out, i + 8, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q1), scale)));
-      store8<Out>(out, i + 16, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q2), scale)));
-      store8<Out>(out, i + 24, round8<X>(_mm256_mul_ps(lookup16(table_lo, table_hi, q3), scale)));
+    const __m256 value_lo = round8<X>(_mm256_mul_ps(table_lo, scale));
+    const __m256 value_hi = round8<X>(_mm256_mul_ps(table_hi, scale));
+    if constexpr (Out == DT::F32) {
+      float* o = static_cast<float*>(out);
+      for (; i + 32 <= seg_end; i += 32) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((e0 + i) >> 1)));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
+        const __m128i lo = _mm_and_si128(bytes, low_nibble);
+        const __m128i first = _mm_unpacklo_epi8(hi, lo);
+        const __m128i second = _mm_unpackhi_epi8(hi, lo);
+        _mm256_storeu_ps(o + i, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(first)));
+        _mm256_storeu_ps(o + i + 8, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))));
+        _mm256_storeu_ps(o + i + 16, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(second)));
+        _mm256_storeu_ps(o + i + 24, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))));
+      }
+    } else {
+      const Planes16 planes = Out == DT::BF16 ? planes16_bf16(value_lo, value_hi, std::isfinite(s))
+                                              : planes16_fp16(value_lo, value_hi);
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (; i + 64 <= seg_end; i += 64) decode64_planes16(packed + ((e0 + i) >> 1), planes, o + i);
+      if (i + 32 <= seg_end) {
+        decode32_planes16(packed + ((e0 + i) >> 1), planes, o + i);
+        i += 32;
+      }
     }
     for (; i < seg_end; ++i) {
       const int64_t e = e0 + i;
