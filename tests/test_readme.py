@@ -158,7 +158,7 @@ RULES = [
          "plots a quick train-suite run made first into the same temporary folder"),
     Rule(r"^python -m pytest bench/$", ["-p", "no:cacheprovider"], QUICK_ENV, r" passed", [pytest.mark.slow],
          "every benchmark file in its quick mode (the full sizes take hours on a CPU)"),
-    Rule(r"^python -m pytest bench/bench_(lora_linear|train_step|dequantize)\.py( --benchmark-only -s)?$",
+    Rule(r"^python -m pytest bench/bench_(lora_linear|train_step|dequantize|neftune)\.py( --benchmark-only -s)?$",
          ["-p", "no:cacheprovider"], QUICK_ENV, r" passed", [pytest.mark.slow],
          "the benchmark's quick mode where it has one (bench_dequantize has none: real sizes, about a minute)"),
     Rule(r"^python bench/bench_lora_linear\.py --quick --backend reference$", [], {}, r"(?i)target", [],
