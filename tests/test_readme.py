@@ -25,6 +25,15 @@ TEXT = README.read_text()
 BLOCKS = re.findall(r"^```python\n(.*?)^```", TEXT, flags=re.S | re.M)
 
 
+def test_readme_images_exist():
+    """Every image the README shows is committed (the benchmark charts of a real run, docs/bench/)."""
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", TEXT)
+    assert {"docs/bench/speedup.png", "docs/bench/memory.png"} <= set(images)
+    for image in images:
+        data = (ROOT / image).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000, image
+
+
 def test_readme_has_python_blocks():
     assert len(BLOCKS) >= 3
 

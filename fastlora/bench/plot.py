@@ -25,6 +25,9 @@ def _latest_runs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["run_id"] == latest[r["suite"]]]
 
 
+SPEEDUP_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
 def matplotlib_ticker():
     import matplotlib.ticker
 
@@ -44,10 +47,13 @@ def _speedup_chart(plt, rows: list[dict], path: pathlib.Path) -> bool:
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    times_x = matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}x")
-    ax.xaxis.set_major_formatter(times_x)
-    ax.xaxis.set_minor_formatter(times_x)  # a range within one decade has no major tick but 1
-    ax.set_xlim(min(0.9, min(values) / 1.2), max(1.1, max(values) * 1.3))  # room for the value labels
+    lo, hi = min(0.9, min(values) / 1.2), max(1.1, max(values) * 1.3)  # room for the value labels
+    ax.set_xlim(lo, hi)
+    # Labelled ticks from a fixed readable set (log-scale minor ticks crowd into each other within a decade).
+    ticker = matplotlib_ticker()
+    ax.xaxis.set_major_locator(ticker.FixedLocator([t for t in SPEEDUP_TICKS if lo <= t <= hi]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("speedup = peer time / fastlora time (log scale; > 1: fastlora faster)")
     devices = sorted({i["device"] for i in items})
     ax.set_title(f"fastlora vs peers, latest run per suite ({', '.join(devices)})", fontsize=9)
