@@ -55,6 +55,7 @@ def test_compare_run_writes_every_file(compared):
     assert set(table["runs"]) == {"fastlora", "PEFT + bitsandbytes"}
     md = (folder / "table.md").read_text()
     assert "| fastlora | PEFT + bitsandbytes | fastlora vs PEFT |" in md and md in out
+    assert "losses agree in distribution, not step by step" in md  # NEFTune on (the default): its own noise per run
     curves = json.loads((folder / "loss_curves.json").read_text())
     assert {k: len(v) for k, v in curves.items()} == {"fastlora": STEPS, "PEFT + bitsandbytes": STEPS}
     csv_lines = (folder / "loss_curves.csv").read_text().splitlines()

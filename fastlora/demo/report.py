@@ -91,6 +91,10 @@ def markdown(table: dict) -> str:
                                              "tensors created during one step (forward, backward, optimizer) at "
                                              "their peak, tracked per storage at the dispatcher; memory a compiled "
                                              "kernel allocates and frees inside one op is not seen.")
+            + (" Loss: both runs start from the same weights and adapters and see the same batches; NEFTune's noise "
+               "is each run's own draw (fastlora's Philox stream, transformers' uniform_), so with NEFTune on the "
+               "losses agree in distribution, not step by step (with --neftune-alpha 0 they match)."
+               if compare and s["neftune_alpha"] else "")
             + f"\nMachine: {env['cpu']}, {env['threads']} torch threads; torch {env['torch']}, transformers "
               f"{env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}.\n")
     return head + "\n" + "\n".join(lines) + "\n" + foot
