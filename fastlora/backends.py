@@ -27,6 +27,13 @@ GPU_ORDER = ("triton", "cuda", "reference")
 GPU_ORDER_CUDA_FIRST = ("cuda", "triton", "reference")
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph: no host read of device data is possible
+    then (it would synchronize a capturing stream), so the checks that need one are skipped (the reference and the
+    Triton launchers read this; the CUDA op asks c10's capture status itself)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends import stream_capturing
 from .reference_lora import STREAM_NEFTUNE, philox_words
 
 MODES = ("padded", "per_sequence")
@@ -34,12 +35,6 @@ def neftune_uniform(seed, shape: tuple[int, int], device=None) -> torch.Tensor:
     """fp32 (T, d): u of every element of the op's output (before scaling by mag)."""
     t, d = shape
     return uniform_from_words(philox_words(seed, t * d, STREAM_NEFTUNE, device)).reshape(t, d)
-
-
-def stream_capturing(device: torch.device) -> bool:
-    """Whether work on ``device`` is being captured into a CUDA graph: no host read of device data is possible
-    then (it would synchronize a capturing stream), so checks that need one are skipped."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "input_ids") -> None:

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import stream_capturing  # one definition for the reference and the launchers
+
 __all__ = ["check_device", "check_seed", "convert", "is_interpreted", "load_w4_tile", "mma", "mul_rn", "next_pow2",
            "round_to", "stream_capturing", "to_f32"]
 
@@ -29,12 +31,6 @@ def is_interpreted(fn) -> bool:
     while hasattr(fn, "fn") and not isinstance(fn, triton.runtime.JITFunction):  # unwrap an Autotuner
         fn = fn.fn
     return not isinstance(fn, triton.runtime.JITFunction)
-
-
-def stream_capturing(device: torch.device) -> bool:
-    """Whether work on ``device`` is being captured into a CUDA graph: a host read of device data (a
-    synchronization) is impossible then, so launchers skip the checks that need one."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_device(fn, device: torch.device, **tensors: torch.Tensor | None) -> None:
