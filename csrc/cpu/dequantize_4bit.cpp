@@ -49,14 +49,7 @@ void dequant_blocks_portable(const uint8_t* packed, const float* absmax, int64_t
 }
 
 #if defined(__x86_64__)
-// FL_AVX2 (the target attribute) comes from quant4_avx2.h.
-FL_AVX2 inline __m256 lookup16(__m256 table_lo, __m256 table_hi, __m256i idx) {
-  // permutevar uses the low three bits; bit 3 picks the upper half of the table.
-  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx);
-  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, idx);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
+// FL_AVX2 (the target attribute), lookup16 and the decode runs come from quant4_avx2.h.
 template <Out kind>
 FL_AVX2 void dequant_blocks_avx2(const uint8_t* packed, const float* absmax, int64_t blocksize, int qt,
                                  int64_t numel, int64_t block_begin, int64_t block_end, void* out) {
@@ -64,7 +57,6 @@ FL_AVX2 void dequant_blocks_avx2(const uint8_t* packed, const float* absmax, int
   for (uint32_t q = 0; q < 16; ++q) table[q] = code_value(qt, q);
   const __m256 table_lo = _mm256_load_ps(table);
   const __m256 table_hi = _mm256_load_ps(table + 8);
-  const __m128i low_nibble = _mm_set1_epi8(0x0f);
   for (int64_t b = block_begin; b < block_end; ++b) {
     // The block's 16 possible outputs, code * absmax in fp32 (rounded below for 16-bit outputs):
     // every element with nibble j gets exactly entry j, so the loops only look values up.
@@ -75,28 +67,12 @@ FL_AVX2 void dequant_blocks_avx2(const uint8_t* packed, const float* absmax, int
     const int64_t end = std::min(numel, begin + blocksize);
     int64_t i = begin;  // even: blocksize is a power of two >= 32
     if constexpr (kind == Out::F32) {
-      float* o = static_cast<float*>(out);
-      for (; i + 32 <= end; i += 32) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1)));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
-        const __m128i lo = _mm_and_si128(bytes, low_nibble);
-        const __m128i first = _mm_unpacklo_epi8(hi, lo);   // codes of elements i .. i+15 in order
-        const __m128i second = _mm_unpackhi_epi8(hi, lo);  // i+16 .. i+31
-        _mm256_storeu_ps(o + i, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(first)));
-        _mm256_storeu_ps(o + i + 8, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))));
-        _mm256_storeu_ps(o + i + 16, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(second)));
-        _mm256_storeu_ps(o + i + 24, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))));
-      }
+      i += decode_run_f32(packed + (i >> 1), value_lo, value_hi, static_cast<float*>(out) + i, end - i);
     } else {
       // bf16 / fp16: vpshufb lookups in byte planes of the 16 rounded 16-bit values (quant4_avx2.h).
       const Planes16 planes = kind == Out::BF16 ? planes16_bf16(value_lo, value_hi, std::isfinite(absmax[b]))
                                                 : planes16_fp16(value_lo, value_hi);
-      uint16_t* o = static_cast<uint16_t*>(out);
-      for (; i + 64 <= end; i += 64) decode64_planes16(packed + (i >> 1), planes, o + i);
-      if (i + 32 <= end) {
-        decode32_planes16(packed + (i >> 1), planes, o + i);
-        i += 32;
-      }
+      i += decode_run_planes16(packed + (i >> 1), planes, static_cast<uint16_t*>(out) + i, end - i);
     }
     const float s = absmax[b];
     for (; i < end; ++i) {

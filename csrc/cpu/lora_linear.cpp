@@ -121,12 +121,6 @@ void decode_range_portable(const Weight& w, int64_t e0, int64_t len, void* out) 
 }
 
 #if defined(__x86_64__)
-FL_AVX2 inline __m256 lookup16(__m256 table_lo, __m256 table_hi, __m256i idx) {
-  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx);
-  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, idx);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
 // Per absmax block, the 16 possible outputs round_X(code * absmax) are computed once and then only
 // looked up: fp32 tiles with two 8-entry table permutes per 8 elements, bf16 (fp16) tiles with
 // vpshufb on byte planes of the 16-bit results (quant4_avx2.h). Same bits as the per-element math.
@@ -137,7 +131,6 @@ FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, void* o
   const int lg = w.lg_blocksize;
   const __m256 table_lo = _mm256_loadu_ps(w.table);
   const __m256 table_hi = _mm256_loadu_ps(w.table + 8);
-  const __m128i low_nibble = _mm_set1_epi8(0x0f);
   int64_t i = 0;
   while (i < len) {
     // One absmax block at a time; the first element may be an odd (low-nibble) one.
@@ -152,27 +145,11 @@ FL_AVX2 void decode_range_avx2(const Weight& w, int64_t e0, int64_t len, void* o
     const __m256 value_lo = round8<X>(_mm256_mul_ps(table_lo, scale));
     const __m256 value_hi = round8<X>(_mm256_mul_ps(table_hi, scale));
     if constexpr (Out == DT::F32) {
-      float* o = static_cast<float*>(out);
-      for (; i + 32 <= seg_end; i += 32) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((e0 + i) >> 1)));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
-        const __m128i lo = _mm_and_si128(bytes, low_nibble);
-        const __m128i first = _mm_unpacklo_epi8(hi, lo);
-        const __m128i second = _mm_unpackhi_epi8(hi, lo);
-        _mm256_storeu_ps(o + i, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(first)));
-        _mm256_storeu_ps(o + i + 8, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))));
-        _mm256_storeu_ps(o + i + 16, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(second)));
-        _mm256_storeu_ps(o + i + 24, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))));
-      }
+      i += decode_run_f32(packed + ((e0 + i) >> 1), value_lo, value_hi, static_cast<float*>(out) + i, seg_end - i);
     } else {
       const Planes16 planes = Out == DT::BF16 ? planes16_bf16(value_lo, value_hi, std::isfinite(s))
                                               : planes16_fp16(value_lo, value_hi);
-      uint16_t* o = static_cast<uint16_t*>(out);
-      for (; i + 64 <= seg_end; i += 64) decode64_planes16(packed + ((e0 + i) >> 1), planes, o + i);
-      if (i + 32 <= seg_end) {
-        decode32_planes16(packed + ((e0 + i) >> 1), planes, o + i);
-        i += 32;
-      }
+      i += decode_run_planes16(packed + ((e0 + i) >> 1), planes, static_cast<uint16_t*>(out) + i, seg_end - i);
     }
     for (; i < seg_end; ++i) {
       const int64_t e = e0 + i;

@@ -1,5 +1,5 @@
-// AVX2 table-lookup decode of packed 4-bit codes into 16-bit outputs (bf16 / fp16 bits), shared
-// by dequantize_4bit.cpp and lora_linear.cpp.
+// AVX2 table-lookup decode of packed 4-bit codes, shared by dequantize_4bit.cpp and lora_linear.cpp:
+// fp32 outputs by two 8-entry permutes (lookup16), 16-bit outputs (bf16 / fp16 bits) by byte planes.
 //
 // Every element of an absmax block with nibble j decodes to the same value rnd(code[j] * absmax),
 // so a kernel computes those 16 values once per block (in fp32, rounded exactly as the per-element
@@ -21,6 +21,33 @@
 #endif
 
 namespace fastlora::cpu {
+
+// Entry idx (0..15, one per 32-bit lane) of the 16-entry fp32 table (table_lo = entries 0..7,
+// table_hi = 8..15). permutevar uses the low three bits; bit 3 picks the upper half of the table.
+FL_AVX2 inline __m256 lookup16(__m256 table_lo, __m256 table_hi, __m256i idx) {
+  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx);
+  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// Decodes the first n - n % 32 elements of the packed bytes at p (the first element a high nibble)
+// into out as entries of the fp32 table (value_lo, value_hi); returns how many it decoded.
+FL_AVX2 inline int64_t decode_run_f32(const uint8_t* p, __m256 value_lo, __m256 value_hi, float* out, int64_t n) {
+  const __m128i low_nibble = _mm_set1_epi8(0x0f);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (i >> 1)));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
+    const __m128i lo = _mm_and_si128(bytes, low_nibble);
+    const __m128i first = _mm_unpacklo_epi8(hi, lo);   // codes of elements i .. i+15 in order
+    const __m128i second = _mm_unpackhi_epi8(hi, lo);  // i+16 .. i+31
+    _mm256_storeu_ps(out + i, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(first)));
+    _mm256_storeu_ps(out + i + 8, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))));
+    _mm256_storeu_ps(out + i + 16, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(second)));
+    _mm256_storeu_ps(out + i + 24, lookup16(value_lo, value_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))));
+  }
+  return i;
+}
 
 // Byte-plane tables of 16 16-bit values, each plane (16 bytes, entry j = byte of value j) in both
 // 128-bit lanes, as vpshufb wants them.
@@ -104,6 +131,18 @@ FL_AVX2 inline void decode32_planes16(const uint8_t* p, const Planes16& t, uint1
   _mm_storeu_si128(o + 1, _mm_unpackhi_epi8(la, ha));
   _mm_storeu_si128(o + 2, _mm_unpacklo_epi8(lb, hb));
   _mm_storeu_si128(o + 3, _mm_unpackhi_epi8(lb, hb));
+}
+
+// Decodes the first n - n % 32 elements of the packed bytes at p (the first element a high nibble)
+// into out through the planes t, 64 at a time; returns how many it decoded.
+FL_AVX2 inline int64_t decode_run_planes16(const uint8_t* p, const Planes16& t, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) decode64_planes16(p + (i >> 1), t, out + i);
+  if (i + 32 <= n) {
+    decode32_planes16(p + (i >> 1), t, out + i);
+    i += 32;
+  }
+  return i;
 }
 
 }  // namespace fastlora::cpu
