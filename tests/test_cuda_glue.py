@@ -75,10 +75,10 @@ def test_a_broken_glue_file_is_caught(flags, tmp_path):
     """The check can fail: ops_cuda.cpp calling a c10::cuda function that does not exist does not compile."""
     source = REPO / "csrc" / "cuda" / "ops_cuda.cpp"
     text = source.read_text()
-    marker = "c10::cuda::captureStatusMayInitCtx("
+    marker = "c10::cuda::getCurrentCUDAStream("
     assert marker in text
     broken = tmp_path / "ops_cuda.cpp"
-    broken.write_text(text.replace(marker, "c10::cuda::captureStatusOfStreamThatDoesNotExist(", 1))
+    broken.write_text(text.replace(marker, "c10::cuda::streamThatDoesNotExist(", 1))
     result = _compile(flags + [f"-I{source.parent}"], broken)
     assert result.returncode != 0
-    assert "captureStatusOfStreamThatDoesNotExist" in result.stderr
+    assert "streamThatDoesNotExist" in result.stderr

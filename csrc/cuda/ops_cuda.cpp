@@ -253,7 +253,10 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   if (T == 0 || d == 0) return out;
   TORCH_CHECK_VALUE(V > 0, "input_ids: out of range for an empty weight (V = 0)");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
-  if (c10::cuda::captureStatusMayInitCtx(stream) == c10::cuda::CaptureStatus::None) {
+  // cudaStreamIsCapturing directly: c10's stream-taking wrapper is newer than some torch releases we build against.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
     const auto [lo, hi] = at::aminmax(ids);
     const at::Tensor range = at::stack({lo, hi}).cpu();  // one device -> host copy (the one sync)
     const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
