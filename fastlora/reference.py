@@ -6,6 +6,8 @@ step (see DESIGN.md §2) so that it is bit-exact with it. Nothing here is fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Index -> value of the 4-bit code books, float32 (bitsandbytes' get_4bit_type). FP4 code 8 is -0.
@@ -97,8 +99,13 @@ def _block_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return scaled, absmax
 
 
-def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8[ceil(numel/2)], absmax fp32[ceil(numel/blocksize)]) of a float weight."""
+def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str, reciprocal: Reciprocal | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8[ceil(numel/2)], absmax fp32[ceil(numel/blocksize)]) of a float weight, as
+    bitsandbytes quantizes it on the weight's device: its CUDA kernel's rule for CUDA tensors
+    (:func:`quantize_4bit_gpu_rule`, with ``reciprocal``), its CPU quantizer's otherwise."""
+    if weight.device.type == "cuda":
+        return quantize_4bit_gpu_rule(weight, blocksize, quant_type, reciprocal)
     flat = weight.reshape(-1).float()
     if flat.numel() == 0:
         return (torch.empty(0, dtype=torch.uint8, device=weight.device),
@@ -111,6 +118,66 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tupl
     sorted_values = table[order]
     midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
     codes = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+# 4-bit codes the way bitsandbytes' CUDA kernel picks them (kQuantizeBlockwise with dQuantizeNF4 /
+# dQuantizeFP4, built with --use_fast_math), for byte compatibility on a GPU. It differs from the CPU
+# quantizer above in four ways: every block, the partial last one too, is scaled by multiplying with the
+# reciprocal of its absmax (the hardware's approximate one there: ``reciprocal``), and the partial block's
+# absmax also sees its zero padding; nothing is clamped; arithmetic flushes subnormals to zero; and FP4
+# codes come from the sign of the scaled value (8 | magnitude code for any x < 0, so a small negative
+# value gets 8, "-0", where the CPU gives 0) and strict comparisons of |x| with the kernel's own decimal
+# thresholds, which are not all the fp32 midpoints of the code book. NF4 compares x strictly with the
+# same fp32 midpoints as the CPU (ties to the lower code). A NaN (an all-zero block: 0 * inf) fails
+# every comparison: NF4 code 0, FP4 code 0.
+FP4_GPU_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+# Code of |x| by how many of FP4_GPU_THRESHOLDS it exceeds (0 -> code 0, ..., 7 -> code 3).
+_FP4_GPU_CODE_BY_RANK = (0, 1, 6, 7, 4, 5, 2, 3)
+Reciprocal = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _reciprocal_ftz(absmax: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 1 / absmax, subnormal results flushed to zero."""
+    return _flush_subnormals(torch.ones_like(absmax) / absmax)
+
+
+def _gpu_block_scaled(flat: torch.Tensor, blocksize: int, reciprocal: Reciprocal | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flushed fp32 x * (1 / absmax) of every element, zero padding of the last block included, shape
+    (blocks, blocksize); absmax per block), the way bitsandbytes' CUDA kernels scale a block: absmax is
+    the largest |x| with NaNs ignored (a block of NaNs gets -FLT_MAX)."""
+    flat = _flush_subnormals(flat)
+    blocks = -(-flat.numel() // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - flat.numel())).reshape(blocks, blocksize)
+    magnitude = padded.abs()
+    absmax = torch.where(magnitude.isnan(), -_FLT_MAX, magnitude).amax(dim=1)
+    inv = _flush_subnormals((reciprocal or _reciprocal_ftz)(absmax))
+    return _flush_subnormals(padded * inv.unsqueeze(1)), absmax
+
+
+def quantize_4bit_gpu_rule(weight: torch.Tensor, blocksize: int, quant_type: str,
+                           reciprocal: Reciprocal | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8[ceil(numel/2)], absmax fp32[ceil(numel/blocksize)]) by bitsandbytes' CUDA kernel's
+    rule (see the comment above), on any device. ``reciprocal`` maps fp32 absmax to 1 / absmax; None
+    uses the correctly rounded one (the GPU's approximate one is fastlora.kernels.approx_reciprocal)."""
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    if n == 0:
+        return (torch.empty(0, dtype=torch.uint8, device=weight.device),
+                torch.empty(0, dtype=torch.float32, device=weight.device))
+    scaled, absmax = _gpu_block_scaled(flat, blocksize, reciprocal)
+    x = scaled.reshape(-1)[: n + n % 2]  # an odd count's last byte holds the code of a padding zero
+    device = x.device
+    if quant_type == "nf4":
+        table = code_table("nf4", device)
+        midpoints = (table[:-1] + table[1:]) / 2
+        codes = torch.bucketize(x, midpoints)  # how many midpoints lie strictly below x
+    else:
+        thresholds = torch.tensor(FP4_GPU_THRESHOLDS, dtype=torch.float32, device=device)
+        rank = torch.bucketize(x.abs(), thresholds)
+        codes = torch.tensor(_FP4_GPU_CODE_BY_RANK, device=device)[rank] | torch.where(x < 0, 8, 0)
+    codes = torch.where(x.isnan(), 0, codes).to(torch.uint8)
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
@@ -178,10 +245,10 @@ def quantize_absmax_grid(values: torch.Tensor, code: torch.Tensor, blocksize: in
 # at, which is why this differs from the CPU grid lookup within ~1.5e-5 of a midpoint. The search can
 # only return the last entry (255) through `upper`. A NaN (an all-zero block: 0 * inf) fails every
 # comparison and gets entry 0; +-inf get entry 255 / 0.
-# The reciprocal: the kernel uses the GPU's approximate reciprocal (MUFU.RCP, within 1 ulp). Where it
-# is not the correctly rounded 1 / absmax, x * (1 / absmax) can move by an ulp, which changes a code
-# only for a value within about an ulp of a midpoint or entry; torch has no way to issue that
-# instruction, so this uses the correctly rounded reciprocal (flushed to zero when subnormal).
+# The reciprocal: the kernel uses the GPU's approximate reciprocal (within an ulp). Where it is not the
+# correctly rounded 1 / absmax, x * (1 / absmax) can move by an ulp, which changes a code only for a value
+# within about an ulp of a midpoint or entry; torch has no way to issue that instruction, so the ops pass
+# fastlora.kernels.approx_reciprocal for CUDA tensors, and the default is the correctly rounded reciprocal.
 _FLT_MIN = 2.0**-126
 _FLT_MAX = torch.finfo(torch.float32).max
 
@@ -221,24 +288,22 @@ def absmax_search_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
                        torch.where(x < mid_down, lower_pivot, pivot))
 
 
-def quantize_absmax_search(values: torch.Tensor, code: torch.Tensor, blocksize: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_absmax_search(values: torch.Tensor, code: torch.Tensor, blocksize: int,
+                           reciprocal: Reciprocal | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of the (centred) statistics, bitsandbytes' CUDA way (see the
-    comment above): (uint8 code entries, fp32 absmax per block), on any device."""
-    flat = _flush_subnormals(values.reshape(-1).float())
-    n = flat.numel()
-    blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
-    magnitude = padded.abs()
-    absmax = torch.where(magnitude.isnan(), -_FLT_MAX, magnitude).amax(dim=1)
-    inv = _flush_subnormals(torch.ones_like(absmax) / absmax).repeat_interleave(blocksize)[:n]
-    idx = absmax_search_index(_flush_subnormals(flat * inv), code)
+    comment above): (uint8 code entries, fp32 absmax per block), on any device. ``reciprocal`` as for
+    :func:`quantize_4bit_gpu_rule`."""
+    n = values.numel()
+    scaled, absmax = _gpu_block_scaled(values.reshape(-1).float(), blocksize, reciprocal)
+    idx = absmax_search_index(scaled.reshape(-1)[:n], code)
     return idx.to(torch.uint8), absmax
 
 
-def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_absmax(values: torch.Tensor, code: torch.Tensor, blocksize: int, reciprocal: Reciprocal | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of the (centred) statistics as bitsandbytes does it on the
-    tensor's device: its CUDA kernel's search for CUDA tensors, its CPU grid lookup otherwise."""
+    tensor's device: its CUDA kernel's search (with ``reciprocal``) for CUDA tensors, its CPU grid
+    lookup otherwise."""
     if values.device.type == "cuda":
-        return quantize_absmax_search(values, code, blocksize)
+        return quantize_absmax_search(values, code, blocksize, reciprocal)
     return quantize_absmax_grid(values, code, blocksize)

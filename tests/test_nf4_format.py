@@ -266,6 +266,93 @@ def test_cuda_search_and_cpu_grid_differ_only_next_to_midpoints(seed):
     assert int((grid[near] != search[near]).sum()) > 100
 
 
+def _gpu_4bit_code_scalar(x, quant_type):
+    """One value's 4-bit code by bitsandbytes' CUDA decision trees (dQuantizeNF4 / dQuantizeFP4): strict
+    comparisons, so a NaN takes every 'not above' branch."""
+    import numpy as np
+
+    from fastlora import reference
+
+    if quant_type == "nf4":
+        table = reference.code_table("nf4").numpy()
+        mids = [np.float32((table[i] + table[i + 1]) * np.float32(0.5)) for i in range(15)]
+        lo, hi = 0, 15  # binary descent over the sorted midpoints, as the kernel's nested ifs
+        while lo < hi:
+            middle = (lo + hi) // 2
+            if x > mids[middle]:
+                lo = middle + 1
+            else:
+                hi = middle
+        return lo
+    # the kernel's own fp32 literals (written here, not read from fastlora, so that a changed one fails)
+    t = np.float32
+    sign = 8 if x < 0 else 0
+    a = abs(x)
+    if a > t(0.29166667):
+        magnitude = (3 if a > t(0.8333333) else 2) if a > t(0.583333) else (5 if a > t(0.4166667) else 4)
+    else:
+        magnitude = (7 if a > t(0.20833333) else 6) if a > t(0.0859375) else (1 if a > t(0.00260417) else 0)
+    return sign + magnitude
+
+
+def _gpu_4bit_quantize_scalar(values, blocksize, quant_type):
+    """kQuantizeBlockwise's per-block steps for 4-bit types, value by value (numpy fp32)."""
+    import numpy as np
+
+    vals = values.numpy().astype(np.float32)
+    n = len(vals)
+    vals = np.concatenate([vals, np.zeros(-n % blocksize, np.float32)])  # the kernel loads zeros past the end
+    codes, absmaxes = [], []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, len(vals), blocksize):
+            block = vals[start:start + blocksize]
+            absmax = np.float32(-np.finfo(np.float32).max)
+            for v in block:
+                absmax = absmax if np.isnan(v) else max(absmax, np.float32(abs(v)))
+            inv = np.float32(1.0) / absmax
+            absmaxes.append(absmax)
+            codes += [_gpu_4bit_code_scalar(np.float32(v * inv), quant_type) for v in block]
+    codes = codes[: n + n % 2]
+    packed = [(codes[i] << 4) | codes[i + 1] for i in range(0, len(codes), 2)]
+    return torch.tensor(packed, dtype=torch.uint8), torch.tensor(absmaxes, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_gpu_rule_4bit_matches_a_scalar_port_of_the_kernel(seed, quant_type, blocksize):
+    """reference.quantize_4bit_gpu_rule (what CUDA weights get) against bitsandbytes' CUDA decision trees
+    applied value by value: values on, and one fp32 step either side of, every threshold (in blocks whose
+    absmax is 1), small negative values, -0, a NaN, an all-zero block, a scaled block and a partial,
+    odd-length last block."""
+    from fastlora import reference
+
+    table = reference.code_table(quant_type)
+    if quant_type == "nf4":
+        sorted_values = table.sort().values
+        edges = (sorted_values[:-1] + sorted_values[1:]) * 0.5
+    else:
+        edges = torch.tensor(reference.FP4_GPU_THRESHOLDS, dtype=torch.float32)
+        edges = torch.cat([edges, -edges])
+    near = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+    special = torch.tensor([-1e-4, -1e-7, -0.0, 0.0, 1e-7, float("nan"), 1.0, -1.0])
+    x = torch.cat([near, special, torch.randn(3 * blocksize).clamp(-3, 3) / 3])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % blocksize)).reshape(-1, blocksize)
+    x[:, -1] = 1.0  # absmax 1: the scaled value is the value itself
+    x = torch.cat([x.reshape(-1), torch.zeros(blocksize), x[-1] * 3.0e-3, torch.randn(blocksize // 2 + 1)])
+    packed, absmax = reference.quantize_4bit_gpu_rule(x, blocksize, quant_type)
+    want_packed, want_absmax = _gpu_4bit_quantize_scalar(x, blocksize, quant_type)
+    assert torch.equal(absmax, want_absmax)
+    assert torch.equal(packed, want_packed), f"{int((packed != want_packed).sum())} of {packed.numel()} bytes differ"
+    codes = reference.unpack_codes(packed, x.numel())
+    if quant_type == "fp4":  # the CUDA rule's sign bit: small negative values are "-0", not 0
+        assert int(codes[(x < 0) & (x > -2e-3)].min()) == 8
+    assert bool((codes[x.isnan()] == 0).all())
+    if quant_type == "fp4":  # and so the CPU rule, for the same full blocks, stores other bytes
+        full = x[: x.numel() - x.numel() % blocksize].nan_to_num()
+        assert not torch.equal(reference.quantize_4bit(full, blocksize, "fp4")[0],
+                               reference.quantize_4bit_gpu_rule(full, blocksize, "fp4")[0])
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)

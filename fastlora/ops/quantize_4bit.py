@@ -2,10 +2,12 @@
 
 Input:   weight float32/bfloat16/float16, any shape (flattened row-major).
 Output:  (packed uint8[ceil(numel/2)], absmax float32[ceil(numel/blocksize)]), byte-identical to
-         bitsandbytes' quantize_4bit on the CPU (scale by 1/absmax per full block, by division in a
-         trailing partial block, clamp to [-1, 1], nearest code with ties to the lower one; an odd
-         element count is padded with a zero code).
-Backends: cpp (CPU) and reference (any device).
+         bitsandbytes' quantize_4bit on the same device. CPU tensors: its CPU quantizer (scale by
+         1/absmax per full block, by division in a trailing partial block, clamp to [-1, 1], nearest
+         code with ties to the lower one; an odd element count's last nibble codes a padding zero).
+         CUDA tensors: its CUDA kernel's rule (the GPU's approximate reciprocal for every block, FP4's
+         sign bit and decimal thresholds; fastlora/reference.py).
+Backends: cpp (CPU) and reference (any device; the CUDA rule, with the Triton reciprocal, for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ._gpu_reciprocal import gpu_reciprocal
 from ._registry import FLOAT_DTYPES, check_blocksize, check_quant_type, check_tensor, define_native, pick
 
 SCHEMA = "(Tensor weight, int blocksize, str quant_type) -> (Tensor, Tensor)"
@@ -30,7 +33,7 @@ def _fake(weight, blocksize, quant_type):
 
 @torch.library.custom_op("fastlora::quantize_4bit_reference", mutates_args=())
 def _reference_op(weight: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.quantize_4bit(weight, blocksize, quant_type)
+    return reference.quantize_4bit(weight, blocksize, quant_type, gpu_reciprocal(weight.device))
 
 
 _reference_op.register_fake(_fake)

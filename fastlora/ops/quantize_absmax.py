@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ._gpu_reciprocal import gpu_reciprocal
 from ._registry import check_tensor, define_native, pick
 
 SCHEMA = "(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)"
@@ -33,7 +34,7 @@ def _fake(values, code, blocksize):
 
 @torch.library.custom_op("fastlora::quantize_absmax_reference", mutates_args=())
 def _reference_op(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.quantize_absmax(values, code, blocksize)
+    return reference.quantize_absmax(values, code, blocksize, gpu_reciprocal(values.device))
 
 
 _reference_op.register_fake(_fake)

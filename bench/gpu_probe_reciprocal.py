@@ -1,0 +1,58 @@
+"""Which fp32 reciprocal bitsandbytes' CUDA quantizer scales blocks by (GPU only): quantize random fp32
+weights with bitsandbytes on the GPU and with fastlora's CUDA rule (reference.quantize_4bit_gpu_rule) under
+each PTX reciprocal of fastlora.kernels.approx_reciprocal, and count the packed bytes and nested codes that
+differ. The instruction with zero differences everywhere is the one to use (approx_reciprocal.DEFAULT).
+
+    python bench/gpu_probe_reciprocal.py [--elements 16777216] [--trials 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--elements", type=int, default=1 << 24, help="elements per trial (default: %(default)s)")
+    parser.add_argument("--trials", type=int, default=2, help="random weights per setting (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    import bitsandbytes.functional as F
+
+    from fastlora import reference
+    from fastlora.kernels import approx_reciprocal as rcp
+
+    names = ["ieee", *rcp.INSTRUCTIONS]
+    functions = {"ieee": None, **{n: (lambda a, n=n: rcp.approx_reciprocal(a, n)) for n in rcp.INSTRUCTIONS}}
+    code = reference.dynamic_map("cuda")
+    print(f"{'quant':<5} {'dtype':<9} {'blocksize':>9} " + " ".join(f"{n:>15}" for n in names))
+    for quant_type in ("nf4", "fp4"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for blocksize in (64, 32, 256):
+                bad = dict.fromkeys(names, 0)
+                nested_bad = dict.fromkeys(names, 0)
+                for trial in range(args.trials):
+                    g = torch.Generator(device="cuda").manual_seed(trial)
+                    w = (torch.randn(args.elements - trial * 7, device="cuda", generator=g) * 0.02).to(dtype)
+                    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                    compress_statistics=False)
+                    _, nested_state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                      compress_statistics=True)
+                    centred = state.absmax - state.absmax.mean()
+                    for name in names:
+                        ours, _ = reference.quantize_4bit_gpu_rule(w, blocksize, quant_type, functions[name])
+                        bad[name] += int((ours != packed.reshape(-1)).sum())
+                        q, _ = reference.quantize_absmax_search(centred, code, 256, functions[name])
+                        nested_bad[name] += int((q != nested_state.absmax.reshape(-1)).sum())
+                print(f"{quant_type:<5} {str(dtype)[6:]:<9} {blocksize:>9} "
+                      + " ".join(f"{bad[n]:>7}/{nested_bad[n]:<7}" for n in names), flush=True)
+    print("cells: differing packed bytes / differing nested codes, summed over the trials")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
