@@ -133,7 +133,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 void dequantize_4bit_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               c10::string_view quant_type, at::Tensor out) {
   const int qt = check_quant_type(quant_type);
-  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  FASTLORA_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
   check_dequantize_args(packed, absmax, blocksize, out.numel(), out.scalar_type(), at::kCPU);
   check_device(out, "out", at::kCPU);
   dequantize_into(packed, absmax, blocksize, qt, out);

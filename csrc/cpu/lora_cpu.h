@@ -13,7 +13,7 @@ DT float_dt(at::ScalarType t);
 // TypeError unless t is float32 / bfloat16 / float16 (float64 runs on the reference backend).
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, name,
+  FASTLORA_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, name,
                    " must be float32, bfloat16 or float16 for the cpp backend (float64 runs on the reference "
                    "backend), got ", s);
 }

@@ -19,7 +19,7 @@ DT float_dt(at::ScalarType t) {
 }
 
 void check_dropout_p(double p, const char* name) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, name, " must be in [0, 1), got ", p);
+  FASTLORA_CHECK_VALUE(p >= 0.0 && p < 1.0, name, " must be in [0, 1), got ", p);
 }
 
 namespace {

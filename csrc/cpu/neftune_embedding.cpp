@@ -88,12 +88,12 @@ void neftune_kernel(const int64_t* ids, const char* weight, const float* mag, ch
 at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& mag,
                                  const at::Tensor& seed) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
+  FASTLORA_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
+  FASTLORA_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
   check_float_tensor(weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
-  TORCH_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
-  TORCH_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must be (T,) = (", ids.size(0),
+  FASTLORA_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
+  FASTLORA_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
+  FASTLORA_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must be (T,) = (", ids.size(0),
                     ",), got shape ", mag.sizes());
   const uint64_t s = read_cpu_seed(seed);
   check_device(ids, "ids", at::kCPU);
@@ -105,7 +105,7 @@ at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight
   const int64_t tokens = idc.size(0), vocab = wc.size(0), d = wc.size(1);
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK_VALUE(id[t] >= 0 && id[t] < vocab, "input_ids must be in [0, ", vocab, ") (the rows of weight), got ",
+    FASTLORA_CHECK_VALUE(id[t] >= 0 && id[t] < vocab, "input_ids must be in [0, ", vocab, ") (the rows of weight), got ",
                       id[t], " at position ", t);
   }
   at::Tensor out = at::empty({tokens, d}, wc.options().memory_format(at::MemoryFormat::Contiguous));

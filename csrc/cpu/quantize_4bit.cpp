@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, i
   check_blocksize(blocksize, "blocksize");
   check_device(weight, "weight", at::kCPU);
   const auto dt = weight.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+  FASTLORA_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
                    "weight must be float32, bfloat16 or float16, got ", dt);
   const at::Tensor w = weight.contiguous();
   const int64_t numel = w.numel();
@@ -136,10 +136,10 @@ struct AbsmaxGrid {
 
 std::tuple<at::Tensor, at::Tensor> quantize_absmax_cpu(const at::Tensor& values, const at::Tensor& code,
                                                        int64_t blocksize) {
-  TORCH_CHECK_VALUE(blocksize > 0, "blocksize must be positive, got ", blocksize);
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, "values must be float32, got ", values.scalar_type());
-  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat, "code must be float32, got ", code.scalar_type());
-  TORCH_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
+  FASTLORA_CHECK_VALUE(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  FASTLORA_CHECK_TYPE(values.scalar_type() == at::kFloat, "values must be float32, got ", values.scalar_type());
+  FASTLORA_CHECK_TYPE(code.scalar_type() == at::kFloat, "code must be float32, got ", code.scalar_type());
+  FASTLORA_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
   check_device(values, "values", at::kCPU);
   check_device(code, "code", at::kCPU);
   const at::Tensor v = values.contiguous();

@@ -25,12 +25,12 @@ namespace fastlora::gpu {
 namespace {
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastlora::", op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
+  FASTLORA_CHECK(err == cudaSuccess, "fastlora::", op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
               cudaGetErrorString(err), ")");
 }
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
+  FASTLORA_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
                     ref.device(), "), got ", t.device());
 }
 
@@ -47,7 +47,7 @@ at::Tensor seed_on_device(const at::Tensor& seed, const at::Tensor& ref, bool co
     read_cpu_seed(seed);
     return copy ? seed.to(ref.device(), at::kLong, /*non_blocking=*/true) : seed;
   }
-  TORCH_CHECK_VALUE(seed.device() == ref.device(), "seed must be on the CPU or on ", ref.device(),
+  FASTLORA_CHECK_VALUE(seed.device() == ref.device(), "seed must be on the CPU or on ", ref.device(),
                     " (the inputs' device), got ", seed.device());
   return seed;
 }
@@ -80,7 +80,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 void dequantize_4bit_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                c10::string_view quant_type, at::Tensor out) {
   const int qt = check_quant_type(quant_type);
-  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  FASTLORA_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
   const int64_t numel = out.numel();
   check_dequantize_args(packed, absmax, blocksize, numel, out.scalar_type(), at::kCUDA);
   check_same_device(absmax, "absmax", packed, "packed");
@@ -106,7 +106,7 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& c
   if (offset_on_device) {
     check_same_device(offset, "offset", qabsmax, "qabsmax");
   } else {
-    TORCH_CHECK_VALUE(offset.is_cpu(), "offset must be on the CPU or on ", qabsmax.device(), ", got ",
+    FASTLORA_CHECK_VALUE(offset.is_cpu(), "offset must be on the CPU or on ", qabsmax.device(), ", got ",
                       offset.device());
   }
   const c10::cuda::CUDAGuard guard(qabsmax.device());
@@ -136,45 +136,45 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
                                                         double scaling, const std::optional<at::Tensor>& bias,
                                                         double dropout_p, const at::Tensor& seed,
                                                         c10::string_view rounding) {
-  TORCH_CHECK_VALUE(absmax.has_value(),
+  FASTLORA_CHECK_VALUE(absmax.has_value(),
                     "weight: the CUDA kernel of fastlora::lora_linear_fwd takes only 4-bit weights (codes + absmax); "
                     "dense weights run on the Triton backend (fastlora.ops.lora_linear routes them there)");
   const int qt = check_quant_type(quant_type);
   check_blocksize(blocksize, "blocksize");
-  TORCH_CHECK_VALUE(rounding == "linear" || rounding == "linear4bit", "rounding must be 'linear' or 'linear4bit', got '",
+  FASTLORA_CHECK_VALUE(rounding == "linear" || rounding == "linear4bit", "rounding must be 'linear' or 'linear4bit', got '",
                     std::string(rounding), "'");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, in_features), got shape ", x.sizes());
+  FASTLORA_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, in_features), got shape ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK_VALUE(M <= kLoraMaxRows, "x: the CUDA kernel of fastlora::lora_linear_fwd takes at most ", kLoraMaxRows,
+  FASTLORA_CHECK_VALUE(M <= kLoraMaxRows, "x: the CUDA kernel of fastlora::lora_linear_fwd takes at most ", kLoraMaxRows,
                     " rows (M, the decode regime), got M=", M, "; larger M runs on the Triton backend");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+  FASTLORA_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
                    "x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
+  FASTLORA_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
   const at::Tensor& am = *absmax;
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "weight (4-bit codes) must be uint8, got ", weight.scalar_type());
-  TORCH_CHECK_TYPE(am.scalar_type() == at::kFloat, "absmax must be float32 (resolved), got ", am.scalar_type());
+  FASTLORA_CHECK_TYPE(weight.scalar_type() == at::kByte, "weight (4-bit codes) must be uint8, got ", weight.scalar_type());
+  FASTLORA_CHECK_TYPE(am.scalar_type() == at::kFloat, "absmax must be float32 (resolved), got ", am.scalar_type());
   const int64_t numel = N * K;
-  TORCH_CHECK_VALUE(weight.numel() == (numel + 1) / 2, "weight must hold ceil(out_features*in_features/2) = ",
+  FASTLORA_CHECK_VALUE(weight.numel() == (numel + 1) / 2, "weight must hold ceil(out_features*in_features/2) = ",
                     (numel + 1) / 2, " bytes of codes, got ", weight.numel());
-  TORCH_CHECK_VALUE(am.numel() == (numel + blocksize - 1) / blocksize,
+  FASTLORA_CHECK_VALUE(am.numel() == (numel + blocksize - 1) / blocksize,
                     "absmax must hold ceil(out_features*in_features/blocksize) = ",
                     (numel + blocksize - 1) / blocksize, " values, got ", am.numel());
-  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == K, "lora_A must be (r, in_features=", K, "), got shape ",
+  FASTLORA_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == K, "lora_A must be (r, in_features=", K, "), got shape ",
                     lora_A.sizes());
   const int64_t r = lora_A.size(0);
-  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r,
+  FASTLORA_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r,
                     "lora_B must be (out_features, r) = (", N, ", ", r, "), got shape ", lora_B.sizes());
-  TORCH_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora_A and lora_B must have one dtype, got ",
+  FASTLORA_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora_A and lora_B must have one dtype, got ",
                    lora_A.scalar_type(), " and ", lora_B.scalar_type());
-  TORCH_CHECK_TYPE(lora_A.scalar_type() == at::kFloat || lora_A.scalar_type() == x.scalar_type(),
+  FASTLORA_CHECK_TYPE(lora_A.scalar_type() == at::kFloat || lora_A.scalar_type() == x.scalar_type(),
                    "lora_A must be float32 or x's dtype ", x.scalar_type(), ", got ", lora_A.scalar_type());
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be (out_features=", N, ",), got shape ",
+    FASTLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be (out_features=", N, ",), got shape ",
                       bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
+    FASTLORA_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
                      bias->scalar_type());
   }
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  FASTLORA_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   check_device(x, "x", at::kCUDA);
   check_same_device(weight, "weight", x, "x");
   check_same_device(am, "absmax", x, "x");
@@ -234,14 +234,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
 // the kernel never dereferences such ids.
 at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& mag,
                                   const at::Tensor& seed) {
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
+  FASTLORA_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
+  FASTLORA_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
                        weight.scalar_type() == at::kHalf,
                    "weight must be float32, bfloat16 or float16, got ", weight.scalar_type());
-  TORCH_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must have the shape of ids (", ids.size(0),
+  FASTLORA_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
+  FASTLORA_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
+  FASTLORA_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
+  FASTLORA_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must have the shape of ids (", ids.size(0),
                     ",), got shape ", mag.sizes());
   check_device(weight, "weight", at::kCUDA);
   check_same_device(ids, "ids", weight, "weight");
@@ -251,7 +251,7 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   const at::Tensor seed_dev = seed_on_device(seed, weight, T > 0 && d > 0);
   at::Tensor out = at::empty({T, d}, weight.options());
   if (T == 0 || d == 0) return out;
-  TORCH_CHECK_VALUE(V > 0, "input_ids: out of range for an empty weight (V = 0)");
+  FASTLORA_CHECK_VALUE(V > 0, "input_ids: out of range for an empty weight (V = 0)");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   // cudaStreamIsCapturing directly: c10's stream-taking wrapper is newer than some torch releases we build against.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -260,7 +260,7 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
     const auto [lo, hi] = at::aminmax(ids);
     const at::Tensor range = at::stack({lo, hi}).cpu();  // one device -> host copy (the one sync)
     const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
-    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < V, "input_ids must be in [0, ", V, ") (the rows of weight), got ",
+    FASTLORA_CHECK_VALUE(lo_v >= 0 && hi_v < V, "input_ids must be in [0, ", V, ") (the rows of weight), got ",
                       lo_v < 0 ? lo_v : hi_v);
   }
   const at::Tensor i = ids.contiguous();
