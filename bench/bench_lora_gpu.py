@@ -216,6 +216,34 @@ def time_ms(fn, quick: bool) -> float:
     return statistics.median(times)
 
 
+def kernel_breakdown(fn, iters: int = 5, top: int = 10) -> list[str]:
+    """Lines of the ``top`` GPU kernels of one call of fn by time (torch.profiler, CUDA activity only,
+    averaged over ``iters`` calls): microseconds per call, share of the call's kernel time, launches per
+    call, name. What a slow cell spends its time on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    on_cpu = DEVICE == "cpu"  # the CPU smoke run of the plumbing: operators instead of kernels
+    with profile(activities=[ProfilerActivity.CPU if on_cpu else ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        _sync()
+
+    def device_us(event) -> float:
+        if on_cpu:
+            return float(event.self_cpu_time_total)
+        return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0))
+
+    events = sorted((e for e in prof.key_averages() if device_us(e) > 0), key=device_us, reverse=True)
+    total = sum(device_us(e) for e in events) or 1.0
+    lines = [f"{'us/call':>9} {'share':>6} {'calls':>5}  kernel (total {total / iters:.1f} us per call)"]
+    for event in events[:top]:
+        lines.append(f"{device_us(event) / iters:>9.1f} {100 * device_us(event) / total:>5.1f}% "
+                     f"{event.count / iters:>5.1f}  {event.key[:100]}")
+    return lines
+
+
 def measure(impl, shape, M, mode, quick=False):
     """Times one cell into _results (or records why it is skipped). Returns (callable, reason)."""
     key = (impl, shape, M, mode)
@@ -329,6 +357,9 @@ def main(argv=None) -> int:
                         help="comma-separated M values (default: %(default)s)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated columns (default: %(default)s)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: %(default)s)")
+    parser.add_argument("--profile", metavar="IMPLS", default="",
+                        help="comma-separated columns whose cells also get a per-kernel time breakdown "
+                             "(torch.profiler, top 10 kernels per cell), printed after the table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora_gpu: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -336,17 +367,23 @@ def main(argv=None) -> int:
     rows = [int(v) for v in args.rows.split(",") if v]
     impls = [v for v in args.impls.split(",") if v]
     modes = [v for v in args.modes.split(",") if v]
-    unknown = [i for i in impls if i not in IMPLS] + [m for m in modes if m not in MODES]
+    profiled = [v for v in args.profile.split(",") if v]
+    unknown = [i for i in impls + profiled if i not in IMPLS] + [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown column or mode: {unknown}")
     ROWS[:] = rows
     t0 = time.perf_counter()
+    breakdowns = []
     for shape in SHAPES:
         for M in rows:
             for mode in modes:
                 for impl in impls:
-                    measure(impl, shape, M, mode, quick=args.quick)
+                    fn, _ = measure(impl, shape, M, mode, quick=args.quick)
+                    if fn is not None and impl in profiled:
+                        breakdowns.append(f"\n{impl} {shape_id(shape)} M={M} {mode}:")
+                        breakdowns += kernel_breakdown(fn)
     print(summary())
+    print("\n".join(breakdowns))
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 

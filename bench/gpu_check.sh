@@ -3,8 +3,10 @@
 # extension against the machine's torch, then for each part asked for (default: all) run the GPU tests or
 # time the ops against their peers. Logs (at most 8 files) go to ${OUT:-gpu_check_out}. bitsandbytes may be
 # unpacked into .devpkgs/ (no package index on the GPU machine).
-# Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [suite]
-#   tests: every GPU test file in one pytest run; train: bench_train_gpu.py; suite: the kernels suite, its crossover.
+# Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [suite] [probe]
+#   tests: every GPU test file in one pytest run; lora: the bad-input repro, bench_lora_gpu.py with the per-kernel
+#   breakdown of the auto path; train: bench_train_gpu.py; suite: the kernels suite, its crossover;
+#   probe (not in the default): which reciprocal bitsandbytes' CUDA quantizer uses.
 # Step timeouts add up to under 10 minutes (one device call).
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
@@ -21,7 +23,7 @@ stamp build
 grep -m1 -o "^[^ ]*g++" "$OUT/build.log" | head -1 | xargs -r -I{} sh -c '{} --version | head -1'
 python3 -c "import torch; print(torch.__config__.show().splitlines()[1].strip())"
 python3 -m fastlora info 2>&1
-case " $PARTS " in *" tests "*)
+case " $PARTS " in *" probe "*)
   timeout 60 python3 bench/gpu_probe_reciprocal.py 2>&1 | tee "$OUT/probe_reciprocal.log" | tail -16
   stamp "reciprocal probe"
 esac
@@ -34,7 +36,7 @@ esac
 case " $PARTS " in *" lora "*)
   timeout 30 python3 tests/gpu_repro_bad_rows.py 2>&1 | tail -5
   stamp "lora repro"
-  timeout 80 python3 bench/bench_lora_gpu.py --quick 2>&1 | tee "$OUT/bench_lora.log" | tail -16
+  timeout 90 python3 bench/bench_lora_gpu.py --quick --profile fastlora-auto 2>&1 | tee "$OUT/bench_lora.log" | tail -16
   stamp "lora bench"
 esac
 case " $PARTS " in *" neftune "*)
