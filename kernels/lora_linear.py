@@ -89,9 +89,9 @@ SMALL_M: int = int(os.environ.get("FASTLORA_SMALL_M", "64"))
 # FASTLORA_TRITON_AUTOTUNE=0: use the first configuration of each list instead of benchmarking them.
 AUTOTUNE: bool = os.environ.get("FASTLORA_TRITON_AUTOTUNE", "1") != "0"
 # Which GEMMs run: "triton" = the fused Triton GEMMs (in-loop 4-bit decode up to SMALL_M tokens, the
-# LoRA term in the GEMM epilogue) and the one-pass dS/dB kernel; "torch" = the weight decoded once into
-# an x-dtype workspace, torch's GEMMs (cuBLAS) for x·Wᵀ, G·W, G·B and Gᵀ·S, the LoRA term added by
-# _lora_add_kernel; the S, dx-LoRA, dA and dropout kernels are Triton in both. "auto" (default) is
+# LoRA term in the GEMM epilogue), the one-pass dS/dB kernel and the S / dx-LoRA / dA kernels; "torch" = the
+# weight decoded once into an x-dtype workspace, torch's GEMMs (cuBLAS) for x·Wᵀ, S, G·W, G·B, Gᵀ·S, dS·A and
+# dA, the LoRA term added by _lora_add_kernel, the dropout masks by the Triton dropout kernel. "auto" (default) is
 # "torch" on a GPU and "triton" under the interpreter, so the CPU tests check the Triton GEMMs.
 # Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, nf4 double quant, bf16, r=16) the
 # untuned Triton GEMMs took 3.7x cuBLAS' x·Wᵀ at 4096 tokens, the in-loop decode 585-925 us at 1-16
@@ -773,6 +773,27 @@ def _ds_db_torch(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool
     return ds, db
 
 
+def _dropped_x(x, adt: torch.dtype, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """dropout(x) in the adapters' dtype, (M, K): the operand of S = xd·Aᵀ and dA = dSᵀ·xd, its mask from the
+    seed (Philox, as every kernel of the op). A transient copy of x, as PEFT's lora_A(dropout(x.to(adt)))."""
+    from .lora_dropout import lora_dropout
+
+    xd = x.to(adt)
+    return lora_dropout(xd, dropout_p, seed) if dropout_p > 0.0 else xd
+
+
+def _s_torch(x, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """S = rnd_A(dropout(x)·Aᵀ), (M, r) in lora_A's dtype, by a torch (cuBLAS) GEMM in fp32. Why not the Triton
+    S kernel on a GPU: at r = 16 it runs M/64 programs, each a sequential fp32 FMA loop over all of K (on an H100,
+    the op's forward at 4096 tokens took 1.5x PEFT's while plain cuBLAS LoRA GEMMs were faster than PEFT)."""
+    return torch.mm(_dropped_x(x, lora_A.dtype, dropout_p, seed).float(), lora_A.float().t()).to(lora_A.dtype)
+
+
+def _da_torch(x, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """dA = dSᵀ·dropout(x), (r, K) fp32 (rounded to lora_A's dtype by the caller), by a torch GEMM."""
+    return torch.mm(ds.t(), _dropped_x(x, lora_A.dtype, dropout_p, seed).float())
+
+
 def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """dx = rnd_X(rnd_X(G·W) + keep·scale·(dS·A)): the base term from torch (rounded to x's dtype as
     PEFT's autograd does), the LoRA term in fp32 with the Philox mask of the forward."""
@@ -808,17 +829,20 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     if m == 0:
         return y, s
 
-    keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
-    block_r = _s_block_r(r)
-    sc = _INTERP_SMALL if interp else S_CONFIGS[block_r, _width(lora_A.dtype)]
-    _lora_s_kernel[(triton.cdiv(m, sc.block_m), triton.cdiv(r, block_r))](
-        x, lora_A, s, keep_mask, m, k, r, seed, threshold, scale, mode,
-        BLOCK_M=sc.block_m, BLOCK_K=sc.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=sc.num_warps,
-    )  # fmt: skip
+    torch_gemms = _torch_gemms(interp)
+    if torch_gemms:
+        s = _s_torch(x, lora_A, float(dropout_p), seed)
+    else:
+        keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
+        block_r = _s_block_r(r)
+        sc = _INTERP_SMALL if interp else S_CONFIGS[block_r, _width(lora_A.dtype)]
+        _lora_s_kernel[(triton.cdiv(m, sc.block_m), triton.cdiv(r, block_r))](
+            x, lora_A, s, keep_mask, m, k, r, seed, threshold, scale, mode,
+            BLOCK_M=sc.block_m, BLOCK_K=sc.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=sc.num_warps,
+        )  # fmt: skip
     if n == 0:
         return y, s
 
-    torch_gemms = _torch_gemms(interp)
     fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
     if torch_gemms:
@@ -858,13 +882,14 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     dev, adt = x.device, lora_A.dtype
     need_dx, need_dA, need_dB = bool(need_dx), bool(need_dA), bool(need_dB)
     dx = torch.empty((m, k), dtype=x.dtype, device=dev) if need_dx else x.new_empty((0,))
+    torch_gemms = _torch_gemms(interp)
+    # (the Triton dA kernel accumulates into this with atomics; the torch path replaces it by its GEMM's result)
     da_ws = torch.zeros((r, k), dtype=torch.float32, device=dev) if need_dA else None
     db_ws = torch.zeros((n, r), dtype=torch.float32, device=dev) if need_dB else None
     need_ds = need_dx or need_dA
     if m > 0 and (need_ds or need_dB):
         grad_y, x, S = grad_y.contiguous(), x.contiguous(), S.contiguous()
         lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
-        torch_gemms = _torch_gemms(interp)
         if torch_gemms:
             ds, db_ws = _ds_db_torch(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
         else:
@@ -876,7 +901,7 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
                 int(need_dB), BLOCK_M=dc.block_m, BLOCK_N=dc.block_c, BLOCK_R=block_r, INTERP=interp,
                 num_warps=dc.num_warps,
             )  # fmt: skip
-        if need_ds:
+        if need_ds and not torch_gemms:
             keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
         if need_dx:
             fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
@@ -889,7 +914,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
                 _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype),
                              lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(k, bn), args,
                              {"W4": w4, "INTERP": interp})  # fmt: skip
-        if need_dA:
+        if need_dA and torch_gemms:
+            da_ws = _da_torch(x, ds, lora_A, float(dropout_p), seed)
+        elif need_dA:
             block_r = _s_block_r(r)
             ac = _INTERP_SMALL if interp else DA_CONFIGS[block_r]
             k_tiles, r_tiles = triton.cdiv(k, ac.block_c), triton.cdiv(r, block_r)
