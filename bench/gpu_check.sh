@@ -4,8 +4,8 @@
 # time the ops against their peers. Logs (at most 8 files) go to ${OUT:-gpu_check_out}. bitsandbytes may be
 # unpacked into .devpkgs/ (no package index on the GPU machine).
 # Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [suite] [probe]
-#   tests: every GPU test file in one pytest run; lora: the bad-input repro, bench_lora_gpu.py with the per-kernel
-#   breakdown of the auto path; train: bench_train_gpu.py; suite: the kernels suite, its crossover;
+#   tests: every GPU test file in one pytest run; lora: bench_lora_gpu.py with the per-kernel breakdown of the
+#   auto path; train: bench_train_gpu.py; suite: the kernels suite, its crossover;
 #   probe (not in the default): which reciprocal bitsandbytes' CUDA quantizer uses.
 # Step timeouts add up to under 10 minutes (one device call).
 set -u -o pipefail
@@ -16,13 +16,29 @@ export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_B
 ln -sfn ../kernels fastlora/kernels  # what setup.py's package_dir does for an installed wheel
 start=$(date +%s)
 stamp() { echo "== $1 at $(( $(date +%s) - start )) s"; }
-FASTLORA_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
-  timeout 150 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || tail -30 "$OUT/build.log"
+build() {  # $1: the log; CC / CXX from the environment pick the compilers (torch passes CC to nvcc as -ccbin)
+  FASTLORA_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
+    timeout 150 python3 setup.py build_ext --inplace >"$1" 2>&1 || tail -30 "$1"
+}
+build "$OUT/build.log"
 stamp build
-# the toolchain, for the record: a crash on formatted C++ error messages was seen with the image's /opt/gcc
 grep -m1 -o "^[^ ]*g++" "$OUT/build.log" | head -1 | xargs -r -I{} sh -c '{} --version | head -1'
 python3 -c "import torch; print(torch.__config__.show().splitlines()[1].strip())"
 python3 -m fastlora info 2>&1
+# Bad input must raise, not kill the process (SIGSEGV seen on 2026-11-26/27 with the image's /opt/gcc build). If the
+# repro still fails, rebuild with the system compiler and try again (the rest of the run then uses that build).
+if timeout 30 python3 tests/gpu_repro_bad_rows.py >/tmp/repro.log 2>&1; then
+  echo "bad-input repro: $(tail -1 /tmp/repro.log)"
+else
+  echo "bad-input repro FAILED (exit $?):"; tail -6 /tmp/repro.log
+  if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    echo "rebuilding with $(/usr/bin/g++ --version | head -1)"
+    rm -rf build fastlora/_C*.so
+    CC=/usr/bin/gcc CXX=/usr/bin/g++ build /tmp/build_system_gcc.log
+    timeout 30 python3 tests/gpu_repro_bad_rows.py 2>&1 | tail -3
+  fi
+fi
+stamp "bad-input repro"
 case " $PARTS " in *" probe "*)
   timeout 60 python3 bench/gpu_probe_reciprocal.py 2>&1 | tee "$OUT/probe_reciprocal.log" | tail -16
   stamp "reciprocal probe"
@@ -34,8 +50,6 @@ case " $PARTS " in *" tests "*)
   stamp tests
 esac
 case " $PARTS " in *" lora "*)
-  timeout 30 python3 tests/gpu_repro_bad_rows.py 2>&1 | tail -5
-  stamp "lora repro"
   timeout 90 python3 bench/bench_lora_gpu.py --quick --profile fastlora-auto 2>&1 | tee "$OUT/bench_lora.log" | tail -16
   stamp "lora bench"
 esac

@@ -1,7 +1,8 @@
 """Bad input to fastlora::lora_linear_fwd on CUDA (run as a script by tests/test_cuda_lora.py and
 bench/gpu_check.sh; not collected by pytest): each call must raise ValueError naming the argument,
-and a valid 16-row call must run. A crash (SIGSEGV) was seen once on an H100; faulthandler prints
-where, and the exit code says which step did not behave."""
+and a valid 16-row call must run; a bad call of the same extension's CPU op comes first. A crash
+(SIGSEGV) on every check whose message formatted an integer was seen on an H100 (2026-11-26 and -27);
+faulthandler prints where, and the exit code says which step did not behave."""
 
 import faulthandler
 import sys
@@ -26,6 +27,9 @@ def expect_value_error(what: str, fn, words: str) -> None:
     raise AssertionError(f"{what}: no ValueError")
 
 
+# The same extension's CPU op first: an integer in the message (the CUDA crash came with those; is it the toolchain?)
+expect_value_error("CPU op, wrong numel", lambda: torch.ops.fastlora.dequantize_4bit(
+    torch.zeros(4, dtype=torch.uint8), torch.ones(1), 64, "nf4", 9, torch.float32), "packed")
 case = Case(16, 64, 32, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
 print("M=16: ", end="", flush=True)
 y, _ = cuda_fwd(case)
