@@ -3,14 +3,15 @@
 # extension against the machine's torch, then for each part asked for (default: all) run the GPU tests or
 # time the ops against their peers. Logs (at most 8 files) go to ${OUT:-gpu_check_out}. bitsandbytes may be
 # unpacked into .devpkgs/ (no package index on the GPU machine).
-# Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [suite] [probe]
+# Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [demo] [suite] [probe]
 #   tests: every GPU test file in one pytest run; lora: bench_lora_gpu.py with the per-kernel breakdown of the
-#   auto path; train: bench_train_gpu.py; suite: the kernels suite, its crossover;
+#   auto path; train: bench_train_gpu.py; demo: `fastlora demo --device cuda` (medium preset, bf16, 40 steps);
+#   suite: the kernels suite, its crossover;
 #   probe (not in the default): which reciprocal bitsandbytes' CUDA quantizer uses.
-# Step timeouts add up to under 10 minutes (one device call).
+# One device call: 376 s on an H100 on 2026-11-27 (before the demo part); each part is capped by its timeout.
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
-PARTS=${*:-tests lora neftune train suite}
+PARTS=${*:-tests lora neftune train demo suite}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONPATH="$PWD:$PWD/.devpkgs" FASTLORA_TRITON_AUTOTUNE=${FASTLORA_TRITON_AUTOTUNE:-0}
 ln -sfn ../kernels fastlora/kernels  # what setup.py's package_dir does for an installed wheel
@@ -60,6 +61,11 @@ esac
 case " $PARTS " in *" train "*)
   timeout 60 python3 bench/bench_train_gpu.py 2>&1 | tee "$OUT/bench_train.log" | tail -8
   stamp "train bench"
+esac
+case " $PARTS " in *" demo "*)
+  timeout 120 python3 -m fastlora demo --device cuda --preset medium --dtype bf16 --steps 40 --output /tmp/demo_gpu \
+    2>&1 | tee "$OUT/demo.log" | tail -14
+  stamp demo
 esac
 case " $PARTS " in *" suite "*)
   timeout 45 python3 -m fastlora bench --suite kernels --device cuda --dtype bf16 --no-reference --seconds 0.05 \
