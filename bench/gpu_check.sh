@@ -5,7 +5,7 @@
 # unpacked into .devpkgs/ (no package index on the GPU machine).
 # Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [demo] [suite] [probe]
 #   tests: every GPU test file in one pytest run; lora: bench_lora_gpu.py with the per-kernel breakdown of the
-#   auto path; train: bench_train_gpu.py; demo: `fastlora demo --device cuda` (medium preset, bf16, 40 steps);
+#   auto path; train: bench_train_gpu.py without and with checkpointing; demo: `fastlora demo --device cuda` (medium preset, bf16, 40 steps);
 #   suite: the kernels suite, its crossover;
 #   probe (not in the default): which reciprocal bitsandbytes' CUDA quantizer uses.
 # One device call: 376 s on an H100 on 2026-11-27 (before the demo part); each part is capped by its timeout.
@@ -60,6 +60,7 @@ case " $PARTS " in *" neftune "*)
 esac
 case " $PARTS " in *" train "*)
   timeout 60 python3 bench/bench_train_gpu.py 2>&1 | tee "$OUT/bench_train.log" | tail -8
+  timeout 60 python3 bench/bench_train_gpu.py --checkpointing 2>&1 | tee -a "$OUT/bench_train.log" | tail -6
   stamp "train bench"
 esac
 case " $PARTS " in *" demo "*)
