@@ -114,6 +114,8 @@ def main(argv=None) -> int:
             print(f"  {name}: {rows[name][0]:.1f} ms", flush=True)
             del model
         floor = train_setup.floor_model(spec, torch.bfloat16).to(args.device)
+        if args.checkpointing:  # the same recomputation as the providers (non-reentrant: no input needs grad)
+            floor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         rows[train_setup.FLOOR] = time_steps(train_setup.TrainStep(floor), ids, args.device, args.warmup, args.steps)
     peft_ms = rows["peft+bnb"][0]
     print(f"\n{'provider':<10} {'step ms':>9} {'PEFT/this':>10} {'peak MiB':>9} {'first loss':>11}")
