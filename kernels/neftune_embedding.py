@@ -183,10 +183,10 @@ def neftune_embedding(
     noise magnitude (0: the row is the plain lookup); seed: int64 tensor with one element, value in [0, 2^63),
     read by the kernel at run time. All on one device (CUDA, or CPU under TRITON_INTERPRET=1); the seed may
     also be a CPU tensor (copied to the device, see ``_common.check_seed``). Raises TypeError / ValueError
-    naming the argument on bad input; out-of-range ids are found with one ``aminmax`` on the device (a host
-    sync) before the launch; ``check_ids=False`` skips it for callers that validated the ids already, and it is
-    skipped while a CUDA graph is being captured (no host read is possible then). The kernel never reads
-    outside weight either way: bad ids give NaN rows."""
+    naming the argument on bad input; out-of-range ids are found with one ``aminmax`` on the device, read on
+    the host after the launch (the one host sync, overlapped with the kernel); ``check_ids=False`` skips it for
+    callers that validated the ids already, and it is skipped while a CUDA graph is being captured (no host read
+    is possible then). The kernel never reads outside weight either way: bad ids give NaN rows."""
     T = _check_args(ids, weight, mag)
     fn = _neftune_embedding_kernel
     check_device(fn, ids.device, ids=ids, weight=weight, mag=mag)
@@ -197,11 +197,16 @@ def neftune_embedding(
         return out
     if V == 0:
         raise ValueError("input_ids: out of range for an empty weight (V = 0)")
+    bounds, bounds_ready = None, None
     if check_ids and not stream_capturing(ids.device):
-        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device -> host copy
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids must be in [0, {V}) (the rows of weight), got {bad}")
+        bounds = torch.stack(torch.aminmax(ids))
+        if bounds.is_cuda:
+            # Copied without blocking and read once the kernel is queued behind the copy: the GPU goes on with
+            # the lookup while the host waits for two numbers (bad ids only give NaN rows of an output that is
+            # then dropped with the error).
+            bounds = bounds.to("cpu", non_blocking=True)
+            bounds_ready = torch.cuda.Event()
+            bounds_ready.record()
     w = weight.contiguous()
     ids_c = ids.contiguous()
     mag_c = mag.contiguous()
@@ -212,4 +217,10 @@ def neftune_embedding(
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, GROUPS=d % 4 == 0, INTERP=is_interpreted(fn),
         num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
+    if bounds is not None:
+        if bounds_ready is not None:
+            bounds_ready.synchronize()
+        lo, hi = bounds.tolist()
+        if lo < 0 or hi >= V:
+            raise ValueError(f"input_ids must be in [0, {V}) (the rows of weight), got {lo if lo < 0 else hi}")
     return out

@@ -29,6 +29,26 @@ void check_launch(cudaError_t err, const char* op) {
               cudaGetErrorString(err), ")");
 }
 
+// A CUDA event the host waits on (created on first record, destroyed with the object; the runtime API directly:
+// ATen's CUDAEvent header pulls in the whole CUDA context, cuSPARSE's headers included).
+class HostEvent {
+ public:
+  HostEvent() = default;
+  HostEvent(const HostEvent&) = delete;
+  HostEvent& operator=(const HostEvent&) = delete;
+  ~HostEvent() {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+  }
+  void record(cudaStream_t stream) {
+    if (event_ == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+  void synchronize() const { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   FASTLORA_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
                     ref.device(), "), got ", t.device());
@@ -256,12 +276,16 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   // cudaStreamIsCapturing directly: c10's stream-taking wrapper is newer than some torch releases we build against.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  // The ids' (min, max), copied to pinned host memory without blocking and read after the kernel is queued behind
+  // the copy: the GPU goes on with the lookup while the host waits for two numbers (the one sync). Bad ids only
+  // give NaN rows of an output that is dropped with the error.
+  at::Tensor range;
+  HostEvent range_ready;
   if (capture == cudaStreamCaptureStatusNone) {
     const auto [lo, hi] = at::aminmax(ids);
-    const at::Tensor range = at::stack({lo, hi}).cpu();  // one device -> host copy (the one sync)
-    const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
-    FASTLORA_CHECK_VALUE(lo_v >= 0 && hi_v < V, "input_ids must be in [0, ", V, ") (the rows of weight), got ",
-                      lo_v < 0 ? lo_v : hi_v);
+    range = at::empty({2}, ids.options().device(at::kCPU).pinned_memory(true));
+    range.copy_(at::stack({lo, hi}), /*non_blocking=*/true);
+    range_ready.record(stream);
   }
   const at::Tensor i = ids.contiguous();
   const at::Tensor w = weight.contiguous();
@@ -269,6 +293,12 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   check_launch(neftune_embedding(i.data_ptr<int64_t>(), w.data_ptr(), m.data_ptr<float>(), out.data_ptr(), T, V, d,
                                  seed_dev.data_ptr<int64_t>(), out_dtype(weight.scalar_type()), stream),
                "neftune_embedding");
+  if (range.defined()) {
+    range_ready.synchronize();
+    const int64_t lo_v = range.data_ptr<int64_t>()[0], hi_v = range.data_ptr<int64_t>()[1];
+    FASTLORA_CHECK_VALUE(lo_v >= 0 && hi_v < V, "input_ids must be in [0, ", V, ") (the rows of weight), got ",
+                         lo_v < 0 ? lo_v : hi_v);
+  }
   return out;
 }
 
