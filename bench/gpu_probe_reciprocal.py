@@ -63,6 +63,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _ordered(value: torch.Tensor) -> int:
+    """An fp32 scalar as an integer that counts fp32 steps in value order (negative values too)."""
+    bits = int(value.reshape(()).view(torch.int32))
+    return -(bits & 0x7FFFFFFF) if bits < 0 else bits
+
+
 def diagnose(F, reference, rcp, elements: int, trials: int, blocksize: int = 64, device: str = "cuda") -> int:
     """Every float32 NF4 element whose code differs from bitsandbytes' quantizer on ``device`` (its CUDA kernel),
     with the numbers that decide its code."""
@@ -84,7 +90,7 @@ def diagnose(F, reference, rcp, elements: int, trials: int, blocksize: int = 64,
             x, b = w[i], i // blocksize
             scaled = x * inv[b]
             nearest = int((thresholds - scaled).abs().argmin())
-            steps = int(scaled.view(torch.int32) - thresholds[nearest].view(torch.int32))
+            steps = _ordered(scaled) - _ordered(thresholds[nearest])
             # the exact product (float64 holds it) against the threshold: what a compare contracted into an FMA sees
             exact_above = float(x.double() * inv[b].double()) > float(thresholds[nearest].double())
             print(f"  [{i}] x={x.item():.9e} absmax={absmax[b].item():.9e} inv={inv[b].item():.9e} "
