@@ -151,6 +151,9 @@ RULES = [
          r"\| fastlora \| PEFT \+ bitsandbytes \| fastlora vs PEFT \|", [],
          "the default (small) preset trains ~2 min per run and runs twice (fastlora, then PEFT + bitsandbytes): "
          "the tiny preset runs the same code in about half a minute (tests/test_demo.py checks its results)"),
+    Rule(r"^python -m fastlora demo --device cuda$", ["--preset", "tiny", "--steps", "10", "--output", "{tmp}"], {},
+         r"\| fastlora \| PEFT \+ bitsandbytes \| fastlora vs PEFT \|", ["cuda", pytest.mark.slow],
+         "on a CUDA GPU, the tiny preset (bench/gpu_check.sh's demo part runs the medium one)"),
     Rule(r" --help$", [], {}, r"(?i)usage:", [], "the help"),
     Rule(r"^python -m fastlora info$", [], {}, r"(?i)torch", [], "as written"),
     Rule(r"^python -m fastlora roundtrip$", ["--repeats", "1"], {}, r"fastlora cpp", [],
