@@ -824,15 +824,17 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     r = lora_A.shape[0]
     x = x.contiguous()
     lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    s = torch.empty((m, r), dtype=lora_A.dtype, device=x.device)
     if m == 0:
-        return y, s
+        return (torch.empty((0, n), dtype=x.dtype, device=x.device),
+                torch.empty((0, r), dtype=lora_A.dtype, device=x.device))
 
+    # y and S are allocated by whatever computes them: torch's GEMMs make their own, so an (M, N) buffer
+    # allocated up front would sit unused through the whole call on the GPU path.
     torch_gemms = _torch_gemms(interp)
     if torch_gemms:
         s = _s_torch(x, lora_A, float(dropout_p), seed)
     else:
+        s = torch.empty((m, r), dtype=lora_A.dtype, device=x.device)
         keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
         block_r = _s_block_r(r)
         sc = _INTERP_SMALL if interp else S_CONFIGS[block_r, _width(lora_A.dtype)]
@@ -841,12 +843,13 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
             BLOCK_M=sc.block_m, BLOCK_K=sc.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=sc.num_warps,
         )  # fmt: skip
     if n == 0:
-        return y, s
+        return torch.empty((m, 0), dtype=x.dtype, device=x.device), s
 
     fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
     if torch_gemms:
         return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding, interp), s
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (x, w, amax, table, bias.contiguous() if bias is not None else y, s, lora_B, y, m, n, k, r, log2_bs,
             float(scaling), int(bias is not None), int(rounding == "linear4bit"), _m_bucket(m))  # fmt: skip
     _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype), lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(n, bn),
@@ -881,11 +884,13 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     interp = is_interpreted(fn)
     dev, adt = x.device, lora_A.dtype
     need_dx, need_dA, need_dB = bool(need_dx), bool(need_dA), bool(need_dB)
-    dx = torch.empty((m, k), dtype=x.dtype, device=dev) if need_dx else x.new_empty((0,))
     torch_gemms = _torch_gemms(interp)
-    # (the Triton dA kernel accumulates into this with atomics; the torch path replaces it by its GEMM's result)
-    da_ws = torch.zeros((r, k), dtype=torch.float32, device=dev) if need_dA else None
-    db_ws = torch.zeros((n, r), dtype=torch.float32, device=dev) if need_dB else None
+    # The Triton kernels write dx and accumulate dA / dB (atomics) into buffers made here; on the torch path (m > 0)
+    # the GEMMs make their own, so buffers made up front would sit unused (dx: (M, K) through the whole backward).
+    kernels_write = not (torch_gemms and m > 0)
+    dx = torch.empty((m, k), dtype=x.dtype, device=dev) if need_dx and kernels_write else x.new_empty((0,))
+    da_ws = torch.zeros((r, k), dtype=torch.float32, device=dev) if need_dA and kernels_write else None
+    db_ws = torch.zeros((n, r), dtype=torch.float32, device=dev) if need_dB and kernels_write else None
     need_ds = need_dx or need_dA
     if m > 0 and (need_ds or need_dB):
         grad_y, x, S = grad_y.contiguous(), x.contiguous(), S.contiguous()

@@ -151,6 +151,7 @@ def test_8b_estimate_allocates_nothing_and_runs_fastlora_ops():
 
 
 def test_gpu_workspace_model():
+    pytest.importorskip("bitsandbytes")  # registers torch.ops.bitsandbytes
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastlora.bench.op_workspace import gpu_workspace
@@ -170,9 +171,23 @@ def test_gpu_workspace_model():
         a, b = torch.empty(r, k), torch.empty(n, r)
         absmax = torch.empty(n * k // 64)
         args = (x, packed, absmax, 64, "nf4", n, a, b, 2.0, None, 0.0, 0, "linear4bit")
-        assert gpu_workspace(fwd, args, {}, (y, torch.empty(m, r))) == n * k * 2
+        outs = (y, torch.empty(m, r))
+        assert gpu_workspace(fwd, args, {}, outs) == n * k * 2  # the decoded weight outweighs x in fp32
         dense = torch.empty(n, k, dtype=torch.bfloat16)
-        assert gpu_workspace(fwd, (x, dense, None, *args[3:]), {}, (y, torch.empty(m, r))) == 0
+        assert gpu_workspace(fwd, (x, dense, None, *args[3:]), {}, outs) == m * k * 4  # x in the adapters' fp32
+        dropout = (x, dense, None, *args[3:10], 0.1, *args[11:])
+        assert gpu_workspace(fwd, dropout, {}, outs) == 2 * m * k * 4  # ... and dropout's output beside it
+        a16 = torch.empty(r, k, dtype=torch.bfloat16)
+        no_copy = (x, dense, None, *args[3:6], a16, b.bfloat16(), *args[8:10], 0.0, *args[11:])
+        assert gpu_workspace(fwd, no_copy, {}, outs) == m * k * 4  # x has the adapters' dtype: only the fp32 widening
+        bwd = torch.ops.fastlora.lora_linear_bwd.default
+        s = torch.empty(m, r)
+        grads = (torch.empty(m, k, dtype=torch.bfloat16), torch.empty(r, k), torch.empty(n, r))
+        bwd_args = (y, x, s, packed, absmax, 64, "nf4", n, a, b, 2.0, 0.0, 0, True, True, True)
+        ds = m * r * 4
+        dx_phase = ds + n * k * 2 + m * k * 4 + m * k * 2 + m * k * 4  # W, dS·A, G·W and their fp32 sum
+        ds_db_phase, da_phase = m * n * 4 + ds + n * r * 4, ds + m * k * 4 + r * k * 4  # grad_y fp32; dropout(x) fp32
+        assert gpu_workspace(bwd, bwd_args, {}, grads) == max(ds_db_phase, dx_phase, da_phase)
         assert gpu_workspace(torch.ops.aten.mm.default, (x, x.t()), {}, torch.empty(m, m)) == 0
 
 

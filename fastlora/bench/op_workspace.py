@@ -7,11 +7,12 @@ on a CUDA GPU at training sizes (M > 1536 tokens), read from their launchers:
   ``_dequant_linear_fallback``): float32 absmax (2 x blocks x 4 bytes with double quant: the
   decoded codes and the offset-added copy) and the decoded (N, K) weight in x's dtype, then F.linear.
   Its backward decodes through ``F.dequantize_4bit``, torch ops the tracker sees.
-* ``fastlora::lora_linear_fwd*`` (kernels/lora_linear.py, GEMMS="torch", the GPU default): the decoded
-  (N, K) weight in x's dtype, then F.linear.
-* ``fastlora::lora_linear_bwd*``: the unused first dx (M, K), fp32 dA / dB workspaces, then either
-  grad_y in float32 (M, N) with dS (M, r) and Gᵀ·S (N, r), or the decoded weight with dS·A (M, K fp32),
-  G·W (M, K) and their float32 sum (M, K) — whichever is larger — less the outputs the tracker counts.
+* ``fastlora::lora_linear_fwd*`` (kernels/lora_linear.py, GEMMS="torch", the GPU default): first S's operand,
+  dropout(x) in the adapters' dtype (x's copy in that dtype, dropout's output while the copy lives, a float32
+  copy of a 16-bit result), then the decoded (N, K) weight in x's dtype and F.linear: the larger of the two.
+* ``fastlora::lora_linear_bwd*``: the largest of three phases, each with dS (M, r) fp32: grad_y in float32
+  (M, N) with Gᵀ·S (N, r); the decoded weight with dS·A (M, K fp32, and its dropout), G·W (M, K) and their
+  float32 sum (M, K); dA's operand dropout(x) as in the forward, with dA (r, K) fp32.
 
 Other ops (torch's own, the elementwise and dequantize ops) are treated as allocating only their
 outputs. A dense-weight call (absmax None) decodes nothing.
@@ -50,26 +51,37 @@ def _nbytes(out) -> int:
     return 0
 
 
+def _dropped_x(x, adapter_dtype: torch.dtype, dropout_p: float) -> int:
+    """Peak bytes of kernels/lora_linear._dropped_x(...).float(): x copied to the adapters' dtype (none when x
+    has it), dropout's output while that copy lives, then a float32 copy of a 16-bit result."""
+    m, k = x.shape
+    a = torch.empty((), dtype=adapter_dtype).element_size()
+    copy = m * k * a if x.dtype != adapter_dtype else 0
+    dropped = m * k * a if dropout_p > 0 else 0
+    widen = m * k * 4 if adapter_dtype != torch.float32 else 0
+    return max(copy + dropped, (dropped if dropout_p > 0 else copy) + widen)
+
+
 def _lora_fwd(args) -> int:
-    x, absmax, out_features = args[0], args[2], args[5]
-    if absmax is None:
-        return 0
-    return out_features * x.shape[-1] * x.element_size()
+    x, absmax, out_features, lora_A, dropout_p = args[0], args[2], args[5], args[6], args[10]
+    decoded = out_features * x.shape[-1] * x.element_size() if absmax is not None else 0
+    return max(_dropped_x(x, lora_A.dtype, float(dropout_p)), decoded)
 
 
 def _lora_bwd(args, out) -> int:
-    grad_y, x, S, absmax, out_features = args[0], args[1], args[2], args[4], args[7]
+    x, S, absmax, out_features, lora_A, dropout_p = args[1], args[2], args[4], args[7], args[8], float(args[11])
     need_dx, need_dA, need_dB = args[13], args[14], args[15]
     m, k = x.shape
     n, r, xs = out_features, S.shape[1], x.element_size()
-    held = (m * k * xs if need_dx else 0) + (r * k * 4 if need_dA else 0) + (n * r * 4 if need_dB else 0)
     ds = m * r * 4 if (need_dx or need_dA) else 0
     ds_db = m * n * 4 + ds + (n * r * 4 if need_dB else 0)
     dx_phase = 0
     if need_dx:
-        dx_phase = ds + (n * k * xs if absmax is not None else 0) + m * k * 4 + m * k * xs + m * k * 4
-    del grad_y
-    return max(0, held + max(ds_db, dx_phase) - _nbytes(out))
+        lora_part = m * k * 4 * (2 if dropout_p > 0 else 1)
+        dx_phase = ds + (n * k * xs if absmax is not None else 0) + lora_part + m * k * xs + m * k * 4
+    da_phase = ds + _dropped_x(x, lora_A.dtype, dropout_p) + r * k * 4 if need_dA else 0
+    del out  # the outputs are made by the last step of each phase: counted by the tracker, not here
+    return max(ds_db, dx_phase, da_phase)
 
 
 def _arg(args, kwargs, index: int, name: str):
