@@ -783,7 +783,8 @@ def _dropped_x(x, adt: torch.dtype, dropout_p: float, seed: torch.Tensor) -> tor
 
 
 def _s_torch(x, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """S = rnd_A(dropout(x)·Aᵀ), (M, r) in lora_A's dtype, by a torch (cuBLAS) GEMM in fp32. Why not the Triton
+    """S = rnd_A(dropout(x)·Aᵀ), (M, r) in lora_A's dtype, by a torch (cuBLAS) GEMM in fp32 (TF32 where the user
+    allows it, torch.backends.cuda.matmul.allow_tf32, as for PEFT's own adapter GEMMs). Why not the Triton
     S kernel on a GPU: at r = 16 it runs M/64 programs, each a sequential fp32 FMA loop over all of K (on an H100,
     the op's forward at 4096 tokens took 1.5x PEFT's while plain cuBLAS LoRA GEMMs were faster than PEFT)."""
     return torch.mm(_dropped_x(x, lora_A.dtype, dropout_p, seed).float(), lora_A.float().t()).to(lora_A.dtype)
