@@ -293,3 +293,27 @@ def test_timer_counts_runs_and_uses_setup():
     assert slow.runs == 1 and slow.median_ms >= 20  # a warm-up that alone spends the budget: one timed run
     with pytest.raises(ValueError, match="min_runs"):
         measure(lambda: None, min_runs=0)
+
+
+@pytest.mark.parametrize(("device", "extra", "want"), [
+    ("cuda", [], (4096, 4096, 14336)),  # a GPU measures launch overhead at the CPU's sizes
+    ("cpu", [], (256, 1024, 2816)),
+    ("cuda", ["--tokens", "512", "--shape", "1024x2048"], (512, 1024, 2048)),
+])
+def test_kernels_suite_default_sizes_follow_the_device(device, extra, want, tmp_path, monkeypatch):
+    """Which M, K, N the kernels suite hands its pytest run: training sizes on a GPU (a stand-in here)."""
+    import torch
+
+    from fastlora.bench import kernels, pytest_run
+
+    seen = {}
+
+    def fake_run(module, env, progress):
+        seen["cfg"] = kernels.SuiteConfig.from_json(env[kernels.CONFIG_ENV])
+        return 1, None, None  # "failed before writing its report": the suite stops there
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pytest_run, "run", fake_run)
+    assert _run(tmp_path, "--suite", "kernels", "--device", device, *extra) == 1
+    cfg = seen["cfg"]
+    assert (cfg.tokens, cfg.k, cfg.n) == want and cfg.device == device

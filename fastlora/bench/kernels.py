@@ -64,6 +64,9 @@ OPS = ("dequantize_4bit", "lora_linear", "neftune_embedding", "gated_mlp", "lora
 PASSES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT = (256, (1024, 2816))  # tokens, (K, N): runs in about a minute on a 2-core CPU
+# On a GPU, a training-size call (Llama-3-8B's MLP up-projection at 4096 tokens): at the CPU's sizes an H100 measured
+# launch overhead, not kernels (0-1% of its GEMM and copy ceilings, 2026-11-27).
+DEFAULT_GPU = (4096, (4096, 14336))
 QUICK = (32, (128, 256))
 
 
@@ -311,12 +314,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation / output dtype(s); default fp32 (PEFT's bf16 GEMMs are very slow on CPUs "
                              "without native bf16), bf16 with --crossover; frozen_linear is always bf16")
     parser.add_argument("--tokens", type=positive_int, default=None,
-                        help=f"tokens M per call; default {DEFAULT[0]} ({QUICK[0]} with --quick)")
+                        help=f"tokens M per call; default {DEFAULT[0]} ({DEFAULT_GPU[0]} with --device cuda, "
+                             f"{QUICK[0]} with --quick)")
     parser.add_argument("--shape", type=_shape, default=None, metavar="KxN",
                         help=f"in x out features K x N (dequantize: an (N, K) weight; NEFTune: vocab N, dim K; "
                              f"gated MLP: hidden K, intermediate N; q/k/v: hidden K, q K -> K, k and v K -> K/4, N "
                              f"unused), multiples of 64; default "
-                             f"{DEFAULT[1][0]}x{DEFAULT[1][1]} ({QUICK[1][0]}x{QUICK[1][1]} with --quick); "
+                             f"{DEFAULT[1][0]}x{DEFAULT[1][1]} ({DEFAULT_GPU[1][0]}x{DEFAULT_GPU[1][1]} with --device "
+                             f"cuda, {QUICK[1][0]}x{QUICK[1][1]} with --quick); "
                              "real sizes e.g. --tokens 1024 --shape 4096x14336")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and one timed run per case: checks the suite in seconds")
@@ -350,7 +355,7 @@ def run(args) -> int:
         return 2
     if args.crossover:
         return crossover.run(args)
-    tokens, (k, n) = QUICK if args.quick else DEFAULT
+    tokens, (k, n) = QUICK if args.quick else DEFAULT_GPU if args.device == "cuda" else DEFAULT
     k, n = args.shape or (k, n)
     cfg = SuiteConfig(list(args.ops), args.dtype or ["fp32"], args.tokens or tokens, k, n, args.device,
                       0.0 if args.quick else args.seconds, 1 if args.quick else 15, not args.no_reference)
