@@ -5,8 +5,8 @@
 # unpacked into .devpkgs/ (no package index on the GPU machine).
 # Usage: bash bench/gpu_check.sh [tests] [lora] [neftune] [train] [demo] [suite] [probe]
 #   tests: every GPU test file in one pytest run; lora: bench_lora_gpu.py with the per-kernel breakdown of the
-#   auto path; train: bench_train_gpu.py without and with checkpointing; demo: `fastlora demo --device cuda` (medium preset, bf16, 40 steps);
-#   suite: the kernels suite, its crossover;
+#   auto path; train: bench_train_gpu.py without and with checkpointing; demo: `fastlora demo --device cuda`
+#   (medium preset, bf16, 40 steps); suite: the kernels suite (training sizes on a GPU), its crossover;
 #   probe (not in the default): which reciprocal bitsandbytes' CUDA quantizer uses.
 # One device call: 376 s on an H100 on 2026-11-27 (before the demo part); each part is capped by its timeout.
 set -u -o pipefail
@@ -71,7 +71,7 @@ case " $PARTS " in *" demo "*)
   stamp demo
 esac
 case " $PARTS " in *" suite "*)
-  timeout 45 python3 -m fastlora bench --suite kernels --device cuda --dtype bf16 --no-reference --seconds 0.05 \
+  timeout 90 python3 -m fastlora bench --suite kernels --device cuda --dtype bf16 --no-reference --seconds 0.05 \
     --results /tmp/gpu_check_results 2>&1 | tee "$OUT/suite_kernels.log" | tail -24
   FASTLORA_TUNED_DIR="$OUT/tuned" timeout 30 python3 -m fastlora bench --suite kernels --device cuda --crossover \
     --save-tuned --seconds 0.05 --results /tmp/gpu_check_results 2>&1 | tail -12
