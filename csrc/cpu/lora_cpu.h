@@ -14,8 +14,8 @@ DT float_dt(at::ScalarType t);
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   FASTLORA_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, name,
-                   " must be float32, bfloat16 or float16 for the cpp backend (float64 runs on the reference "
-                   "backend), got ", s);
+                      " must be float32, bfloat16 or float16 for the cpp backend (float64 runs on the reference "
+                      "backend), got ", s);
 }
 
 // ValueError unless 0 <= p < 1 (NaN included).

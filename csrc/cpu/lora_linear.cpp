@@ -235,17 +235,17 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& weight, const std::
     const int qt = check_quant_type(quant_type);
     check_blocksize(blocksize, "blocksize");
     FASTLORA_CHECK_TYPE(weight.scalar_type() == at::kByte,
-                     "weight must be uint8 packed 4-bit codes when absmax is given, got ", weight.scalar_type());
-    FASTLORA_CHECK_TYPE(absmax->scalar_type() == at::kFloat, "absmax must be float32 (resolve double quant first), got ",
-                     absmax->scalar_type());
+                        "weight must be uint8 packed 4-bit codes when absmax is given, got ", weight.scalar_type());
+    FASTLORA_CHECK_TYPE(absmax->scalar_type() == at::kFloat,
+                        "absmax must be float32 (resolve double quant first), got ", absmax->scalar_type());
     check_device(*absmax, "absmax", at::kCPU);
     const int64_t numel = pr.N * pr.K;
     FASTLORA_CHECK_VALUE(weight.numel() == (numel + 1) / 2, "weight must hold ceil(out_features*in_features/2) = ",
-                      (numel + 1) / 2, " packed bytes for out_features=", pr.N, ", in_features=", pr.K, ", got ",
-                      weight.numel());
+                         (numel + 1) / 2, " packed bytes for out_features=", pr.N, ", in_features=", pr.K, ", got ",
+                         weight.numel());
     FASTLORA_CHECK_VALUE(absmax->numel() == (numel + blocksize - 1) / blocksize,
-                      "absmax must hold ceil(out_features*in_features/blocksize) = ",
-                      (numel + blocksize - 1) / blocksize, " values, got ", absmax->numel());
+                         "absmax must hold ceil(out_features*in_features/blocksize) = ",
+                         (numel + blocksize - 1) / blocksize, " values, got ", absmax->numel());
     pr.w.kind = WKind::FourBit;
     pr.w.packed = weight.detach().contiguous();
     pr.w.absmax = absmax->detach().contiguous();
@@ -253,22 +253,22 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& weight, const std::
     for (uint32_t q = 0; q < 16; ++q) pr.w.table[q] = code_value(qt, q);
   } else {
     FASTLORA_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype ", x.scalar_type(),
-                     " when dense (absmax is None), got ", weight.scalar_type());
+                        " when dense (absmax is None), got ", weight.scalar_type());
     FASTLORA_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == pr.N && weight.size(1) == pr.K,
-                      "weight must be (out_features, in_features) = (", pr.N, ", ", pr.K, "), got shape ",
-                      weight.sizes());
+                         "weight must be (out_features, in_features) = (", pr.N, ", ", pr.K, "), got shape ",
+                         weight.sizes());
     pr.w.kind = pr.x_dt == DT::F32 ? WKind::DenseF32 : WKind::Dense16;
     pr.w.dense = weight.detach().contiguous();
   }
   FASTLORA_CHECK_TYPE(lora_A.scalar_type() == at::kFloat || lora_A.scalar_type() == x.scalar_type(),
-                   "lora_A must be float32 or x's dtype ", x.scalar_type(), ", got ", lora_A.scalar_type());
+                      "lora_A must be float32 or x's dtype ", x.scalar_type(), ", got ", lora_A.scalar_type());
   FASTLORA_CHECK_TYPE(lora_B.scalar_type() == lora_A.scalar_type(), "lora_B must have lora_A's dtype ",
-                   lora_A.scalar_type(), ", got ", lora_B.scalar_type());
+                      lora_A.scalar_type(), ", got ", lora_B.scalar_type());
   FASTLORA_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == pr.K, "lora_A must be (r, in_features=", pr.K,
-                    "), got shape ", lora_A.sizes());
+                       "), got shape ", lora_A.sizes());
   pr.r = lora_A.size(0);
   FASTLORA_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == pr.N && lora_B.size(1) == pr.r,
-                    "lora_B must be (out_features, r) = (", pr.N, ", ", pr.r, "), got shape ", lora_B.sizes());
+                       "lora_B must be (out_features, r) = (", pr.N, ", ", pr.r, "), got shape ", lora_B.sizes());
   check_device(lora_A, "lora_A", at::kCPU);
   check_device(lora_B, "lora_B", at::kCPU);
   pr.a_dt = float_dt(lora_A.scalar_type());
@@ -439,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_in, c
   if (bias.has_value()) {
     check_float_tensor(*bias, "bias");
     FASTLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == pr.N, "bias must be (out_features=", pr.N,
-                      ",), got shape ", bias->sizes());
+                         ",), got shape ", bias->sizes());
     check_device(*bias, "bias", at::kCPU);
     if (bf16_gemm && bias->scalar_type() == at::kBFloat16) {
       bias16 = bias->detach().contiguous();
@@ -618,10 +618,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const int64_t M = pr.M, K = pr.K, N = pr.N, r = pr.r;
   check_float_tensor(grad_y, "grad_y");
   FASTLORA_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N,
-                    "grad_y must be (M, out_features) = (", M, ", ", N, "), got shape ", grad_y.sizes());
+                       "grad_y must be (M, out_features) = (", M, ", ", N, "), got shape ", grad_y.sizes());
   check_float_tensor(S, "S");
   FASTLORA_CHECK_VALUE(S.dim() == 2 && S.size(0) == M && S.size(1) == r, "S must be (M, r) = (", M, ", ", r,
-                    "), got shape ", S.sizes());
+                       "), got shape ", S.sizes());
   check_device(grad_y, "grad_y", at::kCPU);
   check_device(S, "S", at::kCPU);
   const bool avx2 = has_avx2_fma_f16c();

@@ -94,7 +94,7 @@ at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight
   FASTLORA_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
   FASTLORA_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
   FASTLORA_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must be (T,) = (", ids.size(0),
-                    ",), got shape ", mag.sizes());
+                       ",), got shape ", mag.sizes());
   const uint64_t s = read_cpu_seed(seed);
   check_device(ids, "ids", at::kCPU);
   check_device(weight, "weight", at::kCPU);
@@ -105,8 +105,8 @@ at::Tensor neftune_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight
   const int64_t tokens = idc.size(0), vocab = wc.size(0), d = wc.size(1);
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
-    FASTLORA_CHECK_VALUE(id[t] >= 0 && id[t] < vocab, "input_ids must be in [0, ", vocab, ") (the rows of weight), got ",
-                      id[t], " at position ", t);
+    FASTLORA_CHECK_VALUE(id[t] >= 0 && id[t] < vocab, "input_ids must be in [0, ", vocab,
+                         ") (the rows of weight), got ", id[t], " at position ", t);
   }
   at::Tensor out = at::empty({tokens, d}, wc.options().memory_format(at::MemoryFormat::Contiguous));
   if (tokens == 0 || d == 0) return out;

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, i
   check_device(weight, "weight", at::kCPU);
   const auto dt = weight.scalar_type();
   FASTLORA_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                   "weight must be float32, bfloat16 or float16, got ", dt);
+                      "weight must be float32, bfloat16 or float16, got ", dt);
   const at::Tensor w = weight.contiguous();
   const int64_t numel = w.numel();
   at::Tensor packed = at::empty({(numel + 1) / 2}, w.options().dtype(at::kByte));

@@ -26,7 +26,7 @@ namespace {
 
 void check_launch(cudaError_t err, const char* op) {
   FASTLORA_CHECK(err == cudaSuccess, "fastlora::", op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
+                 cudaGetErrorString(err), ")");
 }
 
 // A CUDA event the host waits on (created on first record, destroyed with the object; the runtime API directly:
@@ -51,7 +51,7 @@ class HostEvent {
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   FASTLORA_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
-                    ref.device(), "), got ", t.device());
+                       ref.device(), "), got ", t.device());
 }
 
 // The dropout / NEFTune seed for a kernel on `ref`'s GPU: an int64 tensor with one element (0-dim or (1,)) on
@@ -68,7 +68,7 @@ at::Tensor seed_on_device(const at::Tensor& seed, const at::Tensor& ref, bool co
     return copy ? seed.to(ref.device(), at::kLong, /*non_blocking=*/true) : seed;
   }
   FASTLORA_CHECK_VALUE(seed.device() == ref.device(), "seed must be on the CPU or on ", ref.device(),
-                    " (the inputs' device), got ", seed.device());
+                       " (the inputs' device), got ", seed.device());
   return seed;
 }
 
@@ -127,7 +127,7 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& c
     check_same_device(offset, "offset", qabsmax, "qabsmax");
   } else {
     FASTLORA_CHECK_VALUE(offset.is_cpu(), "offset must be on the CPU or on ", qabsmax.device(), ", got ",
-                      offset.device());
+                         offset.device());
   }
   const c10::cuda::CUDAGuard guard(qabsmax.device());
   const int64_t n = qabsmax.numel();
@@ -157,42 +157,44 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
                                                         double dropout_p, const at::Tensor& seed,
                                                         c10::string_view rounding) {
   FASTLORA_CHECK_VALUE(absmax.has_value(),
-                    "weight: the CUDA kernel of fastlora::lora_linear_fwd takes only 4-bit weights (codes + absmax); "
-                    "dense weights run on the Triton backend (fastlora.ops.lora_linear routes them there)");
+                       "weight: the CUDA kernel of fastlora::lora_linear_fwd takes only 4-bit weights (codes + "
+                       "absmax); dense weights run on the Triton backend (fastlora.ops.lora_linear routes them there)");
   const int qt = check_quant_type(quant_type);
   check_blocksize(blocksize, "blocksize");
-  FASTLORA_CHECK_VALUE(rounding == "linear" || rounding == "linear4bit", "rounding must be 'linear' or 'linear4bit', got '",
-                    std::string(rounding), "'");
+  FASTLORA_CHECK_VALUE(rounding == "linear" || rounding == "linear4bit",
+                       "rounding must be 'linear' or 'linear4bit', got '", std::string(rounding), "'");
   FASTLORA_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, in_features), got shape ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  FASTLORA_CHECK_VALUE(M <= kLoraMaxRows, "x: the CUDA kernel of fastlora::lora_linear_fwd takes at most ", kLoraMaxRows,
-                    " rows (M, the decode regime), got M=", M, "; larger M runs on the Triton backend");
+  FASTLORA_CHECK_VALUE(M <= kLoraMaxRows, "x: the CUDA kernel of fastlora::lora_linear_fwd takes at most ",
+                       kLoraMaxRows, " rows (M, the decode regime), got M=", M,
+                       "; larger M runs on the Triton backend");
   FASTLORA_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+                      "x must be float32, bfloat16 or float16, got ", x.scalar_type());
   FASTLORA_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
   const at::Tensor& am = *absmax;
-  FASTLORA_CHECK_TYPE(weight.scalar_type() == at::kByte, "weight (4-bit codes) must be uint8, got ", weight.scalar_type());
+  FASTLORA_CHECK_TYPE(weight.scalar_type() == at::kByte, "weight (4-bit codes) must be uint8, got ",
+                      weight.scalar_type());
   FASTLORA_CHECK_TYPE(am.scalar_type() == at::kFloat, "absmax must be float32 (resolved), got ", am.scalar_type());
   const int64_t numel = N * K;
   FASTLORA_CHECK_VALUE(weight.numel() == (numel + 1) / 2, "weight must hold ceil(out_features*in_features/2) = ",
-                    (numel + 1) / 2, " bytes of codes, got ", weight.numel());
+                       (numel + 1) / 2, " bytes of codes, got ", weight.numel());
   FASTLORA_CHECK_VALUE(am.numel() == (numel + blocksize - 1) / blocksize,
-                    "absmax must hold ceil(out_features*in_features/blocksize) = ",
-                    (numel + blocksize - 1) / blocksize, " values, got ", am.numel());
+                       "absmax must hold ceil(out_features*in_features/blocksize) = ",
+                       (numel + blocksize - 1) / blocksize, " values, got ", am.numel());
   FASTLORA_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == K, "lora_A must be (r, in_features=", K, "), got shape ",
-                    lora_A.sizes());
+                       lora_A.sizes());
   const int64_t r = lora_A.size(0);
   FASTLORA_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r,
-                    "lora_B must be (out_features, r) = (", N, ", ", r, "), got shape ", lora_B.sizes());
+                       "lora_B must be (out_features, r) = (", N, ", ", r, "), got shape ", lora_B.sizes());
   FASTLORA_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora_A and lora_B must have one dtype, got ",
-                   lora_A.scalar_type(), " and ", lora_B.scalar_type());
+                      lora_A.scalar_type(), " and ", lora_B.scalar_type());
   FASTLORA_CHECK_TYPE(lora_A.scalar_type() == at::kFloat || lora_A.scalar_type() == x.scalar_type(),
-                   "lora_A must be float32 or x's dtype ", x.scalar_type(), ", got ", lora_A.scalar_type());
+                      "lora_A must be float32 or x's dtype ", x.scalar_type(), ", got ", lora_A.scalar_type());
   if (bias.has_value()) {
     FASTLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be (out_features=", N, ",), got shape ",
-                      bias->sizes());
+                         bias->sizes());
     FASTLORA_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
-                     bias->scalar_type());
+                        bias->scalar_type());
   }
   FASTLORA_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   check_device(x, "x", at::kCUDA);
@@ -257,12 +259,12 @@ at::Tensor neftune_embedding_cuda(const at::Tensor& ids, const at::Tensor& weigh
   FASTLORA_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
   FASTLORA_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
                        weight.scalar_type() == at::kHalf,
-                   "weight must be float32, bfloat16 or float16, got ", weight.scalar_type());
+                      "weight must be float32, bfloat16 or float16, got ", weight.scalar_type());
   FASTLORA_CHECK_TYPE(mag.scalar_type() == at::kFloat, "mag must be float32, got ", mag.scalar_type());
   FASTLORA_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D (T,) flat token ids, got shape ", ids.sizes());
   FASTLORA_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (V, d), got shape ", weight.sizes());
   FASTLORA_CHECK_VALUE(mag.dim() == 1 && mag.size(0) == ids.size(0), "mag must have the shape of ids (", ids.size(0),
-                    ",), got shape ", mag.sizes());
+                       ",), got shape ", mag.sizes());
   check_device(weight, "weight", at::kCUDA);
   check_same_device(ids, "ids", weight, "weight");
   check_same_device(mag, "mag", weight, "weight");

@@ -19,28 +19,28 @@ inline int check_quant_type(c10::string_view quant_type) {
 
 inline void check_blocksize(int64_t blocksize, const char* name) {
   FASTLORA_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, name,
-                    " must be a power of two in [32, 4096], got ", blocksize);
+                       " must be a power of two in [32, 4096], got ", blocksize);
 }
 
 inline void check_device(const at::Tensor& t, const char* name, c10::DeviceType device) {
   FASTLORA_CHECK_VALUE(t.device().type() == device, name, " must be on ", c10::DeviceTypeName(device),
-                    " for this kernel, got ", t.device());
+                       " for this kernel, got ", t.device());
 }
 
 inline void check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                   int64_t numel, at::ScalarType dtype, c10::DeviceType device) {
   check_blocksize(blocksize, "blocksize");
   FASTLORA_CHECK_VALUE(numel >= 0, "numel must be >= 0, got ", numel);
-  FASTLORA_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be uint8 (view other quant_storage as uint8), got ",
-                   packed.scalar_type());
+  FASTLORA_CHECK_TYPE(packed.scalar_type() == at::kByte,
+                      "packed must be uint8 (view other quant_storage as uint8), got ", packed.scalar_type());
   FASTLORA_CHECK_TYPE(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ", absmax.scalar_type());
   FASTLORA_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "dtype must be float32, bfloat16 or float16, got ", dtype);
+                      "dtype must be float32, bfloat16 or float16, got ", dtype);
   FASTLORA_CHECK_VALUE(packed.numel() == (numel + 1) / 2, "packed must hold ceil(numel/2) = ", (numel + 1) / 2,
-                    " bytes for numel=", numel, ", got ", packed.numel());
-  FASTLORA_CHECK_VALUE(absmax.numel() == (numel + blocksize - 1) / blocksize, "absmax must hold ceil(numel/blocksize) = ",
-                    (numel + blocksize - 1) / blocksize, " values for numel=", numel, ", blocksize=", blocksize,
-                    ", got ", absmax.numel());
+                       " bytes for numel=", numel, ", got ", packed.numel());
+  FASTLORA_CHECK_VALUE(absmax.numel() == (numel + blocksize - 1) / blocksize,
+                       "absmax must hold ceil(numel/blocksize) = ", (numel + blocksize - 1) / blocksize,
+                       " values for numel=", numel, ", blocksize=", blocksize, ", got ", absmax.numel());
   check_device(packed, "packed", device);
   check_device(absmax, "absmax", device);
 }
@@ -55,8 +55,8 @@ inline void check_dequantize_absmax_args(const at::Tensor& qabsmax, const at::Te
   FASTLORA_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
   FASTLORA_CHECK_VALUE(offset.numel() == 1, "offset must be a single value, got ", offset.numel());
   FASTLORA_CHECK_VALUE(absmax2.numel() == (qabsmax.numel() + blocksize - 1) / blocksize,
-                    "absmax2 must hold ceil(len(qabsmax)/blocksize) = ", (qabsmax.numel() + blocksize - 1) / blocksize,
-                    " values, got ", absmax2.numel());
+                       "absmax2 must hold ceil(len(qabsmax)/blocksize) = ",
+                       (qabsmax.numel() + blocksize - 1) / blocksize, " values, got ", absmax2.numel());
   check_device(qabsmax, "qabsmax", device);
   check_device(code, "code", device);
   check_device(absmax2, "absmax2", device);
@@ -67,7 +67,7 @@ inline void check_dequantize_absmax_args(const at::Tensor& qabsmax, const at::Te
 // ops without turning it into a Python int, and GPU kernels can read it at run time from device memory.
 inline void check_seed_tensor(const at::Tensor& seed) {
   FASTLORA_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be an int64 tensor with one element, got dtype ",
-                   seed.scalar_type());
+                      seed.scalar_type());
   FASTLORA_CHECK_VALUE(seed.numel() == 1, "seed must be an int64 tensor with one element, got shape ", seed.sizes());
 }
 
