@@ -195,23 +195,32 @@ def _dquantize_scalar(code, x):
     return lower_pivot if x < midpoint else pivot
 
 
-def _cuda_quantize_scalar(values, code, blocksize):
-    """kQuantizeBlockwise's per-block steps for each value: absmax, x * (1 / absmax), dQuantize."""
+def _cuda_blockwise_scalar(values, blocksize, code_of):
+    """bitsandbytes' kQuantizeBlockwise steps value by value (numpy fp32): zeros loaded past the end, absmax per
+    block (NaNs ignored, as fmaxf does: a block of NaNs keeps -FLT_MAX), x * (1 / absmax), then code_of(scaled x).
+    Returns (the codes of the padded values, a list; fp32 absmax per block)."""
     import numpy as np
 
     vals = values.numpy().astype(np.float32)
-    table = code.numpy().astype(np.float32)
+    vals = np.concatenate([vals, np.zeros(-len(vals) % blocksize, np.float32)])
     codes, absmaxes = [], []
     with np.errstate(divide="ignore", invalid="ignore"):
         for start in range(0, len(vals), blocksize):
             block = vals[start:start + blocksize]
-            absmax = np.float32(0.0) if len(block) < blocksize else np.float32(-np.finfo(np.float32).max)
+            absmax = np.float32(-np.finfo(np.float32).max)
             for v in block:
-                absmax = max(absmax, np.float32(abs(v)))
+                absmax = absmax if np.isnan(v) else max(absmax, np.float32(abs(v)))
             inv = np.float32(1.0) / absmax
             absmaxes.append(absmax)
-            codes += [_dquantize_scalar(table, np.float32(v * inv)) for v in block]
-    return torch.tensor(codes, dtype=torch.uint8), torch.tensor(absmaxes, dtype=torch.float32)
+            codes += [code_of(np.float32(v * inv)) for v in block]
+    return codes, torch.tensor(absmaxes, dtype=torch.float32)
+
+
+def _cuda_quantize_scalar(values, code, blocksize):
+    """The nested statistics' 8-bit codes (dQuantize) and absmax, as kQuantizeBlockwise stores them."""
+    table = code.numpy().astype("float32")
+    codes, absmax = _cuda_blockwise_scalar(values, blocksize, lambda x: _dquantize_scalar(table, x))
+    return torch.tensor(codes[: values.numel()], dtype=torch.uint8), absmax
 
 
 def _midpoint_probe(code, seed_values):
@@ -296,25 +305,12 @@ def _gpu_4bit_code_scalar(x, quant_type):
 
 
 def _gpu_4bit_quantize_scalar(values, blocksize, quant_type):
-    """kQuantizeBlockwise's per-block steps for 4-bit types, value by value (numpy fp32)."""
-    import numpy as np
-
-    vals = values.numpy().astype(np.float32)
-    n = len(vals)
-    vals = np.concatenate([vals, np.zeros(-n % blocksize, np.float32)])  # the kernel loads zeros past the end
-    codes, absmaxes = [], []
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for start in range(0, len(vals), blocksize):
-            block = vals[start:start + blocksize]
-            absmax = np.float32(-np.finfo(np.float32).max)
-            for v in block:
-                absmax = absmax if np.isnan(v) else max(absmax, np.float32(abs(v)))
-            inv = np.float32(1.0) / absmax
-            absmaxes.append(absmax)
-            codes += [_gpu_4bit_code_scalar(np.float32(v * inv), quant_type) for v in block]
-    codes = codes[: n + n % 2]
+    """The packed 4-bit codes and absmax, as kQuantizeBlockwise stores them (an odd count's last byte holds the
+    code of a padding zero)."""
+    codes, absmax = _cuda_blockwise_scalar(values, blocksize, lambda x: _gpu_4bit_code_scalar(x, quant_type))
+    codes = codes[: values.numel() + values.numel() % 2]
     packed = [(codes[i] << 4) | codes[i + 1] for i in range(0, len(codes), 2)]
-    return torch.tensor(packed, dtype=torch.uint8), torch.tensor(absmaxes, dtype=torch.float32)
+    return torch.tensor(packed, dtype=torch.uint8), absmax
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
