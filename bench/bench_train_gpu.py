@@ -26,26 +26,6 @@ import train_setup  # noqa: E402
 import fastlora  # noqa: E402
 
 
-def load_qlora(path: Path, device: str, checkpointing: bool, dropout: float):
-    import peft
-    import transformers
-
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True,
-                                                   bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
-                                                              device_map={"": device}, dtype=torch.bfloat16)
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    config = peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules=list(train_setup.TARGETS))
-    pm = peft.get_peft_model(model, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero: make every LoRA term count from the first step
-                p.normal_(std=0.01)
-    return pm.train()
-
-
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -102,7 +82,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         train_setup.base_model(spec, torch.bfloat16).save_pretrained(tmp)
         for name in train_setup.PROVIDERS:
-            model = load_qlora(Path(tmp), args.device, args.checkpointing, args.dropout)
+            model = train_setup.qlora_from_pretrained(tmp, args.device, checkpointing=args.checkpointing,
+                                                      dropout=args.dropout, b_std=0.01)
             if name == "fastlora":
                 handle = fastlora.patch(model)
                 print(f"  {handle.summary()}", flush=True)

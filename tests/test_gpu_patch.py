@@ -11,53 +11,33 @@ import torch
 from lora_cases import loss_and_grads
 
 import fastlora
+from fastlora.bench import train_setup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
 
 # bf16 base, fp32 adapters: PEFT and fastlora round x·Wᵀ to bf16 alike, but cuBLAS / Triton sum the LoRA
 # term and the GEMM tiles in other orders (as tests/test_patch_families.py's bf16 tolerance).
 RTOL_BF16 = 3e-2
-VOCAB = 256
 DEVICE = "cuda"
-
-
-def _config():
-    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-
-
-def _lora(model, dropout):
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
-    pm = peft.get_peft_model(model, config)
-    torch.manual_seed(1)
-    for name, p in pm.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero: make the LoRA branch matter
-            torch.nn.init.normal_(p, std=0.05)
-    return pm.train()
+SPEC = train_setup.Spec(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=256, batch=2, seq=37)
+LORA = {"rank": 16, "alpha": 32, "b_std": 0.05}  # lora_B drawn, not PEFT's zeros: the LoRA branch matters
 
 
 def _qlora(tmp_path, dropout=0.0, checkpointing=True):
     pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(_config()).save_pretrained(tmp_path / "tiny-llama")
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True,
-                                                   bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama", quantization_config=quantization,
-                                                              device_map={"": DEVICE}, dtype=torch.bfloat16)
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    return _lora(model, dropout)
+    train_setup.base_model(SPEC).save_pretrained(tmp_path / "tiny-llama")  # stands in for a hub checkpoint
+    return train_setup.qlora_from_pretrained(tmp_path / "tiny-llama", DEVICE, checkpointing=checkpointing,
+                                             dropout=dropout, **LORA)
 
 
 def _bf16(dropout=0.0):
-    torch.manual_seed(0)
-    return _lora(transformers.LlamaForCausalLM(_config()).to(DEVICE, torch.bfloat16), dropout)
+    return train_setup.add_lora(train_setup.base_model(SPEC, torch.bfloat16).to(DEVICE), dropout=dropout, **LORA)
 
 
 def _ids():
-    return torch.randint(3, VOCAB, (2, 37), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    return train_setup.token_batch(SPEC, seed=5).to(DEVICE)
 
 
 def _rel(a, b):

@@ -109,20 +109,44 @@ def peft_model(spec: Spec, *, dtype: torch.dtype = torch.float32, four_bit: bool
     nf4 double quant decoded to ``dtype``. In fp32 this is what ``prepare_model_for_kbit_training``
     leaves (norms / embeddings fp32). ``b_std`` > 0 draws lora_B from N(0, b_std²) instead of PEFT's
     zeros (so a single step already exercises every LoRA term)."""
-    import peft
-
     model = base_model(spec, dtype, seed)
     if four_bit:
         to_4bit(model, dtype)
+    return add_lora(model, rank=rank, alpha=alpha, dropout=dropout, b_std=b_std, seed=seed + 1)
+
+
+def add_lora(model, *, rank: int = 16, alpha: int = 16, dropout: float = 0.0, b_std: float = 0.0, seed: int = 1):
+    """PEFT LoRA (fp32 adapters) on ``model``'s seven projections, in train mode. ``b_std`` > 0 draws lora_B
+    from N(0, b_std²) with a CPU generator seeded ``seed`` instead of PEFT's zeros (so a single step already
+    exercises every LoRA term), the same values on every device."""
+    import peft
+
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(TARGETS))
     pm = peft.get_peft_model(model, config)
     if b_std:
-        g = torch.Generator().manual_seed(seed + 1)
+        g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * b_std)
     return pm.train()
+
+
+def qlora_from_pretrained(path, device, *, checkpointing: bool = False, **lora):
+    """The QLoRA model as users build it: the checkpoint at ``path`` loaded on ``device`` with transformers'
+    ``BitsAndBytesConfig`` (nf4, double quant, bf16 compute: bitsandbytes quantizes it there), passed through
+    ``peft.prepare_model_for_kbit_training`` (gradient checkpointing as ``checkpointing``), then
+    :func:`add_lora` with ``lora``'s options."""
+    import peft
+    import transformers
+
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                                              device_map={"": device}, dtype=torch.bfloat16)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    return add_lora(model, **lora)
 
 
 def floor_model(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = 0):
