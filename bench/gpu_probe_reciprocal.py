@@ -18,6 +18,13 @@ import sys
 import torch
 
 
+def trial_weight(trial: int, elements: int, device: str = "cuda", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Trial ``trial``'s random flat weight (scale 0.02, like a linear layer's); 7 elements fewer per trial, so
+    that later trials end in a partial block."""
+    g = torch.Generator(device=device).manual_seed(trial)
+    return (torch.randn(elements - trial * 7, device=device, generator=g) * 0.02).to(dtype)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--elements", type=int, default=1 << 24, help="elements per trial (default: %(default)s)")
@@ -45,8 +52,7 @@ def main(argv=None) -> int:
                 bad = dict.fromkeys(names, 0)
                 nested_bad = dict.fromkeys(names, 0)
                 for trial in range(args.trials):
-                    g = torch.Generator(device="cuda").manual_seed(trial)
-                    w = (torch.randn(args.elements - trial * 7, device="cuda", generator=g) * 0.02).to(dtype)
+                    w = trial_weight(trial, args.elements, dtype=dtype)
                     packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                                     compress_statistics=False)
                     _, nested_state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
@@ -76,8 +82,7 @@ def diagnose(F, reference, rcp, elements: int, trials: int, blocksize: int = 64,
     thresholds = (table[:-1] + table[1:]) / 2
     shown = 0
     for trial in range(trials):
-        g = torch.Generator(device=device).manual_seed(trial)
-        w = torch.randn(elements - trial * 7, device=device, generator=g) * 0.02
+        w = trial_weight(trial, elements, device)
         packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
         ours, absmax = reference.quantize_4bit_gpu_rule(w, blocksize, "nf4", rcp.approx_reciprocal)
         theirs_codes = reference.unpack_codes(packed.reshape(-1), w.numel())
