@@ -65,7 +65,7 @@ from ._common import (
     to_f32,
 )
 from .dequantize_4bit import code_table, dequantize_4bit
-from .lora_dropout import dropout_keep_mask
+from .lora_dropout import dropout_keep_mask, lora_dropout
 from .philox import dropout_constants, keep_groups, load_key
 
 __all__ = [
@@ -776,8 +776,6 @@ def _ds_db_torch(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool
 def _dropped_x(x, adt: torch.dtype, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """dropout(x) in the adapters' dtype, (M, K): the operand of S = xd·Aᵀ and dA = dSᵀ·xd, its mask from the
     seed (Philox, as every kernel of the op). A transient copy of x, as PEFT's lora_A(dropout(x.to(adt)))."""
-    from .lora_dropout import lora_dropout
-
     xd = x.to(adt)
     return lora_dropout(xd, dropout_p, seed) if dropout_p > 0.0 else xd
 
@@ -798,8 +796,6 @@ def _da_torch(x, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tens
 def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """dx = rnd_X(rnd_X(G·W) + keep·scale·(dS·A)): the base term from torch (rounded to x's dtype as
     PEFT's autograd does), the LoRA term in fp32 with the Philox mask of the forward."""
-    from .lora_dropout import lora_dropout
-
     dxd = torch.mm(ds, lora_A.float())
     if dropout_p > 0.0:
         dxd = lora_dropout(dxd, dropout_p, seed)
