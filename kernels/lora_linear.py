@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec
+from . import CompileSpec, adapter_gemms
 from ._common import (
     check_device,
     check_seed,
@@ -69,6 +69,7 @@ from .lora_dropout import dropout_keep_mask, lora_dropout
 from .philox import dropout_constants, keep_groups, load_key
 
 __all__ = [
+    "ADAPTER_GEMMS",
     "AUTOTUNE",
     "GEMM_CONFIGS",
     "SMALL_M",
@@ -91,13 +92,18 @@ AUTOTUNE: bool = os.environ.get("FASTLORA_TRITON_AUTOTUNE", "1") != "0"
 # Which GEMMs run: "triton" = the fused Triton GEMMs (in-loop 4-bit decode up to SMALL_M tokens, the
 # LoRA term in the GEMM epilogue), the one-pass dS/dB kernel and the S / dx-LoRA / dA kernels; "torch" = the
 # weight decoded once into an x-dtype workspace, torch's GEMMs (cuBLAS) for x·Wᵀ, S, G·W, G·B, Gᵀ·S, dS·A and
-# dA, the LoRA term added by _lora_add_kernel, the dropout masks by the Triton dropout kernel. "auto" (default) is
+# dA (for bf16 x with fp32 adapters over bf16 pieces, see ADAPTER_GEMMS), the dropout masks by the Triton kernels. "auto" (default) is
 # "torch" on a GPU and "triton" under the interpreter, so the CPU tests check the Triton GEMMs.
 # Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, nf4 double quant, bf16, r=16) the
 # untuned Triton GEMMs took 3.7x cuBLAS' x·Wᵀ at 4096 tokens, the in-loop decode 585-925 us at 1-16
 # tokens (dequantize + cuBLAS: ~45 us), and the dS/dB kernel, one program per 64 rows, serialises
 # over N for small M. Override with FASTLORA_GEMMS or by assigning this attribute.
 GEMMS: str = os.environ.get("FASTLORA_GEMMS", "auto")
+# The adapter GEMMs of the "torch" path for bf16 x with fp32 adapters: "split" = bf16 tensor-core GEMMs over bf16
+# pieces of the fp32 operands (kernels/adapter_gemms.py: no fp32 copies of x and G, the LoRA term added by the
+# GEMMs' epilogue); "fp32" = fp32 GEMMs on fp32 copies, the LoRA term added by _lora_add_kernel. "auto" (default)
+# is "split". Override with FASTLORA_ADAPTER_GEMMS or by assigning this attribute.
+ADAPTER_GEMMS: str = os.environ.get("FASTLORA_ADAPTER_GEMMS", "auto")
 
 _XDTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # (x dtype, adapter dtype): adapters are float32 or x's dtype.
@@ -747,6 +753,59 @@ def _torch_gemms(interp: bool) -> bool:
 ADD_CONFIG = (64, 64)  # (BLOCK_M, BLOCK_N) of _lora_add_kernel, 4 warps (64x128 spills with fp32 adapters)
 
 
+def _split_adapters(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    if ADAPTER_GEMMS not in ("auto", "split", "fp32"):
+        raise ValueError(f"fastlora.kernels.lora_linear.ADAPTER_GEMMS must be 'auto', 'split' or 'fp32', "
+                         f"got {ADAPTER_GEMMS!r}")  # fmt: skip
+    return ADAPTER_GEMMS != "fp32" and adapter_gemms.split_applies(x_dtype, adapter_dtype)
+
+
+def _kept_x(x, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """x·keep in x's dtype (exact: products by 0 or 1), (M, K), the mask of the seed; the split path applies the
+    dropout scale to the fp32 products instead (PEFT scales x first: the same value up to fp32 rounding)."""
+    if dropout_p == 0.0:
+        return x
+    return x * dropout_keep_mask(x.numel(), dropout_p, seed, x.device).view(x.shape)
+
+
+def _s_pieces(x, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """S = dropout(x)·Aᵀ, (M, r) fp32, from one bf16 GEMM against A's pieces (kernels/adapter_gemms.py)."""
+    s = adapter_gemms.product_with_pieces(_kept_x(x, dropout_p, seed), lora_A.t())
+    return s.mul_(dropout_constants(dropout_p)[1]) if dropout_p > 0.0 else s
+
+
+def _fwd_pieces(x, w, bias, s, lora_B, scaling: float, rounding: str) -> torch.Tensor:
+    """y from cuBLAS: base = rnd_X(x·Wᵀ + b), then the LoRA term (scaling·S)·Bᵀ added by the GEMM of the pieces
+    into base in place (one rounding, "linear"), or rounded to bf16 first and added in bf16 ("linear4bit")."""
+    y = torch.nn.functional.linear(x, w, bias)
+    s_scaled = s * float(scaling)  # PEFT scales after S·Bᵀ: the same up to fp32 rounding
+    if rounding == "linear4bit":
+        return y.add_(adapter_gemms.pieces_product(s_scaled, lora_B))
+    return adapter_gemms.add_product_(y, s_scaled, lora_B)
+
+
+def _ds_db_pieces(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool):
+    """As _ds_db_torch, from bf16 GEMMs of G against the pieces of B and of S."""
+    ds = adapter_gemms.product_with_pieces(grad_y, lora_B).mul_(float(scaling)) if need_ds else None
+    db = adapter_gemms.product_with_pieces(grad_y.t(), S) if need_db else None
+    return ds, db
+
+
+def _da_pieces(x, ds, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """dA = dSᵀ·dropout(x), (r, K) fp32, from one bf16 GEMM of dS's pieces against x·keep."""
+    da = adapter_gemms.product_with_pieces(_kept_x(x, dropout_p, seed), ds.t(), t_on_left=True)
+    return da.mul_(dropout_constants(dropout_p)[1]) if dropout_p > 0.0 else da
+
+
+def _dx_pieces(grad_y, w, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """dx = rnd_X(rnd_X(G·W) + keep·scale∘(dS·A)): without dropout the pieces' GEMM adds dS·A into G·W in place."""
+    dx = torch.mm(grad_y, w)
+    if dropout_p == 0.0:
+        return adapter_gemms.add_product_(dx, ds, lora_A.t())
+    dxd = lora_dropout(adapter_gemms.fp32_product(ds, lora_A.t()), dropout_p, seed)
+    return torch.add(dx, dxd).to(grad_y.dtype)
+
+
 def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str, interp: bool) -> torch.Tensor:
     """y with PEFT's roundings (reference_lora.py) from a torch (cuBLAS) base GEMM, base = rnd_X(x·Wᵀ + b),
     and the LoRA term added in place by _lora_add_kernel (one pass over base: on an H100 the same
@@ -828,7 +887,10 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     # y and S are allocated by whatever computes them: torch's GEMMs make their own, so an (M, N) buffer
     # allocated up front would sit unused through the whole call on the GPU path.
     torch_gemms = _torch_gemms(interp)
-    if torch_gemms:
+    pieces = torch_gemms and _split_adapters(x.dtype, lora_A.dtype)
+    if pieces:
+        s = _s_pieces(x, lora_A, float(dropout_p), seed)
+    elif torch_gemms:
         s = _s_torch(x, lora_A, float(dropout_p), seed)
     else:
         s = torch.empty((m, r), dtype=lora_A.dtype, device=x.device)
@@ -844,6 +906,8 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
 
     fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
+    if pieces:
+        return _fwd_pieces(x, w, bias, s, lora_B, float(scaling), rounding), s
     if torch_gemms:
         return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding, interp), s
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -882,6 +946,7 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     dev, adt = x.device, lora_A.dtype
     need_dx, need_dA, need_dB = bool(need_dx), bool(need_dA), bool(need_dB)
     torch_gemms = _torch_gemms(interp)
+    pieces = torch_gemms and _split_adapters(x.dtype, adt)
     # The Triton kernels write dx and accumulate dA / dB (atomics) into buffers made here; on the torch path (m > 0)
     # the GEMMs make their own, so buffers made up front would sit unused (dx: (M, K) through the whole backward).
     kernels_write = not (torch_gemms and m > 0)
@@ -892,7 +957,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     if m > 0 and (need_ds or need_dB):
         grad_y, x, S = grad_y.contiguous(), x.contiguous(), S.contiguous()
         lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
-        if torch_gemms:
+        if pieces:
+            ds, db_ws = _ds_db_pieces(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
+        elif torch_gemms:
             ds, db_ws = _ds_db_torch(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
         else:
             ds = torch.empty((m, r), dtype=torch.float32, device=dev) if need_ds else db_ws
@@ -908,7 +975,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
         if need_dx:
             fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
             w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
-            if torch_gemms:
+            if pieces:
+                dx = _dx_pieces(grad_y, w, ds, lora_A, float(dropout_p), seed)
+            elif torch_gemms:
                 dx = _dx_torch(grad_y, w, ds, lora_A, float(dropout_p), seed)
             else:
                 args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed, threshold,
@@ -916,7 +985,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
                 _launch_gemm(fn, "w4" if w4 else "dense", _width(x.dtype),
                              lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(k, bn), args,
                              {"W4": w4, "INTERP": interp})  # fmt: skip
-        if need_dA and torch_gemms:
+        if need_dA and pieces:
+            da_ws = _da_pieces(x, ds, float(dropout_p), seed)
+        elif need_dA and torch_gemms:
             da_ws = _da_torch(x, ds, lora_A, float(dropout_p), seed)
         elif need_dA:
             block_r = _s_block_r(r)

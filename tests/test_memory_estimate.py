@@ -172,22 +172,35 @@ def test_gpu_workspace_model():
         absmax = torch.empty(n * k // 64)
         args = (x, packed, absmax, 64, "nf4", n, a, b, 2.0, None, 0.0, 0, "linear4bit")
         outs = (y, torch.empty(m, r))
-        assert gpu_workspace(fwd, args, {}, outs) == n * k * 2  # the decoded weight outweighs x in fp32
+        # bf16 x, fp32 adapters: the adapter GEMMs over bf16 pieces (kernels/adapter_gemms.py)
+        assert gpu_workspace(fwd, args, {}, outs) == n * k * 2 + m * n * 2  # decoded weight + bf16 LoRA term
+        linear = (*args[:12], "linear")
+        assert gpu_workspace(fwd, linear, {}, outs) == n * k * 2  # the LoRA term is added in place
         dense = torch.empty(n, k, dtype=torch.bfloat16)
-        assert gpu_workspace(fwd, (x, dense, None, *args[3:]), {}, outs) == m * k * 4  # x in the adapters' fp32
-        dropout = (x, dense, None, *args[3:10], 0.1, *args[11:])
-        assert gpu_workspace(fwd, dropout, {}, outs) == 2 * m * k * 4  # ... and dropout's output beside it
+        dropout = (x, dense, None, *args[3:10], 0.1, 0, "linear")
+        assert gpu_workspace(fwd, dropout, {}, outs) == m * k * 3 + m * 3 * r * 4  # keep mask, x·keep, x·A's pieces
+        # 16-bit adapters: fp32 GEMMs on a widened x
         a16 = torch.empty(r, k, dtype=torch.bfloat16)
         no_copy = (x, dense, None, *args[3:6], a16, b.bfloat16(), *args[8:10], 0.0, *args[11:])
         assert gpu_workspace(fwd, no_copy, {}, outs) == m * k * 4  # x has the adapters' dtype: only the fp32 widening
+        no_copy_dropout = (*no_copy[:10], 0.1, *no_copy[11:])
+        assert gpu_workspace(fwd, no_copy_dropout, {}, outs) == m * k * 2 + m * k * 4  # dropout's output, widened
         bwd = torch.ops.fastlora.lora_linear_bwd.default
         s = torch.empty(m, r)
         grads = (torch.empty(m, k, dtype=torch.bfloat16), torch.empty(r, k), torch.empty(n, r))
         bwd_args = (y, x, s, packed, absmax, 64, "nf4", n, a, b, 2.0, 0.0, 0, True, True, True)
         ds = m * r * 4
-        dx_phase = ds + n * k * 2 + m * k * 4 + m * k * 2 + m * k * 4  # W, dS·A, G·W and their fp32 sum
-        ds_db_phase, da_phase = m * n * 4 + ds + n * r * 4, ds + m * k * 4 + r * k * 4  # grad_y fp32; dropout(x) fp32
-        assert gpu_workspace(bwd, bwd_args, {}, grads) == max(ds_db_phase, dx_phase, da_phase)
+        assert gpu_workspace(bwd, bwd_args, {}, grads) == ds + n * k * 2  # W; dS·A is added into G·W (dx)
+        bwd_dropout = (*bwd_args[:11], 0.1, *bwd_args[12:])
+        dx_phase = ds + n * k * 2 + m * k * 2 + 2 * m * k * 4  # W, G·W, dS·A fp32 and its dropout, their fp32 sum
+        assert gpu_workspace(bwd, bwd_dropout, {}, grads) == dx_phase
+        da_only = (*bwd_dropout[:13], False, True, False)
+        assert gpu_workspace(bwd, da_only, {}, grads) == ds + m * k * 3 + 3 * r * k * 4 + r * k * 4
+        s16, g16 = torch.empty(m, r, dtype=torch.bfloat16), (grads[0], torch.empty(r, k, dtype=torch.bfloat16))
+        bwd16 = (y, x, s16, packed, absmax, 64, "nf4", n, a16, b.bfloat16(), 2.0, 0.1, 0, True, True, True)
+        dx_phase = ds + n * k * 2 + 2 * m * k * 4 + m * k * 2 + m * k * 4  # W, dS·A and dropout, G·W, fp32 sum
+        ds_db_phase, da_phase = m * n * 4 + ds + n * r * 4, ds + m * k * 2 + m * k * 4 + r * k * 4  # G fp32; x fp32
+        assert gpu_workspace(bwd, bwd16, {}, (*g16, torch.empty(n, r))) == max(ds_db_phase, dx_phase, da_phase)
         assert gpu_workspace(torch.ops.aten.mm.default, (x, x.t()), {}, torch.empty(m, m)) == 0
 
 

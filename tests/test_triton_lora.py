@@ -293,6 +293,44 @@ def test_torch_gemm_path(seed, monkeypatch, quant, xdt, adt, rounding, m):
               seed=seed)  # fmt: skip
 
 
+@pytest.mark.parametrize("adapter_gemms", ["auto", "fp32"])
+@pytest.mark.parametrize("rounding", ["linear", "linear4bit"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_torch_gemm_path_adapter_gemms(seed, monkeypatch, adapter_gemms, rounding, p):
+    """bf16 x, fp32 adapters on the torch path: the adapter GEMMs over bf16 pieces (the default,
+    kernels/adapter_gemms.py) and the fp32 ones both match the reference; only the default splits."""
+    monkeypatch.setattr(tl_lora, "GEMMS", "torch")
+    monkeypatch.setattr(tl_lora, "ADAPTER_GEMMS", adapter_gemms)
+    splits = []
+    pieces = tl_lora.adapter_gemms.bf16_pieces
+    monkeypatch.setattr(tl_lora.adapter_gemms, "bf16_pieces", lambda t: splits.append(t.shape) or pieces(t))
+    _run_case(37, 72, 200, 8, BF16, F32, quant="nf4", rounding=rounding, p=p, seed=seed)
+    # S, y's term; dS, dB, dA and dx's term (two pieces each)
+    assert len(splits) == (8 if adapter_gemms == "auto" else 0), splits
+
+
+def test_adapter_gemms_setting_is_checked(monkeypatch):
+    monkeypatch.setattr(tl_lora, "GEMMS", "torch")
+    monkeypatch.setattr(tl_lora, "ADAPTER_GEMMS", "tf32")
+    x, weight, absmax, a, b, bias_t, _ = _inputs(20, 64, 40, 4, BF16, F32, None, True)
+    with pytest.raises(ValueError, match="ADAPTER_GEMMS"):
+        tl_lora.lora_linear_fwd(x, weight, absmax, 64, "nf4", 40, a, b, 1.0, bias_t, 0.0, _st(0), "linear")
+
+
+def test_inf_in_x_on_the_pieces_path(seed, monkeypatch):
+    """An Inf in bf16 x makes its row of y non-finite (the pieces' products give NaN where fp32 GEMMs give
+    ±Inf, a documented difference); the other rows are unaffected."""
+    monkeypatch.setattr(tl_lora, "GEMMS", "torch")
+    x, weight, _, a, b, bias_t, _ = _inputs(9, 72, 40, 4, BF16, F32, None, True)
+    x[4, 7] = float("inf")
+    args = (x, weight, None, 64, "nf4", 40, a, b, 0.75, bias_t, 0.0)
+    y, S = tl_lora.lora_linear_fwd(*args, _st(0), "linear")
+    y_ref, _ = reference_lora.lora_linear_fwd(*args, 0, "linear")
+    assert not torch.isfinite(y[4]).any() and not torch.isfinite(S[4]).any()
+    rest = [i for i in range(9) if i != 4]
+    _close_y(y[rest], y_ref[rest])
+
+
 def test_large_m_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setattr(tl_lora, "GEMMS", "cutlass")
     x, weight, absmax, a, b, bias_t, _ = _inputs(20, 64, 40, 4, F32, F32, None, True)

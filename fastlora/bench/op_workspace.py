@@ -7,10 +7,16 @@ on a CUDA GPU at training sizes (M > 1536 tokens), read from their launchers:
   ``_dequant_linear_fallback``): float32 absmax (2 x blocks x 4 bytes with double quant: the
   decoded codes and the offset-added copy) and the decoded (N, K) weight in x's dtype, then F.linear.
   Its backward decodes through ``F.dequantize_4bit``, torch ops the tracker sees.
-* ``fastlora::lora_linear_fwd*`` (kernels/lora_linear.py, GEMMS="torch", the GPU default): first S's operand,
-  dropout(x) in the adapters' dtype (x's copy in that dtype, dropout's output while the copy lives, a float32
-  copy of a 16-bit result), then the decoded (N, K) weight in x's dtype and F.linear: the larger of the two.
-* ``fastlora::lora_linear_bwd*``: the largest of three phases, each with dS (M, r) fp32: grad_y in float32
+* ``fastlora::lora_linear_fwd*`` (kernels/lora_linear.py, GEMMS="torch", the GPU default). bf16 x with fp32
+  adapters (ADAPTER_GEMMS "auto", kernels/adapter_gemms.py): S from x·keep (with dropout: the uint8 mask and
+  the product in x's dtype) and an (M, 3r) fp32 product; then the decoded (N, K) weight in x's dtype, F.linear,
+  and for the "linear4bit" rounding the LoRA term in bf16 (M, N) ("linear": added in place). Other dtypes:
+  first S's operand, dropout(x) in the adapters' dtype (x's copy in that dtype, dropout's output while the
+  copy lives, a float32 copy of a 16-bit result), then the decoded weight and F.linear. The larger phase.
+* ``fastlora::lora_linear_bwd*``: the largest of three phases, each with dS (M, r) fp32. bf16 x with fp32
+  adapters: G·B and Gᵀ·S as (M, 3r) / (N, 3r) fp32 products; the decoded weight with G·W (M, K), and with
+  dropout dS·A (M, K fp32), its dropout and their float32 sum (without dropout dS·A is added into G·W, the
+  output); x·keep as in the forward with a (3r, K) fp32 product and dA (r, K). Other dtypes: grad_y in float32
   (M, N) with Gᵀ·S (N, r); the decoded weight with dS·A (M, K fp32, and its dropout), G·W (M, K) and their
   float32 sum (M, K); dA's operand dropout(x) as in the forward, with dA (r, K) fp32.
 
@@ -33,6 +39,7 @@ import math
 import torch
 
 from fastlora import backends
+from fastlora.kernels.adapter_gemms import split_applies
 
 
 def _base_name(func) -> str:
@@ -62,9 +69,20 @@ def _dropped_x(x, adapter_dtype: torch.dtype, dropout_p: float) -> int:
     return max(copy + dropped, (dropped if dropout_p > 0 else copy) + widen)
 
 
+def _kept_x(x, dropout_p: float) -> int:
+    """Peak bytes of kernels/lora_linear._kept_x: the uint8 keep mask and x·keep in x's dtype (nothing without
+    dropout)."""
+    m, k = x.shape
+    return m * k * (1 + x.element_size()) if dropout_p > 0 else 0
+
+
 def _lora_fwd(args) -> int:
-    x, absmax, out_features, lora_A, dropout_p = args[0], args[2], args[5], args[6], args[10]
-    decoded = out_features * x.shape[-1] * x.element_size() if absmax is not None else 0
+    x, absmax, out_features, lora_A, dropout_p, rounding = args[0], args[2], args[5], args[6], args[10], args[12]
+    m, k = x.shape
+    decoded = out_features * k * x.element_size() if absmax is not None else 0
+    if split_applies(x.dtype, lora_A.dtype):
+        s_phase = _kept_x(x, float(dropout_p)) + m * 3 * lora_A.shape[0] * 4
+        return max(s_phase, decoded + (m * out_features * 2 if rounding == "linear4bit" else 0))
     return max(_dropped_x(x, lora_A.dtype, float(dropout_p)), decoded)
 
 
@@ -74,13 +92,19 @@ def _lora_bwd(args, out) -> int:
     m, k = x.shape
     n, r, xs = out_features, S.shape[1], x.element_size()
     ds = m * r * 4 if (need_dx or need_dA) else 0
+    decoded = n * k * xs if absmax is not None else 0
+    del out  # the outputs are made by the last step of each phase: counted by the tracker, not here
+    if split_applies(x.dtype, lora_A.dtype):
+        ds_db = ds + (m * 3 * r * 4 if ds else 0) + (n * 3 * r * 4 if need_dB else 0)
+        dx_phase = ds + decoded + (m * k * xs + 2 * m * k * 4 if dropout_p > 0 else 0) if need_dx else 0
+        da_phase = ds + _kept_x(x, dropout_p) + 3 * r * k * 4 + r * k * 4 if need_dA else 0
+        return max(ds_db, dx_phase, da_phase)
     ds_db = m * n * 4 + ds + (n * r * 4 if need_dB else 0)
     dx_phase = 0
     if need_dx:
         lora_part = m * k * 4 * (2 if dropout_p > 0 else 1)
-        dx_phase = ds + (n * k * xs if absmax is not None else 0) + lora_part + m * k * xs + m * k * 4
+        dx_phase = ds + decoded + lora_part + m * k * xs + m * k * 4
     da_phase = ds + _dropped_x(x, lora_A.dtype, dropout_p) + r * k * 4 if need_dA else 0
-    del out  # the outputs are made by the last step of each phase: counted by the tracker, not here
     return max(ds_db, dx_phase, da_phase)
 
 
