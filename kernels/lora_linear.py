@@ -92,8 +92,9 @@ AUTOTUNE: bool = os.environ.get("FASTLORA_TRITON_AUTOTUNE", "1") != "0"
 # Which GEMMs run: "triton" = the fused Triton GEMMs (in-loop 4-bit decode up to SMALL_M tokens, the
 # LoRA term in the GEMM epilogue), the one-pass dS/dB kernel and the S / dx-LoRA / dA kernels; "torch" = the
 # weight decoded once into an x-dtype workspace, torch's GEMMs (cuBLAS) for x·Wᵀ, S, G·W, G·B, Gᵀ·S, dS·A and
-# dA (for bf16 x with fp32 adapters over bf16 pieces, see ADAPTER_GEMMS), the dropout masks by the Triton kernels. "auto" (default) is
-# "torch" on a GPU and "triton" under the interpreter, so the CPU tests check the Triton GEMMs.
+# dA (for bf16 x with fp32 adapters over bf16 pieces, see ADAPTER_GEMMS), the dropout masks by the Triton
+# kernels. "auto" (default) is "torch" on a GPU and "triton" under the interpreter, so the CPU tests check the
+# Triton GEMMs.
 # Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, nf4 double quant, bf16, r=16) the
 # untuned Triton GEMMs took 3.7x cuBLAS' x·Wᵀ at 4096 tokens, the in-loop decode 585-925 us at 1-16
 # tokens (dequantize + cuBLAS: ~45 us), and the dS/dB kernel, one program per 64 rows, serialises
