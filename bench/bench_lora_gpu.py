@@ -22,8 +22,12 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import host_breakdown  # noqa: E402
 
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
@@ -219,7 +223,8 @@ def time_ms(fn, quick: bool) -> float:
 def kernel_breakdown(fn, iters: int = 5, top: int = 10) -> list[str]:
     """Lines of the ``top`` GPU kernels of one call of fn by time (torch.profiler, CUDA activity only,
     averaged over ``iters`` calls): microseconds per call, share of the call's kernel time, launches per
-    call, name. What a slow cell spends its time on."""
+    call, name; then the host's side (gpu_timing.host_breakdown: issue time, top host operations). What a slow
+    cell spends its time on."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -241,7 +246,7 @@ def kernel_breakdown(fn, iters: int = 5, top: int = 10) -> list[str]:
     for event in events[:top]:
         lines.append(f"{device_us(event) / iters:>9.1f} {100 * device_us(event) / total:>5.1f}% "
                      f"{event.count / iters:>5.1f}  {event.key[:100]}")
-    return lines
+    return lines + host_breakdown(fn, iters, device=DEVICE)
 
 
 def measure(impl, shape, M, mode, quick=False):
@@ -359,7 +364,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: %(default)s)")
     parser.add_argument("--profile", metavar="IMPLS", default="",
                         help="comma-separated columns whose cells also get a per-kernel time breakdown "
-                             "(torch.profiler, top 10 kernels per cell), printed after the table")
+                             "(torch.profiler, top 10 kernels per cell) and the host's (issue time, top 8 host "
+                             "operations), printed after the table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora_gpu: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)

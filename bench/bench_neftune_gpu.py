@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import hbm_peak_tbps, time_ms  # noqa: E402
+from gpu_timing import hbm_peak_tbps, host_breakdown, time_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -125,12 +125,23 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp32", help="weight dtypes: bf16, fp32, fp16 (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=5.0, help="NEFTune alpha (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=50, help="calls per timed run; 5 runs, median (default: 50)")
+    parser.add_argument("--profile", metavar="IMPLS", default="",
+                        help="comma-separated rows (e.g. fastlora-op,lookup) whose host side is broken down after the "
+                             "table, at the first width and dtype: issue time per call and the top host operations")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure", file=sys.stderr)
         return 1
     dims = [int(v) for v in args.dims.split(",")]
-    print(report(run(args.batch, args.seq, dims, args.vocab, args.iters, args.dtypes.split(","), args.alpha)))
+    dtypes = args.dtypes.split(",")
+    print(report(run(args.batch, args.seq, dims, args.vocab, args.iters, dtypes, args.alpha)))
+    impls = _impls(args.batch, args.seq, DTYPES[dtypes[0]], args.vocab, dims[0], args.alpha)
+    for name in (v for v in args.profile.split(",") if v):
+        if name not in impls:
+            print(f"--profile: no row {name!r} here (rows: {', '.join(impls)})", file=sys.stderr)
+            continue
+        print(f"\n{name}, d={dims[0]} {dtypes[0]}:")
+        print("\n".join(host_breakdown(impls[name])))
     return 0
 
 

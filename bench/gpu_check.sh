@@ -8,7 +8,8 @@
 #   auto path; train: bench_train_gpu.py without and with checkpointing; demo: `fastlora demo --device cuda`
 #   (medium preset, bf16, 40 steps); suite: the kernels suite (training sizes on a GPU), its crossover;
 #   probe (not in the default): which reciprocal bitsandbytes' CUDA quantizer uses.
-# One device call: 376 s on an H100 on 2026-11-27 (before the demo part); each part is capped by its timeout.
+# One device call: 376 s on an H100 on 2026-11-27 (before the demo part), 352 s on an H200 (tests lora neftune train
+# demo, without suite); each part is capped by its timeout.
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
 PARTS=${*:-tests lora neftune train demo suite}
@@ -54,10 +55,16 @@ case " $PARTS " in *" tests "*)
 esac
 case " $PARTS " in *" lora "*)
   timeout 90 python3 bench/bench_lora_gpu.py --quick --profile fastlora-auto 2>&1 | tee "$OUT/bench_lora.log" | tail -16
+  # A/B of the adapter GEMMs at training sizes: fp32 GEMMs on fp32 copies (the path before 2026-11-27's second
+  # lease) against the default bf16 pieces (kernels/adapter_gemms.py)
+  echo "== FASTLORA_ADAPTER_GEMMS=fp32" | tee -a "$OUT/bench_lora.log"
+  FASTLORA_ADAPTER_GEMMS=fp32 timeout 40 python3 bench/bench_lora_gpu.py --quick --rows 4096 \
+    --impls fastlora-auto,cublas,peft-bnb 2>&1 | tee -a "$OUT/bench_lora.log" | tail -6
   stamp "lora bench"
 esac
 case " $PARTS " in *" neftune "*)
-  timeout 40 python3 bench/bench_neftune_gpu.py --iters 20 2>&1 | tee "$OUT/bench_neftune.log" | tail -20
+  timeout 40 python3 bench/bench_neftune_gpu.py --iters 20 --profile fastlora-op,fastlora-cuda-checked,lookup 2>&1 \
+    | tee "$OUT/bench_neftune.log" | tail -45
   stamp "neftune bench"
 esac
 case " $PARTS " in *" train "*)

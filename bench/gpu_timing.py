@@ -28,3 +28,37 @@ def time_ms(fn, iters: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / iters)
     return sorted(times)[len(times) // 2]
+
+
+def host_breakdown(fn, iters: int = 5, top: int = 8, device: str = "cuda") -> list[str]:
+    """Where the host's time goes in one call of fn: the wall time to issue a call (no synchronization, so a
+    call bound by the GPU returns long before its kernels end; a call that waits for the GPU shows that wait),
+    and the ``top`` host operations by self CPU time (torch.profiler, CPU activity: a cudaStreamSynchronize or
+    cudaMemcpy there is a call waiting for the device). When the issue time exceeds the kernels' time, the call
+    is bound by the host, and its GPU timing measures Python and launch overhead."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    issue_us = (time.perf_counter() - start) / iters * 1e6
+    sync()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / iters
+    lines = [f"  host: {issue_us:.1f} us per call to issue (wall, no sync); profiled self CPU time {total:.1f} us "
+             "per call, top operations:"]
+    for event in events[:top]:
+        lines.append(f"{event.self_cpu_time_total / iters:>9.1f} us {event.count / iters:>5.1f}x  {event.key[:90]}")
+    return lines

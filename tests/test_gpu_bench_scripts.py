@@ -51,11 +51,18 @@ def test_kernel_breakdown_on_the_cpu(monkeypatch):
     monkeypatch.setattr(bench_lora_gpu, "DEVICE", "cpu")
     a = torch.randn(128, 128)
     lines = bench_lora_gpu.kernel_breakdown(lambda: torch.mm(a, a).relu_(), iters=3, top=3)
-    assert lines[0].split()[:3] == ["us/call", "share", "calls"] and len(lines) <= 4
-    names = [line.split()[-1] for line in lines[1:]]
+    host = next(i for i, line in enumerate(lines) if line.startswith("  host:"))
+    kernels, host_lines = lines[:host], lines[host:]
+    assert kernels[0].split()[:3] == ["us/call", "share", "calls"] and len(kernels) <= 4
+    names = [line.split()[-1] for line in kernels[1:]]
     assert "aten::mm" in names
-    shares = [float(line.split()[1].rstrip("%")) for line in lines[1:]]
+    shares = [float(line.split()[1].rstrip("%")) for line in kernels[1:]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
+    # the host side: issue time, then the top host operations by self time, largest first
+    assert float(host_lines[0].split()[1]) > 0 and "per call to issue" in host_lines[0]
+    host_us = [float(line.split()[0]) for line in host_lines[1:]]
+    assert host_us == sorted(host_us, reverse=True) and 1 <= len(host_us) <= 8
+    assert any("aten::mm" in line for line in host_lines[1:])
 
 
 def test_reciprocal_diagnosis_shows_each_differing_code(capsys):
