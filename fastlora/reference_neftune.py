@@ -2,11 +2,16 @@
 
 The op (bit for bit what the C++, Triton and CUDA kernels compute), for T tokens and rows of d:
     i      = t*d + j                                     row-major element index
-    word   = Philox4x32-10 word of element i, stream 1    (csrc/include/fastlora/philox.h)
-    u      = float((int32)(word >> 8) - 2^23) * 2^-23     exact, in [-1, 1)
+    bits   = 16-bit half i & 1 (low first) of word (i >> 1) & 3 of the Philox4x32-10 block i >> 3, stream 1
+             (csrc/include/fastlora/philox.h: one Philox evaluation per eight elements)
+    u      = float((int32)bits - 2^15) * 2^-15            exact, in [-1, 1)
     noise  = rnd_f32(u * mag[t])                          (no FMA: multiply and add round separately)
     out    = rnd_W(rnd_f32(float(weight[ids[t], j]) + noise))
 and where mag[t] == 0 the row is a plain copy of weight[ids[t]] (so -0.0 and NaN payloads survive).
+Why 16 random bits per element: the noise is added to a value then rounded to at most fp32 (bf16 or fp16 in
+practice), and one Philox evaluation per eight elements instead of four keeps the 16-bit kernels memory-bound: with
+24-bit words the bf16 kernel took the same ~97 us at 8x2048 tokens, d=4096, on an H100 and an H200 (bound by the
+Philox arithmetic, not by memory) while the plain lookup took 94 and 72 us (bench/bench_neftune_gpu.py).
 
 Noise magnitudes (DESIGN.md §4): mag = alpha / sqrt(L·d) as an fp32 value computed exactly like
 transformers' ``neftune_post_forward_hook`` (``alpha / torch.sqrt(torch.tensor(L * d))``), where L is
@@ -26,15 +31,22 @@ from .reference_lora import STREAM_NEFTUNE, philox_words
 MODES = ("padded", "per_sequence")
 
 
-def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
-    """fp32 u in [-1, 1) (multiples of 2^-23) from int64 Philox words (values < 2^32)."""
-    return ((words >> 8) - 8388608).to(torch.float32) * (2.0 ** -23)
+def noise_bits(seed, numel: int, device=None) -> torch.Tensor:
+    """int64[numel]: the 16 random bits of elements 0..numel-1 on the NEFTune stream (element i: half i & 1 of
+    word i >> 1, low half first)."""
+    words = philox_words(seed, (numel + 1) // 2, STREAM_NEFTUNE, device)
+    return torch.stack((words & 0xFFFF, words >> 16), dim=1).reshape(-1)[:numel]
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 u in [-1, 1) (multiples of 2^-15) from int64 16-bit values."""
+    return (bits - 32768).to(torch.float32) * (2.0 ** -15)
 
 
 def neftune_uniform(seed, shape: tuple[int, int], device=None) -> torch.Tensor:
     """fp32 (T, d): u of every element of the op's output (before scaling by mag)."""
     t, d = shape
-    return uniform_from_words(philox_words(seed, t * d, STREAM_NEFTUNE, device)).reshape(t, d)
+    return uniform_from_bits(noise_bits(seed, t * d, device)).reshape(t, d)
 
 
 def check_ids_in_range(ids: torch.Tensor, vocab: int, name: str = "input_ids") -> None:

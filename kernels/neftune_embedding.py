@@ -4,14 +4,15 @@ Contract (the same on the torch reference, the C++ CPU and the CUDA kernels; bit
 
     out[t, j] = round_to(weight.dtype, float(weight[ids[t], j]) + u(i) * mag[t]),   i = t * d + j
 
-* ``word(i)``: word ``i & 3`` of the Philox4x32-10 block ``i >> 2`` on stream 1 (csrc/include/fastlora/philox.h);
-* ``u(i) = float((int32)(word >> 8) - 2^23) * 2^-23``: exact, in [-1, 1);
+* ``bits(i)``: the 16-bit half ``i & 1`` (low first) of word ``(i >> 1) & 3`` of the Philox4x32-10 block ``i >> 3``
+  on stream 1 (csrc/include/fastlora/philox.h ``philox_half``): one Philox evaluation per eight elements;
+* ``u(i) = float((int32)bits - 2^15) * 2^-15``: exact, in [-1, 1);
 * the noise ``u * mag`` is one rounded fp32 product, then ONE fp32 add, then one RNE rounding to the weight dtype;
   no FMA anywhere (the product is :func:`mul_rn`, which ptxas cannot contract);
 * where ``mag[t] == 0`` the output row is exactly ``weight[ids[t]]`` (signed zeros and NaN payloads included).
 
-One program per (block of tokens, block of columns). Rows of a ``d % 4 == 0`` weight start at multiples of 4
-elements, so there one Philox evaluation serves four consecutive elements; other widths evaluate Philox per
+One program per (block of tokens, block of columns). Rows of a ``d % 8 == 0`` weight start at multiples of 8
+elements, so there one Philox evaluation serves eight consecutive elements; other widths evaluate Philox per
 element. Loads and stores are contiguous along ``d`` (16-byte vectors when ``d`` and the pointers are
 16-aligned). Out-of-range ids are refused on the host (one ``aminmax``; not while a CUDA graph is being
 captured); the kernel masks them as well (no out-of-bounds read whatever it is given) and writes NaN rows for
@@ -35,7 +36,7 @@ __all__ = ["NEFTUNE_CONFIGS", "STREAM_NEFTUNE", "NeftuneConfig", "compile_specs"
 STREAM_NEFTUNE = 1
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _STREAM: tl.constexpr = tl.constexpr(STREAM_NEFTUNE)
-_U_SCALE: tl.constexpr = tl.constexpr(1.0 / 8388608.0)  # 2^-23, exact
+_U_SCALE: tl.constexpr = tl.constexpr(1.0 / 32768.0)  # 2^-15, exact
 
 
 @triton.jit
@@ -49,9 +50,9 @@ def _block_words(n, k0, k1):
 
 
 @triton.jit
-def _uniform(word):
-    """uint32 word -> fp32 in [-1, 1): float((int32)(word >> 8) - 2^23) * 2^-23 (both steps exact)."""
-    return ((word >> 8).to(tl.int32) - 8388608).to(tl.float32) * _U_SCALE
+def _uniform(bits):
+    """16 random bits (uint32 < 2^16) -> fp32 in [-1, 1): float((int32)bits - 2^15) * 2^-15 (both steps exact)."""
+    return (bits.to(tl.int32) - 32768).to(tl.float32) * _U_SCALE
 
 
 # The seed is read through seed_ptr at run time (a CUDA graph replays the tensor's current value); its
@@ -68,7 +69,7 @@ def _neftune_embedding_kernel(
     seed_ptr,  # *i64 [1]: the seed, Philox key (lo32, hi32)
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    GROUPS: tl.constexpr,  # d % 4 == 0: one Philox evaluation per 4 elements
+    GROUPS: tl.constexpr,  # d % 8 == 0: one Philox evaluation per 8 elements
     INTERP: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -85,20 +86,26 @@ def _neftune_embedding_kernel(
     k0, k1 = load_key(seed_ptr)
 
     if GROUPS:
-        # Rows start at multiples of 4 (d % 4 == 0) and so does c0: group g of the tile is Philox block
-        # (t * d + c0) / 4 + g, its words the elements 4g .. 4g + 3.
-        G: tl.constexpr = BLOCK_D // 4
-        n = (t * (d // 4) + c0 // 4)[:, None] + tl.arange(0, G)[None, :].to(tl.int64)
+        # Rows start at multiples of 8 (d % 8 == 0) and so does c0: group g of the tile is Philox block
+        # (t * d + c0) / 8 + g, its eight halves the elements 8g .. 8g + 7.
+        G: tl.constexpr = BLOCK_D // 8
+        n = (t * (d // 8) + c0 // 8)[:, None] + tl.arange(0, G)[None, :].to(tl.int64)
         w0, w1, w2, w3 = _block_words(n, k0, k1)
-        # join(join(w0, w2), join(w1, w3))[..., j, i] = w[2j + i]: a row-major reshape puts word k at 4g + k.
-        word = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_T, BLOCK_D))
+        # element 8g + 4a + 2b + c is half c of word 2a + b; join adds a last axis, so the joins nest c outermost
+        # (x_e: half e & 1 of word e >> 1) and a row-major reshape puts element e at 8g + e.
+        x0, x1, x2, x3 = w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16
+        x4, x5, x6, x7 = w2 & 0xFFFF, w2 >> 16, w3 & 0xFFFF, w3 >> 16
+        even = tl.join(tl.join(x0, x4), tl.join(x2, x6))  # c = 0: [..., a, b] = x_{4a + 2b}
+        odd = tl.join(tl.join(x1, x5), tl.join(x3, x7))  # c = 1
+        bits = tl.reshape(tl.join(even, odd), (BLOCK_T, BLOCK_D))
     else:
         i = (t * d)[:, None] + cols[None, :].to(tl.int64)
-        w0, w1, w2, w3 = _block_words(i >> 2, k0, k1)
-        k = i & 3
+        w0, w1, w2, w3 = _block_words(i >> 3, k0, k1)
+        k = (i >> 1) & 3
         word = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
+        bits = tl.where((i & 1) == 0, word & 0xFFFF, word >> 16)
 
-    noise = mul_rn(_uniform(word), tl.broadcast_to(mag[:, None], (BLOCK_T, BLOCK_D)), INTERP)
+    noise = mul_rn(_uniform(bits), tl.broadcast_to(mag[:, None], (BLOCK_T, BLOCK_D)), INTERP)
     v = round_to(to_f32(w, INTERP) + noise, out_ptr.dtype.element_ty, INTERP)
     v = tl.where((mag == 0.0)[:, None], w, v)  # exactly the lookup (also -0.0 and NaN payloads)
     v = tl.where(id_ok[:, None], v, float("nan"))  # never reached through the launcher (host check)
@@ -129,10 +136,10 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for name in _DTYPES.values():
         for cfg in NEFTUNE_CONFIGS.values():
-            # (GROUPS, d and pointers 16-aligned): d % 16 == 0, d % 4 == 0 only, odd widths.
+            # (GROUPS, d and pointers 16-aligned): d % 16 == 0, d % 8 == 0 only, other widths.
             for groups, aligned in ((True, True), (True, False), (False, False)):
                 label = f"{name} {cfg.name} T{cfg.block_t}xD{cfg.block_d} w{cfg.num_warps}"
-                label += " d%16" if aligned else (" d%4" if groups else " odd d")
+                label += " d%16" if aligned else (" d%8" if groups else " odd d")
                 specs.append(CompileSpec(
                     kernel="neftune_embedding",
                     config=label,
@@ -214,7 +221,7 @@ def neftune_embedding(
     grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(d, cfg.block_d))
     fn[grid](
         ids_c, w, mag_c, out, T, V, d, seed,
-        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, GROUPS=d % 4 == 0, INTERP=is_interpreted(fn),
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, GROUPS=d % 8 == 0, INTERP=is_interpreted(fn),
         num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     if bounds is not None:

@@ -8,7 +8,8 @@ bit:
 * key = (lo32(seed), hi32(seed)); counter = (lo32(n), hi32(n), stream, 0). The kernels take the seed
   as a pointer to an int64 and read it at run time (:func:`load_key`), never as a launch constant, so
   a captured CUDA graph uses the value the seed tensor holds at each replay;
-* element i of a tensor (row-major linear index) uses word ``i & 3`` of block ``n = i >> 2``;
+* element i of a tensor (row-major linear index) uses word ``i & 3`` of block ``n = i >> 2`` (NEFTune reads its
+  stream in 16-bit halves, eight elements per block: kernels/neftune_embedding.py);
 * LoRA dropout (stream 0) keeps element i iff ``(word >> 8) >= ceil(p * 2^24)``, and a kept value is
   ``round(x * scale)`` with ``scale = (float)(1 / (1 - p))`` (computed on the host, see
   :func:`dropout_constants`).

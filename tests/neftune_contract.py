@@ -2,7 +2,8 @@
 op layer, so the kernels are checked against the rule itself):
 
     out[t, j] = round_to(weight.dtype, float(weight[ids[t], j]) + fp32(u(i) * mag[t])),  i = t * d + j
-    u(i) = float((int32)(word(i) >> 8) - 2^23) * 2^-23,  word(i): Philox4x32-10 stream 1, word i & 3 of block i >> 2
+    u(i) = float((int32)bits(i) - 2^15) * 2^-15,  bits(i): half i & 1 (low first) of word (i >> 1) & 3 of the
+           Philox4x32-10 block i >> 3, stream 1
     rows with mag[t] == 0 are exactly weight[ids[t]]
 """
 
@@ -19,8 +20,10 @@ def contract(ids: torch.Tensor, weight: torch.Tensor, mag: torch.Tensor, seed: i
     """The rule on the CPU in fp32 arithmetic (each torch op rounds once; no FMA). Returns a CPU tensor."""
     ids, weight, mag = ids.cpu(), weight.cpu(), mag.cpu()
     T, d = ids.numel(), weight.shape[1]
-    words = philox_words(seed, T * d, stream=1).view(T, d)
-    u = ((words >> 8) - 8388608).to(torch.float32) * (2.0**-23)  # exact
+    i = torch.arange(T * d)
+    words = philox_words(seed, (T * d + 1) // 2, stream=1)  # word w: elements 2w (low half) and 2w + 1
+    bits = (words[i >> 1] >> (16 * (i & 1))) & 0xFFFF
+    u = (bits - 32768).to(torch.float32).view(T, d) * (2.0**-15)  # exact
     noise = u * mag[:, None]  # one fp32 rounding
     rows = weight[ids]
     v = (rows.to(torch.float32) + noise).to(weight.dtype)  # one fp32 add, one RNE rounding

@@ -28,7 +28,8 @@ from fastlora.kernels import FP_FMA_PTX
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # fastlora::gpu::OutDtype
-SHAPES = [(1, 7, 64), (5, 11, 37), (9, 13, 48), (4, 9, 516), (3, 6, 4096), (2, 5, 4099), (33, 40, 20), (6, 8, 12)]
+SHAPES = [(1, 7, 64), (5, 11, 37), (9, 13, 48), (4, 9, 516), (3, 6, 4096), (2, 5, 4099), (33, 40, 20), (6, 8, 12),
+          (7, 5, 3)]  # d = 3: one Philox block (8 elements) spans rows
 
 
 def _cuda_op():

@@ -153,8 +153,9 @@ def test_reference_formula_spot_check():
     for t in range(2):
         for j in range(5):
             i = t * 5 + j
-            word = int(philox4x32_10(99, torch.tensor([i >> 2]), STREAM_NEFTUNE)[i & 3])
-            u = torch.tensor(float((word >> 8) - 8388608) * 2.0**-23, dtype=torch.float32)
+            word = int(philox4x32_10(99, torch.tensor([i >> 3]), STREAM_NEFTUNE)[(i >> 1) & 3])
+            bits = (word >> (16 * (i & 1))) & 0xFFFF
+            u = torch.tensor(float(bits - 32768) * 2.0**-15, dtype=torch.float32)
             noise = u * mag[t]
             assert out[t, j] == weight[ids[t], j] + noise
 

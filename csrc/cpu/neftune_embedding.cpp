@@ -1,7 +1,7 @@
 // C++ CPU kernel of fastlora::neftune_embedding: the embedding lookup and the NEFTune noise in one
 // pass, no noise tensor. For token t and column j (element i = t*d + j):
-//   u   = float((int32)(philox_word(seed, i, kStreamNeftune) >> 8) - 2^23) * 2^-23   (exact, [-1, 1))
-//   out = round_to(W, float(weight[ids[t], j]) + rnd_f32(u * mag[t]))                 (no FMA)
+//   u   = float((int32)philox_half(seed, i, kStreamNeftune) - 2^15) * 2^-15   (exact, [-1, 1))
+//   out = round_to(W, float(weight[ids[t], j]) + rnd_f32(u * mag[t]))        (no FMA)
 // and rows with mag[t] == 0 are a plain copy; bit for bit fastlora/reference_neftune.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,35 +19,42 @@
 namespace fastlora::cpu {
 namespace {
 
-constexpr float kTwoPowMinus23 = 1.0f / 8388608.0f;
+constexpr float kTwoPowMinus15 = 1.0f / 32768.0f;
 
-inline float uniform_of(uint32_t word) {
-  return static_cast<float>(static_cast<int32_t>(word >> 8) - 8388608) * kTwoPowMinus23;
+// Element j of a chunk whose first element has parity `odd`: half (odd + j) of the words generated for it.
+inline uint32_t bits_of(const uint32_t* words, int64_t odd, int64_t j) {
+  const int64_t h = odd + j;
+  return (words[h >> 1] >> (16 * (h & 1))) & 0xffffu;
 }
 
 template <DT W>
-void noisy_row_scalar(const void* wrow, void* orow, const uint32_t* words, float mag, int64_t j, int64_t n) {
+void noisy_row_scalar(const void* wrow, void* orow, const uint32_t* words, int64_t odd, float mag, int64_t j,
+                      int64_t n) {
   for (; j < n; ++j) {
-    const float noise = uniform_of(words[j]) * mag;
+    const float u = static_cast<float>(static_cast<int32_t>(bits_of(words, odd, j)) - 32768) * kTwoPowMinus15;
+    const float noise = u * mag;
     store1<W>(orow, j, load1<W>(wrow, j) + noise);
   }
 }
 
 #if defined(__x86_64__)
 template <DT W>
-FL_AVX2 void noisy_row_avx2(const void* wrow, void* orow, const uint32_t* words, float mag, int64_t n) {
-  const __m256i half = _mm256_set1_epi32(8388608);
-  const __m256 scale = _mm256_set1_ps(kTwoPowMinus23);
+FL_AVX2 void noisy_row_avx2(const void* wrow, void* orow, const uint32_t* words, int64_t odd, float mag,
+                            int64_t n) {
+  // x86 is little-endian: the low half of a word, the even element, comes first in memory.
+  const uint16_t* halves = reinterpret_cast<const uint16_t*>(words) + odd;
+  const __m256i offset = _mm256_set1_epi32(32768);
+  const __m256 scale = _mm256_set1_ps(kTwoPowMinus15);
   const __m256 magv = _mm256_set1_ps(mag);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + j));
-    const __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(w, 8), half);
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(k), scale);  // exact: |k| <= 2^23
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(halves + j));
+    const __m256i k = _mm256_sub_epi32(_mm256_cvtepu16_epi32(h), offset);
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(k), scale);  // exact: |k| <= 2^15
     const __m256 noise = _mm256_mul_ps(u, magv);                     // rounded
     store8<W>(orow, j, _mm256_add_ps(load8<W>(wrow, j), noise));    // rounded, then RNE to W
   }
-  noisy_row_scalar<W>(wrow, orow, words, mag, j, n);
+  noisy_row_scalar<W>(wrow, orow, words, odd, mag, j, n);
 }
 #endif
 
@@ -70,16 +77,18 @@ void neftune_kernel(const int64_t* ids, const char* weight, const float* mag, ch
       }
       for (int64_t j0 = 0; j0 < d; j0 += kMaskChunk) {
         const int64_t n = std::min(kMaskChunk, d - j0);
-        philox_words(seed, kStreamNeftune, t * d + j0, n, words, avx2);
+        // the words holding the 16-bit halves of elements i0 .. i0 + n - 1 (word w: elements 2w, 2w + 1)
+        const int64_t i0 = t * d + j0, odd = i0 & 1;
+        philox_words(seed, kStreamNeftune, i0 >> 1, (odd + n + 1) >> 1, words, avx2);
         const char* src = wrow + j0 * elem;
         char* dst = orow + j0 * elem;
 #if defined(__x86_64__)
         if (avx2) {
-          noisy_row_avx2<W>(src, dst, words, m, n);
+          noisy_row_avx2<W>(src, dst, words, odd, m, n);
           continue;
         }
 #endif
-        noisy_row_scalar<W>(src, dst, words, m, 0, n);
+        noisy_row_scalar<W>(src, dst, words, odd, m, 0, n);
       }
     }
   });

@@ -1,7 +1,7 @@
 // CUDA kernels of fastlora::neftune_embedding: embedding lookup + NEFTune noise in one pass.
 //
 //   out[t, j] = dtype(float(weight[ids[t], j]) + fp32(u(i) * mag[t])),   i = t * d + j
-//   u(i) = float((int32)(word >> 8) - 2^23) * 2^-23,   word = philox_word(seed, i, kStreamNeftune)  (philox.h)
+//   u(i) = float((int32)bits - 2^15) * 2^-15,   bits = philox_half(seed, i, kStreamNeftune)  (philox.h)
 //
 // The seed comes as a device pointer and each thread loads it once when the kernel runs (never read on the
 // host), so a captured CUDA graph uses the seed buffer's value at each replay.
@@ -12,8 +12,9 @@
 // Two kernels:
 //  * neftune_vec_kernel: rows of 16-byte vectors (d a multiple of 16 / sizeof(T), 16-byte aligned weight and
 //    out). One thread per two vectors of a row (8 fp32 or 16 bf16 / fp16 elements): 16-byte loads and stores,
-//    one Philox evaluation per four elements (d % 4 == 0, so every vector starts a Philox block).
-//  * neftune_scalar_kernel: anything else. One thread per Philox block (four consecutive elements of the
+//    one Philox evaluation per eight elements (a 16-bit vector is one Philox block; two fp32 vectors share
+//    one where the pair starts at a multiple of 8).
+//  * neftune_scalar_kernel: anything else. One thread per Philox block (eight consecutive elements of the
 //    flattened output, possibly in two rows), scalar loads and stores.
 // An id outside [0, V) is never dereferenced; its row is written as NaN (ops_cuda.cpp refuses such ids first).
 //
@@ -74,9 +75,9 @@ struct Elem<__half> {
   }
 };
 
-// u in [-1, 1): both steps exact (an integer below 2^24 in magnitude, times a power of two).
-__device__ __forceinline__ float uniform(uint32_t word) {
-  return __fmul_rn(static_cast<float>(static_cast<int32_t>(word >> 8) - 8388608), 1.1920928955078125e-07f);
+// u in [-1, 1) from 16 random bits: both steps exact (an integer below 2^15 in magnitude, times a power of two).
+__device__ __forceinline__ float uniform(uint32_t bits) {
+  return __fmul_rn(static_cast<float>(static_cast<int32_t>(bits) - 32768), 3.0517578125e-05f);
 }
 
 // i / d for 0 <= i < 2^53 and d > 0, inv_d = 1.0 / d computed on the host: a double estimate corrected by at
@@ -88,32 +89,30 @@ __device__ __forceinline__ int64_t div_rows(int64_t i, int64_t d, double inv_d) 
   return q;
 }
 
-// One output element from the bits of the weight element: the same bits when m == 0.
+// One output element from the bits of the weight element and 16 random bits: the same bits when m == 0.
 template <typename T>
-__device__ __forceinline__ uint32_t noisy(uint32_t bits, uint32_t word, float m) {
+__device__ __forceinline__ uint32_t noisy(uint32_t bits, uint32_t random16, float m) {
   if (m == 0.0f) return bits;
-  return Elem<T>::from_float(__fadd_rn(Elem<T>::to_float(bits), __fmul_rn(uniform(word), m)));
+  return Elem<T>::from_float(__fadd_rn(Elem<T>::to_float(bits), __fmul_rn(uniform(random16), m)));
 }
 
-// 16 bytes: 4 fp32 elements (one Philox block) or 8 16-bit elements (two blocks, low half first).
+// 16 bytes starting at element e of the Philox block r: 4 fp32 elements (e = 0 or 4: half a block) or 8 16-bit
+// elements (e = 0: the whole block; the low 16 bits of each 32-bit lane first).
 template <typename T>
-__device__ __forceinline__ uint4 noisy_vec(uint4 q, uint64_t seed, uint64_t n, float m);
+__device__ __forceinline__ uint4 noisy_vec(uint4 q, const Philox4& r, int e, float m);
 template <>
-__device__ __forceinline__ uint4 noisy_vec<float>(uint4 q, uint64_t seed, uint64_t n, float m) {
-  const Philox4 r = philox4x32_10(seed, n, kStreamNeftune);
-  return make_uint4(noisy<float>(q.x, r.w[0], m), noisy<float>(q.y, r.w[1], m), noisy<float>(q.z, r.w[2], m),
-                    noisy<float>(q.w, r.w[3], m));
+__device__ __forceinline__ uint4 noisy_vec<float>(uint4 q, const Philox4& r, int e, float m) {
+  return make_uint4(noisy<float>(q.x, half_of(r, e), m), noisy<float>(q.y, half_of(r, e + 1), m),
+                    noisy<float>(q.z, half_of(r, e + 2), m), noisy<float>(q.w, half_of(r, e + 3), m));
 }
 template <typename T>
-__device__ __forceinline__ uint32_t noisy_pair(uint32_t word2, uint32_t lo_word, uint32_t hi_word, float m) {
-  return noisy<T>(word2 & 0xffffu, lo_word, m) | (noisy<T>(word2 >> 16, hi_word, m) << 16);
+__device__ __forceinline__ uint32_t noisy_pair(uint32_t bits2, uint32_t word, float m) {
+  return noisy<T>(bits2 & 0xffffu, word & 0xffffu, m) | (noisy<T>(bits2 >> 16, word >> 16, m) << 16);
 }
 template <typename T>
-__device__ __forceinline__ uint4 noisy_vec(uint4 q, uint64_t seed, uint64_t n, float m) {
-  const Philox4 a = philox4x32_10(seed, n, kStreamNeftune);
-  const Philox4 b = philox4x32_10(seed, n + 1, kStreamNeftune);
-  return make_uint4(noisy_pair<T>(q.x, a.w[0], a.w[1], m), noisy_pair<T>(q.y, a.w[2], a.w[3], m),
-                    noisy_pair<T>(q.z, b.w[0], b.w[1], m), noisy_pair<T>(q.w, b.w[2], b.w[3], m));
+__device__ __forceinline__ uint4 noisy_vec(uint4 q, const Philox4& r, int, float m) {
+  return make_uint4(noisy_pair<T>(q.x, r.w[0], m), noisy_pair<T>(q.y, r.w[1], m), noisy_pair<T>(q.z, r.w[2], m),
+                    noisy_pair<T>(q.w, r.w[3], m));
 }
 
 template <typename T>
@@ -146,18 +145,24 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t v = c * kVecsPerThread + k;
       if (id_ok && v < vecs_per_row) q[k] = __ldg(src + v);
     }
+    Philox4 r{};
+    uint64_t block = ~uint64_t{0};  // the block r holds: two fp32 vectors starting at a multiple of 8 share one
 #pragma unroll
     for (int k = 0; k < kVecsPerThread; ++k) {
       const int64_t v = c * kVecsPerThread + k;
       if (v < vecs_per_row) {
-        const uint64_t n = static_cast<uint64_t>(t * d + v * kElems) >> 2;
-        dst[v] = id_ok ? noisy_vec<T>(q[k], seed, n, m) : nan_vec<T>();
+        const uint64_t i = static_cast<uint64_t>(t * d + v * kElems);
+        if ((i >> 3) != block) {
+          block = i >> 3;
+          r = philox4x32_10(seed, block, kStreamNeftune);
+        }
+        dst[v] = id_ok ? noisy_vec<T>(q[k], r, static_cast<int>(i & 7), m) : nan_vec<T>();
       }
     }
   }
 }
 
-// Any d and alignment. One thread per Philox block n: elements 4n .. 4n + 3 of the flattened (T, d) output.
+// Any d and alignment. One thread per Philox block n: elements 8n .. 8n + 7 of the flattened (T, d) output.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     neftune_scalar_kernel(const int64_t* __restrict__ ids, const T* __restrict__ weight,
@@ -167,22 +172,22 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t seed = static_cast<uint64_t>(__ldg(seed_ptr));
   const Bits* w = reinterpret_cast<const Bits*>(weight);
   Bits* o = reinterpret_cast<Bits*>(out);
-  const int64_t blocks = (numel + 3) >> 2;
+  const int64_t blocks = (numel + 7) >> 3;
   for (int64_t n = int64_t{blockIdx.x} * kThreads + threadIdx.x; n < blocks; n += int64_t{gridDim.x} * kThreads) {
     const Philox4 r = philox4x32_10(seed, static_cast<uint64_t>(n), kStreamNeftune);
-    int64_t t = div_rows(n * 4, d, inv_d);
-    int64_t j = n * 4 - t * d;
+    int64_t t = div_rows(n * 8, d, inv_d);
+    int64_t j = n * 8 - t * d;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t i = n * 4 + e;
+    for (int e = 0; e < 8; ++e) {
+      const int64_t i = n * 8 + e;
       if (i < numel) {
-        if (j == d) {
-          j = 0;
+        while (j >= d) {  // d < 8: a block can span several rows
+          j -= d;
           ++t;
         }
         const int64_t id = __ldg(ids + t);
         const bool id_ok = id >= 0 && id < V;
-        o[i] = static_cast<Bits>(id_ok ? noisy<T>(w[id * d + j], r.w[e], __ldg(mag + t)) : Elem<T>::kNaN);
+        o[i] = static_cast<Bits>(id_ok ? noisy<T>(w[id * d + j], half_of(r, e), __ldg(mag + t)) : Elem<T>::kNaN);
         ++j;
       }
     }
@@ -217,7 +222,7 @@ cudaError_t run(const int64_t* ids, const void* weight, const float* mag, void* 
                   1.0 / static_cast<double>(chunks_per_row), seed);
   }
   const int64_t numel = T_ * d;
-  return launch(neftune_scalar_kernel<T>, (numel + 3) / 4, stream, ids, w, mag, o, numel, V, d,
+  return launch(neftune_scalar_kernel<T>, (numel + 7) / 8, stream, ids, w, mag, o, numel, V, d,
                 1.0 / static_cast<double>(d), seed);
 }
 

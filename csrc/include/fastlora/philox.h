@@ -10,7 +10,8 @@
 //   -> four 32-bit words.
 //
 // Element i of a random tensor (row-major linear index) uses word (i & 3) of the block n = i >> 2,
-// so one Philox evaluation serves four consecutive elements.
+// so one Philox evaluation serves four consecutive elements; a stream read in 16-bit halves (NEFTune noise,
+// philox_half below) serves eight: element i is half i & 1 of word (i >> 1) & 3 of block i >> 3.
 //
 // LoRA dropout (stream 0): element i is kept iff (word >> 8) >= threshold, with
 //   threshold = ceil(p * 2^24)                     (P(keep) = 1 - threshold / 2^24)
@@ -65,6 +66,13 @@ FL_PHILOX_HD Philox4 philox4x32_10(uint64_t seed, uint64_t n, uint32_t stream) {
 // The 32-bit random word of element i.
 FL_PHILOX_HD uint32_t philox_word(uint64_t seed, uint64_t i, uint32_t stream) {
   return philox4x32_10(seed, i >> 2, stream).w[i & 3];
+}
+
+// The 16 random bits of element i of a stream read in halves (NEFTune): half i & 1 (low first) of word
+// (i >> 1) & 3 of block i >> 3, so one Philox evaluation serves eight elements.
+FL_PHILOX_HD uint32_t half_of(const Philox4& r, int e) { return (r.w[(e >> 1) & 3] >> (16 * (e & 1))) & 0xffffu; }
+FL_PHILOX_HD uint32_t philox_half(uint64_t seed, uint64_t i, uint32_t stream) {
+  return half_of(philox4x32_10(seed, i >> 3, stream), static_cast<int>(i & 7));
 }
 
 // Host-side constants of LoRA dropout with probability p in [0, 1).
