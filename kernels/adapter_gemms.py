@@ -27,6 +27,8 @@ check this path under the Triton interpreter).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = [
@@ -63,10 +65,23 @@ def bf16_pieces(t: torch.Tensor) -> list[torch.Tensor]:
     return pieces
 
 
+OUT_DTYPE_DEVICES = ("cuda",)  # where torch.mm has the fp32-output overload for bf16 operands (cuBLAS)
+_out_dtype_works = True  # False once that overload has failed here
+
+
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a·b`` of bf16 matrices as fp32 (fp32 accumulation, no rounding of the result to bf16)."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    """``a·b`` of bf16 matrices as fp32 (fp32 accumulation, no rounding of the result to bf16). On a GPU whose torch
+    lacks the fp32-output overload (torch < 2.8) or refuses these operands, the fp32 GEMM of exact upcasts, with
+    one warning."""
+    global _out_dtype_works
+    if a.device.type in OUT_DTYPE_DEVICES and _out_dtype_works:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            _out_dtype_works = False
+            warnings.warn(f"fastlora: torch.mm(..., out_dtype=torch.float32) failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:160]}); the adapter GEMMs use fp32 GEMMs on upcast pieces",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
     return torch.mm(a.float(), b.float())  # the same exact products, summed in fp32
 
 

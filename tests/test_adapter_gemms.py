@@ -8,6 +8,8 @@ next to a rounding tie). On a GPU the same functions run cuBLAS (``torch.mm(...,
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -95,3 +97,20 @@ def test_summed_groups_adds_the_slices():
     parts = t.double().cpu().chunk(3, 1)
     exact, magnitude = sum(parts), sum(p.abs() for p in parts)
     assert bool(((got - exact).abs() <= 2.0**-23 * magnitude).all())  # two fp32 additions
+
+
+def test_mm_fp32_falls_back_once_where_the_overload_fails(monkeypatch):
+    """Where torch.mm(..., out_dtype=torch.float32) fails (torch < 2.8, or a device without it: the CPU here), one
+    warning and the fp32 GEMM of upcasts from then on."""
+    monkeypatch.setattr(adapter_gemms, "OUT_DTYPE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(adapter_gemms, "_out_dtype_works", True)
+    a, b = torch.randn(9, 40).to(BF16), torch.randn(40, 6).to(BF16)
+    if hasattr(torch.ops.aten.mm, "dtype") and torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CPU"):
+        pytest.skip("this torch has the fp32-output overload on the CPU")
+    with pytest.warns(RuntimeWarning, match="out_dtype"):
+        got = adapter_gemms.mm_fp32(a, b)
+    _close_fp32(got, a.double() @ b.double(), "fallback")
+    assert adapter_gemms._out_dtype_works is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter_gemms.mm_fp32(a, b)  # no second attempt, no second warning
