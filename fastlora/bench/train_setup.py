@@ -20,21 +20,16 @@ import torch
 
 from fastlora import nf4
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BLOCKSIZE = 64
+from .memory_model import BLOCKSIZE, Shape
+from .memory_model import PROJECTIONS as TARGETS
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """Model and batch shape. Every projection's in_features must be a multiple of the blocksize 64
-    (bitsandbytes 0.50's CPU dequantization is wrong otherwise, see README "Known differences")."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Spec(Shape):
+    """A model shape (memory_model.Shape: the Llama architecture's sizes) and a batch of ``batch`` x ``seq`` tokens.
+    Every projection's in_features must be a multiple of the blocksize 64 (bitsandbytes 0.50's CPU dequantization
+    is wrong otherwise, see README "Known differences")."""
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
     batch: int
     seq: int
 
@@ -68,12 +63,8 @@ def base_model(spec: Spec, dtype: torch.dtype = torch.float32, seed: int = 0):
     if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
         raise ValueError(f"spec: hidden ({spec.hidden}) must divide by heads ({spec.heads}) and heads by "
                          f"kv_heads ({spec.kv_heads})")
-    config = transformers.LlamaConfig(
-        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=max(spec.seq, 64), attn_implementation="sdpa")
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(spec.config(torch.float32))  # initialised in fp32, then cast
     return model.to(dtype).train()
 
 
