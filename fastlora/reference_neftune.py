@@ -23,6 +23,8 @@ transformers' ``neftune_post_forward_hook`` (``alpha / torch.sqrt(torch.tensor(L
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .backends import stream_capturing
@@ -81,6 +83,19 @@ def _magnitude_of(alpha: float, lengths: torch.Tensor, dim: int) -> torch.Tensor
     return alpha / torch.sqrt(lengths.to(torch.int64) * dim)
 
 
+@torch.compiler.assume_constant_result  # a function of Python numbers: a constant to torch.compile, no graph break
+def padded_magnitude(alpha: float, length: int, dim: int) -> float:
+    """transformers' ``alpha / torch.sqrt(torch.tensor(length * dim))`` as a Python float (exactly an fp32 value),
+    computed as the hook computes it: on the CPU, with torch's own CPU sqrt (which is not always the correctly
+    rounded fp32 square root: a device's sqrt, or a host emulation, differs in the last bit for ~18% of L * d)."""
+    return _padded_magnitude(float(alpha), int(length), int(dim))
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_magnitude(alpha: float, length: int, dim: int) -> float:
+    return float((alpha / torch.sqrt(torch.tensor(length * dim))).item())
+
+
 def noise_magnitudes(input_ids: torch.Tensor, dim: int, alpha: float, *, mode: str = "padded",
                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,10 +105,9 @@ def noise_magnitudes(input_ids: torch.Tensor, dim: int, alpha: float, *, mode: s
     numel = input_ids.numel()
     if mode == "padded":
         length = input_ids.shape[-1] if input_ids.dim() > 0 else 1
-        # the hook's ops on a value made on the device: no host -> device copy (CUDA graph capture forbids one)
-        # and no host read (a graph break under torch.compile)
-        lengths = torch.full((), length, dtype=torch.int64, device=device)
-        return _magnitude_of(float(alpha), lengths, dim).expand(numel).contiguous()
+        # one fill with a host constant: no host -> device copy (CUDA graph capture forbids one), no host read of a
+        # device value (a graph break under torch.compile), and one launch instead of the hook's four ops
+        return torch.full((numel,), padded_magnitude(float(alpha), length, dim), dtype=torch.float32, device=device)
     if mode != "per_sequence":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if numel == 0:

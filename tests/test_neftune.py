@@ -196,6 +196,16 @@ def test_padded_mag_is_transformers_bitwise_and_moments_match_hook(seed):
         hook = _hook_mag(alpha, torch.zeros(batch, length, dim))
         assert mag.dtype == torch.float32 and mag.shape == (batch * length,)
         assert torch.equal(mag, hook.expand(batch * length))
+    # fresh values: L*d beyond 2^24, alphas that are not fp32 values (the hook's expression, on the CPU as the hook
+    # runs it: torch's CPU sqrt is not always correctly rounded, so a device-side or host-emulated value can differ)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(50):
+        length = int(torch.randint(1, 1 << 17, (), generator=g))
+        dim = int(torch.randint(1, 1 << 14, (), generator=g))
+        alpha = float(torch.rand((), dtype=torch.float64, generator=g)) * 20
+        mag = reference_neftune.noise_magnitudes(torch.zeros(2, length, dtype=torch.int64), dim, alpha)
+        want = alpha / torch.sqrt(torch.tensor(length * dim))
+        assert torch.equal(mag, want.expand(2 * length)), (alpha, length, dim)
     # the hook's noise and ours: same bounds, same moments
     from_hook = pytest.importorskip("transformers.integrations.neftune")
     dim, alpha = 256, 5.0
