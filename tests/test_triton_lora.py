@@ -309,6 +309,21 @@ def test_torch_gemm_path_adapter_gemms(seed, monkeypatch, adapter_gemms, roundin
     assert len(splits) == (8 if adapter_gemms == "auto" else 0), splits
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning benchmarks configurations on a GPU")
+def test_triton_gemms_autotune_per_shape(seed, monkeypatch):
+    """GEMMS="triton" with AUTOTUNE on (the default; bench/gpu_check.sh turns it off for time): triton.autotune
+    times the GEMM configurations per (M bucket, N, K) and keeps the best, fused 4-bit decode and dense alike,
+    and the results still match the reference."""
+    monkeypatch.setattr(tl_lora, "GEMMS", "triton")
+    monkeypatch.setattr(tl_lora, "AUTOTUNE", True)
+    monkeypatch.setattr(tl_lora, "_TUNED", {})
+    for m, quant in ((40, "nf4"), (300, None), (300, "nf4")):  # in-loop decode; dense; decoded workspace
+        _run_case(m, 128, 256, 16, BF16, F32, quant=quant, p=0.1, seed=seed)
+    tuned = list(tl_lora._TUNED.values())
+    assert {kind for _, kind, _ in tl_lora._TUNED} == {"w4", "dense"}
+    assert all(t.cache for t in tuned)  # a best configuration recorded for each key seen
+
+
 def test_adapter_gemms_setting_is_checked(monkeypatch):
     monkeypatch.setattr(tl_lora, "GEMMS", "torch")
     monkeypatch.setattr(tl_lora, "ADAPTER_GEMMS", "tf32")
