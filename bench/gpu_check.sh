@@ -48,7 +48,7 @@ esac
 case " $PARTS " in *" tests "*)
   # the float32 NF4 bytes that still differ from bitsandbytes' CUDA quantizer, element by element (a few seconds)
   timeout 40 python3 bench/gpu_probe_reciprocal.py --diagnose --trials 2 2>&1 | tail -14
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -rfE tests/test_gpu.py tests/test_gpu_patch.py \
+  timeout 260 python3 -m pytest -q -p no:cacheprovider -n 8 -rfE tests/test_gpu.py tests/test_gpu_patch.py \
     tests/test_cuda_lora.py tests/test_cuda_dequantize.py tests/test_cuda_neftune.py tests/test_triton_neftune.py \
     tests/test_triton_lora.py tests/test_adapter_gemms.py \
     -k "not emulated and not compiles and not nvcc" 2>&1 | tee "$OUT/tests.log" | tail -25
