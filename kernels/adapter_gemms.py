@@ -55,7 +55,8 @@ def split_applies(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
 
 
 def bf16_pieces(t: torch.Tensor) -> list[torch.Tensor]:
-    """``t`` (fp32) as PIECES bf16 tensors of its shape whose fp32 sum is t to about 2^-24 relative."""
+    """``t`` (fp32) as PIECES bf16 tensors of its shape whose sum is exactly t (3 x 8 significant bits hold fp32's
+    24), unless a piece falls below bf16's normal range (|t| < 2^-110), where its lowest bits are lost."""
     pieces, rest = [], t
     for i in range(PIECES):
         piece = rest.to(torch.bfloat16)
