@@ -21,17 +21,12 @@ namespace {
 
 constexpr float kTwoPowMinus15 = 1.0f / 32768.0f;
 
-// Element j of a chunk whose first element has parity `odd`: half (odd + j) of the words generated for it.
-inline uint32_t bits_of(const uint32_t* words, int64_t odd, int64_t j) {
-  const int64_t h = odd + j;
-  return (words[h >> 1] >> (16 * (h & 1))) & 0xffffu;
-}
-
 template <DT W>
 void noisy_row_scalar(const void* wrow, void* orow, const uint32_t* words, int64_t odd, float mag, int64_t j,
                       int64_t n) {
   for (; j < n; ++j) {
-    const float u = static_cast<float>(static_cast<int32_t>(bits_of(words, odd, j)) - 32768) * kTwoPowMinus15;
+    // element j of a chunk whose first element has parity `odd`: half odd + j of the words generated for it
+    const float u = static_cast<float>(static_cast<int32_t>(half_of_words(words, odd + j)) - 32768) * kTwoPowMinus15;
     const float noise = u * mag;
     store1<W>(orow, j, load1<W>(wrow, j) + noise);
   }

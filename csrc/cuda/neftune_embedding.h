@@ -12,7 +12,7 @@
 namespace fastlora::gpu {
 
 // out[t, j] = dtype(float(weight[ids[t], j]) + fp32(u(i) * mag[t])), i = t * d + j (row-major), with
-//   u(i) = float((int32)(word(i) >> 8) - 2^23) * 2^-23 in [-1, 1), word(i) = philox_word(seed, i, kStreamNeftune),
+//   u(i) = float((int32)bits(i) - 2^15) * 2^-15 in [-1, 1), bits(i) = philox_half(seed, i, kStreamNeftune),
 // one rounded fp32 product, one fp32 add, one RNE rounding (no FMA); rows with mag[t] == 0 are exactly
 // weight[ids[t]]. ids: int64[T] (the caller checks 0 <= id < V; an out-of-range id is never dereferenced, its
 // row is written as NaN); weight: (V, d) contiguous of `dtype`; mag: fp32[T]; out: (T, d) of `dtype`.

@@ -69,8 +69,12 @@ FL_PHILOX_HD uint32_t philox_word(uint64_t seed, uint64_t i, uint32_t stream) {
 }
 
 // The 16 random bits of element i of a stream read in halves (NEFTune): half i & 1 (low first) of word
-// (i >> 1) & 3 of block i >> 3, so one Philox evaluation serves eight elements.
-FL_PHILOX_HD uint32_t half_of(const Philox4& r, int e) { return (r.w[(e >> 1) & 3] >> (16 * (e & 1))) & 0xffffu; }
+// (i >> 1) & 3 of block i >> 3, so one Philox evaluation serves eight elements. half_of_words: half h of
+// consecutive words (h counted from the low half of words[0]); half_of: element e (0..7) of one block.
+FL_PHILOX_HD uint32_t half_of_words(const uint32_t* words, int64_t h) {
+  return (words[h >> 1] >> (16 * (h & 1))) & 0xffffu;
+}
+FL_PHILOX_HD uint32_t half_of(const Philox4& r, int e) { return half_of_words(r.w, e & 7); }
 FL_PHILOX_HD uint32_t philox_half(uint64_t seed, uint64_t i, uint32_t stream) {
   return half_of(philox4x32_10(seed, i >> 3, stream), static_cast<int>(i & 7));
 }
