@@ -86,14 +86,15 @@ def _magnitude_of(alpha: float, lengths: torch.Tensor, dim: int) -> torch.Tensor
 @torch.compiler.assume_constant_result  # a function of Python numbers: a constant to torch.compile, no graph break
 def padded_magnitude(alpha: float, length: int, dim: int) -> float:
     """transformers' ``alpha / torch.sqrt(torch.tensor(length * dim))`` as a Python float (exactly an fp32 value),
-    computed as the hook computes it: on the CPU, with torch's own CPU sqrt (which is not always the correctly
-    rounded fp32 square root: a device's sqrt, or a host emulation, differs in the last bit for ~18% of L * d)."""
+    computed as the hook computes it: on the CPU, with torch's own CPU sqrt (not always the correctly rounded fp32
+    square root: on this machine's torch the correctly rounded one differs in the last bit for ~18% of L * d, so
+    a device-side or host-emulated value could differ from the Trainer's)."""
     return _padded_magnitude(float(alpha), int(length), int(dim))
 
 
 @functools.lru_cache(maxsize=256)
 def _padded_magnitude(alpha: float, length: int, dim: int) -> float:
-    return float((alpha / torch.sqrt(torch.tensor(length * dim))).item())
+    return float(_magnitude_of(alpha, torch.tensor(length), dim).item())
 
 
 def noise_magnitudes(input_ids: torch.Tensor, dim: int, alpha: float, *, mode: str = "padded",

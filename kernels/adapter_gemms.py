@@ -121,8 +121,8 @@ def pieces_product(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
     """``left·right_tᵀ`` of fp32 matrices (M, r) and (N, r), rounded once to bf16: (M, N) bf16."""
     l6, r6 = _stacked_terms(left, right_t)
     if l6.is_cuda:
-        return torch.mm(l6, r6)
-    return torch.mm(l6.float(), r6.float()).to(torch.bfloat16)
+        return torch.mm(l6, r6)  # fp32 accumulation, one rounding to bf16
+    return mm_fp32(l6, r6).to(torch.bfloat16)
 
 
 def add_product_(out: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
