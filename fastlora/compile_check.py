@@ -152,6 +152,23 @@ def _triton_ptxas(cap: int) -> tuple[str | None, str]:
         return shutil.which("ptxas"), gpu_name
 
 
+def _triton_rows_in_fresh_process(archs: list[tuple[int, str]], notes: list[str], verbose: bool) -> list[Row]:
+    """The Triton rows of ``python -m fastlora.compile_check --no-cuda`` run without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="fastlora-cc-") as workdir:
+        report = Path(workdir) / "triton.json"
+        cmd = [sys.executable, "-m", "fastlora.compile_check", "--no-cuda", "--json", str(report),
+               "--arch", ",".join(arch for _, arch in archs), *(["--verbose"] if verbose else [])]
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if verbose else subprocess.PIPE,
+                              text=True)
+        if not report.exists():
+            reason = f"the fresh compile-check process exited with {proc.returncode}: {(proc.stderr or '')[-300:]}"
+            return [Row("triton", "*", "*", arch, status="failed", reason=reason) for _, arch in archs]
+        data = json.loads(report.read_text())
+    notes += data["notes"]
+    return [Row(**row) for row in data["rows"]]
+
+
 def _run_ptxas(ptxas: str, gpu_name: str, ptx: str, fmad: bool, workdir: str) -> str:
     src = os.path.join(workdir, "kernel.ptx")
     with open(src, "w") as f:
@@ -169,9 +186,11 @@ def _run_ptxas(ptxas: str, gpu_name: str, ptx: str, fmad: bool, workdir: str) ->
 
 
 def _triton_rows(archs: list[tuple[int, str]], notes: list[str], verbose: bool) -> list[Row]:
-    if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
-        # The interpreter replaces @triton.jit functions with Python ones that cannot be compiled.
-        notes.append("TRITON_INTERPRET was set; ignored for the compile check")
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        # Under the interpreter every @triton.jit function this process has imported (Triton's own
+        # tl.cdiv & co., through `import torch`) is a Python one that cannot be compiled.
+        notes.append("TRITON_INTERPRET was set: the Triton kernels were compiled in a fresh process without it")
+        return _triton_rows_in_fresh_process(archs, notes, verbose)
     try:
         import triton
         from triton.backends.compiler import BaseBackend, GPUTarget
