@@ -5,9 +5,10 @@ differ. The instruction with zero differences everywhere is the one to use (appr
 
     python bench/gpu_probe_reciprocal.py [--elements 16777216] [--trials 2] [--diagnose]
 
---diagnose looks only at float32 NF4 (blocksize 64, fastlora's reciprocal), where 5 bytes of 67 million still
-differed on an H100, and prints each differing element: its value, its block's absmax and reciprocal, the
-scaled value, the nearest NF4 threshold (in fp32 steps), and both codes.
+--diagnose looks only at float32 NF4 (blocksize 64, fastlora's reciprocal), where 5 bytes of 67 million
+differed on an H100 while fastlora compared with the code book's midpoints instead of the kernel's thresholds,
+and prints each differing element: its value, its block's absmax and reciprocal, the scaled value, the nearest
+of the kernel's NF4 thresholds (in fp32 steps), and both codes.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def _ordered(value: torch.Tensor) -> int:
 def diagnose(F, reference, rcp, elements: int, trials: int, blocksize: int = 64, device: str = "cuda") -> int:
     """Every float32 NF4 element whose code differs from bitsandbytes' quantizer on ``device`` (its CUDA kernel),
     with the numbers that decide its code."""
-    table = reference.code_table("nf4", device)
-    thresholds = (table[:-1] + table[1:]) / 2
+    thresholds = torch.tensor(reference.NF4_GPU_THRESHOLDS, device=device)
     shown = 0
     for trial in range(trials):
         w = trial_weight(trial, elements, device)

@@ -6,7 +6,9 @@ step (see DESIGN.md §2) so that it is bit-exact with it. Nothing here is fast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 
@@ -125,14 +127,37 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str, recipro
 # dQuantizeFP4, built with --use_fast_math), for byte compatibility on a GPU. It differs from the CPU
 # quantizer above in four ways: every block, the partial last one too, is scaled by multiplying with the
 # reciprocal of its absmax (the hardware's approximate one there: ``reciprocal``), and the partial block's
-# absmax also sees its zero padding; nothing is clamped; arithmetic flushes subnormals to zero; and FP4
-# codes come from the sign of the scaled value (8 | magnitude code for any x < 0, so a small negative
-# value gets 8, "-0", where the CPU gives 0) and strict comparisons of |x| with the kernel's own decimal
-# thresholds, which are not all the fp32 midpoints of the code book. NF4 compares x strictly with the
-# same fp32 midpoints as the CPU (ties to the lower code). A NaN (an all-zero block: 0 * inf) fails
-# every comparison: NF4 code 0, FP4 code 0.
-FP4_GPU_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
-# Code of |x| by how many of FP4_GPU_THRESHOLDS it exceeds (0 -> code 0, ..., 7 -> code 3).
+# absmax also sees its zero padding; nothing is clamped; arithmetic flushes subnormals to zero; and the
+# codes come from strict comparisons (ties to the lower code) with the kernel's own decimal `f` literals,
+# which the compiler rounds once to fp32. For NF4 those are not all the fp32 midpoints of the code book
+# that the CPU uses: 4 of the 15 (below codes 1, 9, 13 and 15) lie one fp32 step from them, so a value
+# scaled exactly onto such a midpoint gets another code on the GPU (read from the compiled kernels'
+# FSETP immediates, `cuobjdump -sass` of libbitsandbytes_cuda130.so, sm_80 / sm_90 / sm_100 alike).
+# FP4 codes come from the sign of the scaled value (8 | magnitude code for any x < 0, so a small
+# negative value gets 8, "-0", where the CPU gives 0) and |x| against FP4_GPU_THRESHOLDS. A NaN (an
+# all-zero block: 0 * inf) fails every comparison: NF4 code 0, FP4 code 0.
+def _fp32_literals(*literals: str) -> tuple[float, ...]:
+    """Each decimal literal rounded once to the nearest fp32 (ties to even), as a C compiler reads ``0.5f``.
+    A Python float in between rounds twice and can land one fp32 step off (it does for 4 NF4 thresholds)."""
+    values = []
+    for literal in literals:
+        exact = Fraction(literal)
+        near = torch.tensor(float(exact), dtype=torch.float32)  # within one fp32 step of the answer
+        candidates = [near, *(torch.nextafter(near, torch.tensor(to)) for to in (-math.inf, math.inf))]
+        best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), int(c.view(torch.int32)) & 1))
+        values.append(float(best))
+    return tuple(values)
+
+
+NF4_GPU_THRESHOLDS = _fp32_literals(
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+)  # fmt: skip
+FP4_GPU_THRESHOLDS = _fp32_literals(
+    "0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333"
+)
 _FP4_GPU_CODE_BY_RANK = (0, 1, 6, 7, 4, 5, 2, 3)
 Reciprocal = Callable[[torch.Tensor], torch.Tensor]
 
@@ -170,9 +195,8 @@ def quantize_4bit_gpu_rule(weight: torch.Tensor, blocksize: int, quant_type: str
     x = scaled.reshape(-1)[: n + n % 2]  # an odd count's last byte holds the code of a padding zero
     device = x.device
     if quant_type == "nf4":
-        table = code_table("nf4", device)
-        midpoints = (table[:-1] + table[1:]) / 2
-        codes = torch.bucketize(x, midpoints)  # how many midpoints lie strictly below x
+        thresholds = torch.tensor(NF4_GPU_THRESHOLDS, dtype=torch.float32, device=device)
+        codes = torch.bucketize(x, thresholds)  # how many thresholds lie strictly below x
     else:
         thresholds = torch.tensor(FP4_GPU_THRESHOLDS, dtype=torch.float32, device=device)
         rank = torch.bucketize(x.abs(), thresholds)

@@ -16,6 +16,7 @@ Parity targets (bitsandbytes 0.50 on the CPU):
 
 import pytest
 import torch
+from nf4_cases import boundary_weight
 
 from fastlora import nf4
 
@@ -81,6 +82,19 @@ def test_quantize_matches_bitsandbytes(seed, backend, quant_type, blocksize, dou
             q = nf4.quantize(w, blocksize, quant_type, double_quant, backend=backend)
             assert q.dtype == dtype
             _assert_same_quantization(q, ref_packed, ref_state, (shape, dtype))
+
+
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_quantize_matches_bitsandbytes_on_decision_boundaries(backend, quant_type, blocksize):
+    """Values exactly on every code boundary of either device's rule and one fp32 step either side (where random
+    weights land about once in ten million values): the same bytes as bitsandbytes' CPU quantizer."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = boundary_weight(blocksize)
+    ref_packed, ref_state = _bnb_quantize(F, w, blocksize, quant_type, False)
+    _assert_same_quantization(nf4.quantize(w, blocksize, quant_type, False, backend=backend), ref_packed, ref_state,
+                              quant_type)
 
 
 @pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
@@ -275,32 +289,43 @@ def test_cuda_search_and_cpu_grid_differ_only_next_to_midpoints(seed):
     assert int((grid[near] != search[near]).sum()) > 100
 
 
+# The fp32 constants bitsandbytes' compiled CUDA kernels compare with (FSETP.GT immediates in the SASS of
+# kQuantizeBlockwise<float, 64, 2, 0, NF4 / FP4> in libbitsandbytes_cuda130.so 0.50.2, `cuobjdump -sass`, the
+# same for sm_80, sm_90 and sm_100), as bit patterns: written here, not read from fastlora, so that a changed
+# one fails. Four NF4 ones are one fp32 step from the fp32 midpoints of the code book.
+_BNB_CUDA_NF4_THRESHOLD_BITS = (
+    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
+    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
+)  # fmt: skip
+_BNB_CUDA_FP4_THRESHOLD_BITS = (0x3B2AAAB9, 0x3DB00000, 0x3E555555, 0x3E955555, 0x3ED55556, 0x3F155550, 0x3F555555)
+
+
+def _fp32_of_bits(bits):
+    import numpy as np
+
+    return np.array(bits, dtype=np.uint32).view(np.float32)
+
+
 def _gpu_4bit_code_scalar(x, quant_type):
     """One value's 4-bit code by bitsandbytes' CUDA decision trees (dQuantizeNF4 / dQuantizeFP4): strict
     comparisons, so a NaN takes every 'not above' branch."""
-    import numpy as np
-
-    from fastlora import reference
-
     if quant_type == "nf4":
-        table = reference.code_table("nf4").numpy()
-        mids = [np.float32((table[i] + table[i + 1]) * np.float32(0.5)) for i in range(15)]
-        lo, hi = 0, 15  # binary descent over the sorted midpoints, as the kernel's nested ifs
+        thresholds = _fp32_of_bits(_BNB_CUDA_NF4_THRESHOLD_BITS)
+        lo, hi = 0, 15  # binary descent over the sorted thresholds, as the kernel's nested ifs
         while lo < hi:
             middle = (lo + hi) // 2
-            if x > mids[middle]:
+            if x > thresholds[middle]:
                 lo = middle + 1
             else:
                 hi = middle
         return lo
-    # the kernel's own fp32 literals (written here, not read from fastlora, so that a changed one fails)
-    t = np.float32
+    t = _fp32_of_bits(_BNB_CUDA_FP4_THRESHOLD_BITS)  # 0.00260417, 0.0859375, ..., 0.8333333
     sign = 8 if x < 0 else 0
     a = abs(x)
-    if a > t(0.29166667):
-        magnitude = (3 if a > t(0.8333333) else 2) if a > t(0.583333) else (5 if a > t(0.4166667) else 4)
+    if a > t[3]:
+        magnitude = (3 if a > t[6] else 2) if a > t[5] else (5 if a > t[4] else 4)
     else:
-        magnitude = (7 if a > t(0.20833333) else 6) if a > t(0.0859375) else (1 if a > t(0.00260417) else 0)
+        magnitude = (7 if a > t[2] else 6) if a > t[1] else (1 if a > t[0] else 0)
     return sign + magnitude
 
 
@@ -322,12 +347,11 @@ def test_gpu_rule_4bit_matches_a_scalar_port_of_the_kernel(seed, quant_type, blo
     odd-length last block."""
     from fastlora import reference
 
-    table = reference.code_table(quant_type)
-    if quant_type == "nf4":
-        sorted_values = table.sort().values
-        edges = (sorted_values[:-1] + sorted_values[1:]) * 0.5
+    if quant_type == "nf4":  # the kernel's thresholds and the code book's midpoints (which the CPU uses)
+        table = reference.code_table(quant_type)
+        edges = torch.cat([torch.from_numpy(_fp32_of_bits(_BNB_CUDA_NF4_THRESHOLD_BITS)), (table[:-1] + table[1:]) / 2])
     else:
-        edges = torch.tensor(reference.FP4_GPU_THRESHOLDS, dtype=torch.float32)
+        edges = torch.from_numpy(_fp32_of_bits(_BNB_CUDA_FP4_THRESHOLD_BITS))
         edges = torch.cat([edges, -edges])
     near = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
     special = torch.tensor([-1e-4, -1e-7, -0.0, 0.0, 1e-7, float("nan"), 1.0, -1.0])
