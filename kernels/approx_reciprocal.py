@@ -54,7 +54,8 @@ def approx_reciprocal(x: torch.Tensor, instruction: str = DEFAULT) -> torch.Tens
     out = torch.empty_like(flat)
     if flat.numel():
         grid = (triton.cdiv(flat.numel(), _BLOCK),)
-        _reciprocal_kernel[grid](flat, out, flat.numel(), ASM=INSTRUCTIONS[instruction], BLOCK=_BLOCK)
+        _reciprocal_kernel[grid](flat, out, flat.numel(), ASM=INSTRUCTIONS[instruction], BLOCK=_BLOCK,
+                                 enable_fp_fusion=False)  # one instruction: nothing to contract
     return out.reshape(x.shape)
 
 
@@ -63,6 +64,7 @@ def compile_specs() -> list[CompileSpec]:
         CompileSpec(kernel="approx_reciprocal", config=f"{name} B{_BLOCK}", fn=_reciprocal_kernel,
                     signature={"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "ASM": "constexpr",
                                "BLOCK": "constexpr"},
-                    constexprs={"ASM": asm, "BLOCK": _BLOCK}, aligned=("x_ptr", "out_ptr"))
+                    constexprs={"ASM": asm, "BLOCK": _BLOCK}, aligned=("x_ptr", "out_ptr"),
+                    options={"enable_fp_fusion": False})
         for name, asm in INSTRUCTIONS.items()
     ]

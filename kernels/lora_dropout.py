@@ -73,6 +73,8 @@ class DropoutConfig:
 
 # 8 elements (two Philox evaluations) per thread.
 DROPOUT_CONFIG = DropoutConfig(block=1024, num_warps=4)
+# One multiplication per element (x * scale): no contraction, whatever Triton's default (3.10 changes it).
+_OPTIONS = {"enable_fp_fusion": False}
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -88,6 +90,7 @@ def compile_specs() -> list[CompileSpec]:
             constexprs={"BLOCK": DROPOUT_CONFIG.block, "INTERP": False},
             aligned=("x_ptr", "out_ptr", "numel"),
             num_warps=DROPOUT_CONFIG.num_warps,
+            options=_OPTIONS,
         )
         for name in _DTYPES.values()
     ] + [
@@ -99,6 +102,7 @@ def compile_specs() -> list[CompileSpec]:
             constexprs={"BLOCK": DROPOUT_CONFIG.block},
             aligned=("out_ptr", "numel"),
             num_warps=DROPOUT_CONFIG.num_warps,
+            options=_OPTIONS,
         )
     ]
 
@@ -127,7 +131,7 @@ def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(numel, DROPOUT_CONFIG.block),)
     fn[grid](
         src, out, numel, seed, threshold, scale,
-        BLOCK=DROPOUT_CONFIG.block, INTERP=is_interpreted(fn), num_warps=DROPOUT_CONFIG.num_warps,
+        BLOCK=DROPOUT_CONFIG.block, INTERP=is_interpreted(fn), num_warps=DROPOUT_CONFIG.num_warps, **_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -147,6 +151,6 @@ def dropout_keep_mask(numel: int, p: float, seed: torch.Tensor, device: torch.de
         return out
     threshold, _ = dropout_constants(p)
     fn[(triton.cdiv(numel, DROPOUT_CONFIG.block),)](
-        out, numel, seed, threshold, BLOCK=DROPOUT_CONFIG.block, num_warps=DROPOUT_CONFIG.num_warps
+        out, numel, seed, threshold, BLOCK=DROPOUT_CONFIG.block, num_warps=DROPOUT_CONFIG.num_warps, **_OPTIONS
     )
     return out

@@ -148,3 +148,13 @@ def test_cuda_rows_skipped_without_nvcc(monkeypatch):
     rows, notes = compile_check.run_checks([(80, "sm_80")], triton=False)
     assert rows and all(r.status == "skipped" and r.reason == "nvcc not found" for r in rows)
     assert any("nvcc not found" in n for n in notes)
+
+
+def test_every_triton_kernel_states_its_fp_fusion():
+    """Triton 3.10 turns its default mul + add contraction off: every launcher (and so every compile spec, which
+    mirrors the launch options) says which it wants, so that an upgrade changes no kernel's rounding or speed."""
+    from fastlora.kernels import all_compile_specs
+
+    unstated = [f"{s.kernel} {s.config}" for s in all_compile_specs()
+                if not isinstance(s.options.get("enable_fp_fusion"), bool)]
+    assert not unstated, unstated
