@@ -62,7 +62,8 @@ def bf16_pieces(t: torch.Tensor) -> list[torch.Tensor]:
         piece = rest.to(torch.bfloat16)
         pieces.append(piece)
         if i + 1 < PIECES:
-            rest = rest - piece.float()  # exact: piece is rest rounded to its 8 leading bits
+            # exact, and in fp32 by type promotion (one op, no upcast copy): piece is rest rounded to 8 leading bits
+            rest = rest - piece
     return pieces
 
 
