@@ -123,19 +123,6 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str, recipro
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
-# 4-bit codes the way bitsandbytes' CUDA kernel picks them (kQuantizeBlockwise with dQuantizeNF4 /
-# dQuantizeFP4, built with --use_fast_math), for byte compatibility on a GPU. It differs from the CPU
-# quantizer above in four ways: every block, the partial last one too, is scaled by multiplying with the
-# reciprocal of its absmax (the hardware's approximate one there: ``reciprocal``), and the partial block's
-# absmax also sees its zero padding; nothing is clamped; arithmetic flushes subnormals to zero; and the
-# codes come from strict comparisons (ties to the lower code) with the kernel's own decimal `f` literals,
-# which the compiler rounds once to fp32. For NF4 those are not all the fp32 midpoints of the code book
-# that the CPU uses: 4 of the 15 (below codes 1, 9, 13 and 15) lie one fp32 step from them, so a value
-# scaled exactly onto such a midpoint gets another code on the GPU (read from the compiled kernels'
-# FSETP immediates, `cuobjdump -sass` of libbitsandbytes_cuda130.so, sm_80 / sm_90 / sm_100 alike).
-# FP4 codes come from the sign of the scaled value (8 | magnitude code for any x < 0, so a small
-# negative value gets 8, "-0", where the CPU gives 0) and |x| against FP4_GPU_THRESHOLDS. A NaN (an
-# all-zero block: 0 * inf) fails every comparison: NF4 code 0, FP4 code 0.
 def _fp32_literals(*literals: str) -> tuple[float, ...]:
     """Each decimal literal rounded once to the nearest fp32 (ties to even), as a C compiler reads ``0.5f``.
     A Python float in between rounds twice and can land one fp32 step off (it does for 4 NF4 thresholds)."""
@@ -149,6 +136,19 @@ def _fp32_literals(*literals: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+# 4-bit codes the way bitsandbytes' CUDA kernel picks them (kQuantizeBlockwise with dQuantizeNF4 /
+# dQuantizeFP4, built with --use_fast_math), for byte compatibility on a GPU. It differs from the CPU
+# quantizer above in four ways: every block, the partial last one too, is scaled by multiplying with the
+# reciprocal of its absmax (the hardware's approximate one there: ``reciprocal``), and the partial block's
+# absmax also sees its zero padding; nothing is clamped; arithmetic flushes subnormals to zero; and the
+# codes come from strict comparisons (ties to the lower code) with the kernel's own decimal `f` literals,
+# which the compiler rounds once to fp32. For NF4 those are not all the fp32 midpoints of the code book
+# that the CPU uses: 4 of the 15 (below codes 1, 9, 13 and 15) lie one fp32 step from them, so a value
+# scaled exactly onto such a midpoint gets another code on the GPU (read from the compiled kernels'
+# FSETP immediates, `cuobjdump -sass` of libbitsandbytes_cuda130.so, sm_80 / sm_90 / sm_100 alike).
+# FP4 codes come from the sign of the scaled value (8 | magnitude code for any x < 0, so a small
+# negative value gets 8, "-0", where the CPU gives 0) and |x| against FP4_GPU_THRESHOLDS. A NaN (an
+# all-zero block: 0 * inf) fails every comparison: NF4 code 0, FP4 code 0.
 NF4_GPU_THRESHOLDS = _fp32_literals(
     "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
     "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
@@ -158,6 +158,7 @@ NF4_GPU_THRESHOLDS = _fp32_literals(
 FP4_GPU_THRESHOLDS = _fp32_literals(
     "0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333"
 )
+# Code of |x| by how many of FP4_GPU_THRESHOLDS it exceeds (0 -> code 0, ..., 7 -> code 3).
 _FP4_GPU_CODE_BY_RANK = (0, 1, 6, 7, 4, 5, 2, 3)
 Reciprocal = Callable[[torch.Tensor], torch.Tensor]
 
