@@ -439,3 +439,19 @@ def test_input_not_modified(seed):
     before = w.clone()
     nf4.quantize(w)
     assert torch.equal(w, before)
+
+
+def test_decimal_literals_round_once_to_fp32():
+    """reference._fp32_literals reads a decimal as a C compiler reads ``0.5f``: one rounding, ties to even. Through a
+    Python float the kernel's threshold below NF4 code 13 lands one fp32 step higher (double rounding)."""
+    from fastlora import reference
+
+    def bits(value):
+        return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+    assert bits(reference._fp32_literals("0.5016634166240692")[0]) == 0x3F006D03
+    assert bits(0.5016634166240692) == 0x3F006D04
+    one_ulp = 2.0**-23
+    halfway_even, halfway_odd = "1.000000059604644775390625", "1.000000178813934326171875"  # 1 + 2^-24, 1 + 3*2^-24
+    assert reference._fp32_literals(halfway_even, halfway_odd) == (1.0, 1.0 + 2 * one_ulp)
+    assert reference._fp32_literals("-0.8480964004993439")[0] == -reference._fp32_literals("0.8480964004993439")[0]
