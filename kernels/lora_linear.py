@@ -447,6 +447,10 @@ def _lora_bwd_da_kernel(
 # Configurations
 # --------------------------------------------------------------------------------------------------
 
+# Compile options of every kernel here, at each launch and in its compile spec: mul + add contracted into FMAs, as
+# Triton did by default up to 3.9 (3.10 turns the default off), so that an upgrade changes neither speed nor rounding.
+_OPTIONS = {"enable_fp_fusion": True}
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -567,11 +571,10 @@ def _launch_gemm(fn, kind: str, width: str, grid_fn, args, kwargs) -> None:
                 configs=[c.triton_config() for c in configs], key=["M_BUCKET", "N", "K"],
                 prune_configs_by={"early_config_prune": _prune},
             )(fn)  # fmt: skip
-        tuned[lambda meta: (grid_fn(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **kwargs, enable_fp_fusion=_FP_FUSION)
+        tuned[lambda meta: (grid_fn(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **kwargs, **_OPTIONS)
         return
     grid = (grid_fn(cfg.block_m, cfg.block_n),)
-    fn[grid](*args, **kwargs, **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-             enable_fp_fusion=_FP_FUSION)
+    fn[grid](*args, **kwargs, **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,7 +601,7 @@ def compile_specs() -> list[CompileSpec]:
                            "dropout_mode": "i32", "BLOCK_M": _C, "BLOCK_K": _C, "BLOCK_R": _C, "INTERP": _C},
                 constexprs={"BLOCK_M": c.block_m, "BLOCK_K": c.block_c, "BLOCK_R": block_r, "INTERP": False},
                 aligned=("x_ptr", "a_ptr", "s_ptr", "mask_ptr", "K"), num_warps=c.num_warps,
-                options={"enable_fp_fusion": _FP_FUSION},
+                options=_OPTIONS,
             ))  # fmt: skip
         for (block_r, width), c in DS_CONFIGS.items():
             if width != _width(adt):
@@ -611,7 +614,7 @@ def compile_specs() -> list[CompileSpec]:
                            "BLOCK_M": _C, "BLOCK_N": _C, "BLOCK_R": _C, "INTERP": _C},
                 constexprs={"BLOCK_M": c.block_m, "BLOCK_N": c.block_c, "BLOCK_R": block_r, "INTERP": False},
                 aligned=("g_ptr", "b_ptr", "s_ptr", "ds_ptr", "db_ptr", "N"), num_warps=c.num_warps,
-                options={"enable_fp_fusion": _FP_FUSION},
+                options=_OPTIONS,
             ))  # fmt: skip
         for block_r, c in DA_CONFIGS.items():
             specs.append(CompileSpec(
@@ -623,7 +626,7 @@ def compile_specs() -> list[CompileSpec]:
                            "BLOCK_M": _C, "BLOCK_K": _C, "BLOCK_R": _C, "INTERP": _C},
                 constexprs={"BLOCK_M": c.block_m, "BLOCK_K": c.block_c, "BLOCK_R": block_r, "INTERP": False},
                 aligned=("x_ptr", "ds_ptr", "da_ptr", "mask_ptr", "a_ptr", "K"), num_warps=c.num_warps,
-                options={"enable_fp_fusion": _FP_FUSION},
+                options=_OPTIONS,
             ))  # fmt: skip
         specs.append(CompileSpec(
             kernel="lora_add", config=f"{pair} {ADD_CONFIG[0]}x{ADD_CONFIG[1]} w4", fn=_lora_add_kernel,
@@ -632,7 +635,7 @@ def compile_specs() -> list[CompileSpec]:
                        "INTERP": _C},
             constexprs={"BLOCK_M": ADD_CONFIG[0], "BLOCK_N": ADD_CONFIG[1], "INTERP": False},
             aligned=("base_ptr", "s_ptr", "b_ptr", "y_ptr", "N"), num_warps=4,
-            options={"enable_fp_fusion": _FP_FUSION},
+            options=_OPTIONS,
         ))  # fmt: skip
         for kind in ("dense", "w4"):
             w = "*u8" if kind == "w4" else f"*{x}"
@@ -648,7 +651,7 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs=common,
                     aligned=("x_ptr", "w_ptr", "absmax_ptr", "table_ptr", "bias_ptr", "s_ptr", "b_ptr", "y_ptr",
                              "N", "K"),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, options={"enable_fp_fusion": _FP_FUSION},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, options=_OPTIONS,
                 ))  # fmt: skip
                 specs.append(CompileSpec(
                     kernel="lora_bwd_dx", config=f"{pair} {kind} {cfg.label()}", fn=_lora_bwd_dx_kernel,
@@ -660,7 +663,7 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs=common,
                     aligned=("g_ptr", "w_ptr", "absmax_ptr", "table_ptr", "ds_ptr", "a_ptr", "dx_ptr", "mask_ptr",
                              "N", "K"),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, options={"enable_fp_fusion": _FP_FUSION},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, options=_OPTIONS,
                 ))  # fmt: skip
     return specs
 
@@ -756,10 +759,6 @@ def _torch_gemms(interp: bool) -> bool:
     return GEMMS == "torch" or (GEMMS == "auto" and not interp)
 
 
-# The GEMM kernels contract mul + add into FMAs, as Triton did by default up to 3.9 (3.10 turns the default
-# off): fixed here so that a Triton upgrade changes neither their speed nor their rounding.
-_FP_FUSION = True
-
 ADD_CONFIG = (64, 64)  # (BLOCK_M, BLOCK_N) of _lora_add_kernel, 4 warps (64x128 spills with fp32 adapters)
 
 
@@ -826,7 +825,7 @@ def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str, interp: boo
     block_m, block_n = (16, 32) if interp else ADD_CONFIG
     _lora_add_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         y, s, lora_B, y, m, n, r, float(scaling), int(rounding == "linear4bit"),
-        BLOCK_M=block_m, BLOCK_N=block_n, INTERP=interp, num_warps=4, enable_fp_fusion=_FP_FUSION,
+        BLOCK_M=block_m, BLOCK_N=block_n, INTERP=interp, num_warps=4, **_OPTIONS,
     )  # fmt: skip
     return y
 
@@ -910,7 +909,7 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
         _lora_s_kernel[(triton.cdiv(m, sc.block_m), triton.cdiv(r, block_r))](
             x, lora_A, s, keep_mask, m, k, r, seed, threshold, scale, mode,
             BLOCK_M=sc.block_m, BLOCK_K=sc.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=sc.num_warps,
-            enable_fp_fusion=_FP_FUSION,
+            **_OPTIONS,
         )  # fmt: skip
     if n == 0:
         return torch.empty((m, 0), dtype=x.dtype, device=x.device), s
@@ -979,7 +978,7 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
             _lora_bwd_ds_kernel[(triton.cdiv(m, dc.block_m),)](
                 grad_y, lora_B, S, ds, db_ws if need_dB else ds, m, n, r, float(scaling), int(need_ds),
                 int(need_dB), BLOCK_M=dc.block_m, BLOCK_N=dc.block_c, BLOCK_R=block_r, INTERP=interp,
-                num_warps=dc.num_warps, enable_fp_fusion=_FP_FUSION,
+                num_warps=dc.num_warps, **_OPTIONS,
             )  # fmt: skip
         if need_ds and not torch_gemms:
             keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
@@ -1008,7 +1007,7 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
             _lora_bwd_da_kernel[(k_tiles, r_tiles, triton.cdiv(m, rows_per_split))](
                 x, ds, da_ws, keep_mask, lora_A, m, k, r, rows_per_split, seed, threshold, scale, mode,
                 BLOCK_M=ac.block_m, BLOCK_K=ac.block_c, BLOCK_R=block_r, INTERP=interp, num_warps=ac.num_warps,
-                enable_fp_fusion=_FP_FUSION,
+                **_OPTIONS,
             )  # fmt: skip
     # (outputs of a custom op must not alias each other: a fresh empty tensor for each one not needed)
     dA = da_ws.to(adt) if need_dA else x.new_empty((0,))
