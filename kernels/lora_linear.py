@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import CompileSpec, adapter_gemms
+from . import lora_torch_gemms as torch_path
 from ._common import (
     check_device,
     check_seed,
@@ -65,7 +66,7 @@ from ._common import (
     to_f32,
 )
 from .dequantize_4bit import code_table, dequantize_4bit
-from .lora_dropout import dropout_keep_mask, lora_dropout
+from .lora_dropout import dropout_keep_mask
 from .philox import dropout_constants, keep_groups, load_key
 
 __all__ = [
@@ -91,10 +92,10 @@ SMALL_M: int = int(os.environ.get("FASTLORA_SMALL_M", "64"))
 AUTOTUNE: bool = os.environ.get("FASTLORA_TRITON_AUTOTUNE", "1") != "0"
 # Which GEMMs run: "triton" = the fused Triton GEMMs (in-loop 4-bit decode up to SMALL_M tokens, the
 # LoRA term in the GEMM epilogue), the one-pass dS/dB kernel and the S / dx-LoRA / dA kernels; "torch" = the
-# weight decoded once into an x-dtype workspace, torch's GEMMs (cuBLAS) for x·Wᵀ, S, G·W, G·B, Gᵀ·S, dS·A and
-# dA (for bf16 x with fp32 adapters over bf16 pieces, see ADAPTER_GEMMS), the dropout masks by the Triton
-# kernels. "auto" (default) is "torch" on a GPU and "triton" under the interpreter, so the CPU tests check the
-# Triton GEMMs.
+# weight decoded once into an x-dtype workspace, torch's GEMMs (cuBLAS, kernels/lora_torch_gemms.py) for x·Wᵀ,
+# S, G·W, G·B, Gᵀ·S, dS·A and dA (for bf16 x with fp32 adapters over bf16 pieces, see ADAPTER_GEMMS), the
+# dropout masks by the Triton kernels. "auto" (default) is "torch" on a GPU and "triton" under the interpreter,
+# so the CPU tests check the Triton GEMMs.
 # Why "torch" on the GPU: on an H100 (bench/bench_lora_gpu.py, nf4 double quant, bf16, r=16) the
 # untuned Triton GEMMs took 3.7x cuBLAS' x·Wᵀ at 4096 tokens, the in-loop decode 585-925 us at 1-16
 # tokens (dequantize + cuBLAS: ~45 us), and the dS/dB kernel, one program per 64 rows, serialises
@@ -769,52 +770,6 @@ def _split_adapters(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
     return ADAPTER_GEMMS != "fp32" and adapter_gemms.split_applies(x_dtype, adapter_dtype)
 
 
-def _kept_x(x, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """x·keep in x's dtype (exact: products by 0 or 1), (M, K), the mask of the seed; the split path applies the
-    dropout scale to the fp32 products instead (PEFT scales x first: the same value up to fp32 rounding)."""
-    if dropout_p == 0.0:
-        return x
-    return x * dropout_keep_mask(x.numel(), dropout_p, seed, x.device).view(x.shape)
-
-
-def _s_pieces(x, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """S = dropout(x)·Aᵀ, (M, r) fp32, from one bf16 GEMM against A's pieces (kernels/adapter_gemms.py)."""
-    s = adapter_gemms.product_with_pieces(_kept_x(x, dropout_p, seed), lora_A.t())
-    return s.mul_(dropout_constants(dropout_p)[1]) if dropout_p > 0.0 else s
-
-
-def _fwd_pieces(x, w, bias, s, lora_B, scaling: float, rounding: str) -> torch.Tensor:
-    """y from cuBLAS: base = rnd_X(x·Wᵀ + b), then the LoRA term (scaling·S)·Bᵀ added by the GEMM of the pieces
-    into base in place (one rounding, "linear"), or rounded to bf16 first and added in bf16 ("linear4bit")."""
-    y = torch.nn.functional.linear(x, w, bias)
-    s_scaled = s * float(scaling)  # PEFT scales after S·Bᵀ: the same up to fp32 rounding
-    if rounding == "linear4bit":
-        return y.add_(adapter_gemms.pieces_product(s_scaled, lora_B))
-    return adapter_gemms.add_product_(y, s_scaled, lora_B)
-
-
-def _ds_db_pieces(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool):
-    """As _ds_db_torch, from bf16 GEMMs of G against the pieces of B and of S."""
-    ds = adapter_gemms.product_with_pieces(grad_y, lora_B).mul_(float(scaling)) if need_ds else None
-    db = adapter_gemms.product_with_pieces(grad_y.t(), S) if need_db else None
-    return ds, db
-
-
-def _da_pieces(x, ds, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """dA = dSᵀ·dropout(x), (r, K) fp32, from one bf16 GEMM of dS's pieces against x·keep."""
-    da = adapter_gemms.product_with_pieces(_kept_x(x, dropout_p, seed), ds.t(), t_on_left=True)
-    return da.mul_(dropout_constants(dropout_p)[1]) if dropout_p > 0.0 else da
-
-
-def _dx_pieces(grad_y, w, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """dx = rnd_X(rnd_X(G·W) + keep·scale∘(dS·A)): without dropout the pieces' GEMM adds dS·A into G·W in place."""
-    dx = torch.mm(grad_y, w)
-    if dropout_p == 0.0:
-        return adapter_gemms.add_product_(dx, ds, lora_A.t())
-    dxd = lora_dropout(adapter_gemms.fp32_product(ds, lora_A.t()), dropout_p, seed)
-    return torch.add(dx, dxd).to(grad_y.dtype)
-
-
 def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str, interp: bool) -> torch.Tensor:
     """y with PEFT's roundings (reference_lora.py) from a torch (cuBLAS) base GEMM, base = rnd_X(x·Wᵀ + b),
     and the LoRA term added in place by _lora_add_kernel (one pass over base: on an H100 the same
@@ -828,46 +783,6 @@ def _fwd_torch(x, w, bias, s, lora_B, scaling: float, rounding: str, interp: boo
         BLOCK_M=block_m, BLOCK_N=block_n, INTERP=interp, num_warps=4, **_OPTIONS,
     )  # fmt: skip
     return y
-
-
-def _ds_db_torch(grad_y, S, lora_B, scaling: float, need_ds: bool, need_db: bool):
-    """(dS = scaling·(G·B) fp32 (M, r), Gᵀ·S fp32 (N, r)) with torch's GEMMs, in fp32 (G's 16-bit values
-    are exact in fp32; the backward launcher scales and rounds dB as for the Triton kernel)."""
-    g = grad_y.float()
-    # A Python float factor: the fp32 kernels multiply by fp32(scaling), as with an fp32 tensor, and no host
-    # to device copy runs (it would break CUDA graph capture).
-    ds = torch.mm(g, lora_B.float()).mul_(float(scaling)) if need_ds else None
-    db = torch.mm(S.float().t(), g).t() if need_db else None
-    return ds, db
-
-
-def _dropped_x(x, adt: torch.dtype, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """dropout(x) in the adapters' dtype, (M, K): the operand of S = xd·Aᵀ and dA = dSᵀ·xd, its mask from the
-    seed (Philox, as every kernel of the op). A transient copy of x, as PEFT's lora_A(dropout(x.to(adt)))."""
-    xd = x.to(adt)
-    return lora_dropout(xd, dropout_p, seed) if dropout_p > 0.0 else xd
-
-
-def _s_torch(x, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """S = rnd_A(dropout(x)·Aᵀ), (M, r) in lora_A's dtype, by a torch (cuBLAS) GEMM in fp32 (TF32 where the user
-    allows it, torch.backends.cuda.matmul.allow_tf32, as for PEFT's own adapter GEMMs). Why not the Triton
-    S kernel on a GPU: at r = 16 it runs M/64 programs, each a sequential fp32 FMA loop over all of K (on an H100,
-    the op's forward at 4096 tokens took 1.5x PEFT's while plain cuBLAS LoRA GEMMs were faster than PEFT)."""
-    return torch.mm(_dropped_x(x, lora_A.dtype, dropout_p, seed).float(), lora_A.float().t()).to(lora_A.dtype)
-
-
-def _da_torch(x, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """dA = dSᵀ·dropout(x), (r, K) fp32 (rounded to lora_A's dtype by the caller), by a torch GEMM."""
-    return torch.mm(ds.t(), _dropped_x(x, lora_A.dtype, dropout_p, seed).float())
-
-
-def _dx_torch(grad_y, w, ds, lora_A, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """dx = rnd_X(rnd_X(G·W) + keep·scale·(dS·A)): the base term from torch (rounded to x's dtype as
-    PEFT's autograd does), the LoRA term in fp32 with the Philox mask of the forward."""
-    dxd = torch.mm(ds, lora_A.float())
-    if dropout_p > 0.0:
-        dxd = lora_dropout(dxd, dropout_p, seed)
-    return torch.add(torch.mm(grad_y, w), dxd).to(grad_y.dtype)
 
 
 def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
@@ -898,9 +813,9 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     torch_gemms = _torch_gemms(interp)
     pieces = torch_gemms and _split_adapters(x.dtype, lora_A.dtype)
     if pieces:
-        s = _s_pieces(x, lora_A, float(dropout_p), seed)
+        s = torch_path.s_pieces(x, lora_A, float(dropout_p), seed)
     elif torch_gemms:
-        s = _s_torch(x, lora_A, float(dropout_p), seed)
+        s = torch_path.s_fp32(x, lora_A, float(dropout_p), seed)
     else:
         s = torch.empty((m, r), dtype=lora_A.dtype, device=x.device)
         keep_mask, threshold, scale, mode = _dropout_args(float(dropout_p), seed, m, k, x)
@@ -917,7 +832,7 @@ def lora_linear_fwd(x, weight, absmax, blocksize, quant_type, out_features, lora
     fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
     w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
     if pieces:
-        return _fwd_pieces(x, w, bias, s, lora_B, float(scaling), rounding), s
+        return torch_path.y_pieces(x, w, bias, s, lora_B, float(scaling), rounding), s
     if torch_gemms:
         return _fwd_torch(x, w, bias, s, lora_B, float(scaling), rounding, interp), s
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -968,9 +883,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
         grad_y, x, S = grad_y.contiguous(), x.contiguous(), S.contiguous()
         lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
         if pieces:
-            ds, db_ws = _ds_db_pieces(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
+            ds, db_ws = torch_path.ds_db_pieces(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
         elif torch_gemms:
-            ds, db_ws = _ds_db_torch(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
+            ds, db_ws = torch_path.ds_db_fp32(grad_y, S, lora_B, float(scaling), need_ds, need_dB)
         else:
             ds = torch.empty((m, r), dtype=torch.float32, device=dev) if need_ds else db_ws
             block_r = _ds_block_r(r)
@@ -986,9 +901,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
             fused = absmax is not None and uses_fused_4bit(m, k, blocksize) and not torch_gemms
             w, amax, table, log2_bs, w4 = _weight_args(x, weight, absmax, blocksize, quant_type, n, fused)
             if pieces:
-                dx = _dx_pieces(grad_y, w, ds, lora_A, float(dropout_p), seed)
+                dx = torch_path.dx_pieces(grad_y, w, ds, lora_A, float(dropout_p), seed)
             elif torch_gemms:
-                dx = _dx_torch(grad_y, w, ds, lora_A, float(dropout_p), seed)
+                dx = torch_path.dx_fp32(grad_y, w, ds, lora_A, float(dropout_p), seed)
             else:
                 args = (grad_y, w, amax, table, ds, lora_A, dx, keep_mask, m, n, k, r, log2_bs, seed, threshold,
                         scale, mode, _m_bucket(m))  # fmt: skip
@@ -996,9 +911,9 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
                              lambda bm, bn: triton.cdiv(m, bm) * triton.cdiv(k, bn), args,
                              {"W4": w4, "INTERP": interp})  # fmt: skip
         if need_dA and pieces:
-            da_ws = _da_pieces(x, ds, float(dropout_p), seed)
+            da_ws = torch_path.da_pieces(x, ds, float(dropout_p), seed)
         elif need_dA and torch_gemms:
-            da_ws = _da_torch(x, ds, lora_A, float(dropout_p), seed)
+            da_ws = torch_path.da_fp32(x, ds, lora_A, float(dropout_p), seed)
         elif need_dA:
             block_r = _s_block_r(r)
             ac = _INTERP_SMALL if interp else DA_CONFIGS[block_r]
@@ -1012,6 +927,6 @@ def lora_linear_bwd(grad_y, x, S, weight, absmax, blocksize, quant_type, out_fea
     # (outputs of a custom op must not alias each other: a fresh empty tensor for each one not needed)
     dA = da_ws.to(adt) if need_dA else x.new_empty((0,))
     dB = x.new_empty((0,))
-    if need_dB:  # rnd_D(fp32(sum) * fp32(scaling)), as the reference
-        dB = (db_ws * float(scaling)).to(adt)  # fp32 * fp32(scaling), no host to device copy (see _ds_db_torch)
+    if need_dB:  # rnd_D(fp32(sum) * fp32(scaling)), as the reference; a Python float: no host to device copy
+        dB = (db_ws * float(scaling)).to(adt)
     return dx, dA, dB

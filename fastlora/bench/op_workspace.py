@@ -59,7 +59,7 @@ def _nbytes(out) -> int:
 
 
 def _dropped_x(x, adapter_dtype: torch.dtype, dropout_p: float) -> int:
-    """Peak bytes of kernels/lora_linear._dropped_x(...).float(): x copied to the adapters' dtype (none when x
+    """Peak bytes of kernels/lora_torch_gemms._dropped_x(...).float(): x copied to the adapters' dtype (none when x
     has it), dropout's output while that copy lives, then a float32 copy of a 16-bit result."""
     m, k = x.shape
     a = torch.empty((), dtype=adapter_dtype).element_size()
@@ -70,7 +70,7 @@ def _dropped_x(x, adapter_dtype: torch.dtype, dropout_p: float) -> int:
 
 
 def _kept_x(x, dropout_p: float) -> int:
-    """Peak bytes of kernels/lora_linear._kept_x: the uint8 keep mask and x·keep in x's dtype (nothing without
+    """Peak bytes of kernels/lora_torch_gemms._kept_x: the uint8 keep mask and x·keep in x's dtype (nothing without
     dropout)."""
     m, k = x.shape
     return m * k * (1 + x.element_size()) if dropout_p > 0 else 0
