@@ -9,16 +9,22 @@ same number of bytes as read + written by the dequantization, once into a fresh 
 allocation cost) and once into a reused one (pure bandwidth). The workspace rows compare with
 bitsandbytes dequantizing into a reused ``out=`` buffer too. Targets (ISSUE 2): >= 5x
 bitsandbytes, >= 50% of the copy bandwidth.
+
+Environment:
+  FASTLORA_BENCH_QUICK     1: shapes 512x512 and 1792x512 (checks the benchmark, not the speed)
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from fastlora import backends, nf4
 
-SHAPES = [(4096, 4096), (14336, 4096)]
+QUICK = os.environ.get("FASTLORA_BENCH_QUICK", "") not in ("", "0")
+SHAPES = [(512, 512), (1792, 512)] if QUICK else [(4096, 4096), (14336, 4096)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _results: dict[tuple, float] = {}  # (op, impl, shape, dtype) -> median seconds
 _bytes_moved: dict[tuple, int] = {}  # (shape, dtype) -> bytes read + written by a dequantization

@@ -1,6 +1,6 @@
 """``python -m fastlora compile-check``: ahead-of-time GPU compilation of every kernel, no GPU needed.
 
-The full check runs in a subprocess (``python -m fastlora.compile_check``) with TRITON_INTERPRET=1 in its
+The full check runs as the README's command (``python -m fastlora compile-check``) with TRITON_INTERPRET=1 in its
 environment, as the test suite and a developer's shell have it: under the interpreter every ``@triton.jit``
 function imported (Triton's own ``tl.cdiv`` among them, through ``import torch``) is a Python one that cannot be
 compiled, so the check must compile the Triton kernels in a process of its own (with a warm Triton cache the
@@ -43,7 +43,7 @@ def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compile_check") / "report.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "fastlora.compile_check", "--arch", ",".join(ARCHS), "--json", str(out)],
+        [sys.executable, "-m", "fastlora", "compile-check", "--arch", ",".join(ARCHS), "--json", str(out)],
         env=env, cwd=out.parent, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.exists(), f"no JSON report (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -142,11 +142,14 @@ QUICK_ENV = {"FASTLORA_BENCH_QUICK": "1", "FASTLORA_BENCH_SECONDS": "0.5", "FAST
 
 # Speed-ups only: each run keeps the README command's own code path. The first matching rule applies.
 RULES = [
-    Rule(r" && ", None, {}, None, [], "install one-liners: test_install_command checks them against CI's"),
+    Rule(r" && ", None, {}, None, [],
+         "install one-liners: tests/test_readme.py::test_install_command checks them against CI's"),
     Rule(r"^python -m pytest -q$", None, {}, None, [],
-         "the whole test suite, this file included: CI runs it (.ci/run, checked by test_install_command)"),
+         "the whole test suite, this file included: CI runs it (.ci/run, checked by "
+         "tests/test_readme.py::test_install_command)"),
     Rule(r"^accelerate launch --multi_gpu --num_processes 2 script\.py$", None, {}, None, [],
-         "script.py stands for the user's script: tests/test_accelerate_launch.py runs this launch with its worker"),
+         "script.py stands for the user's script: tests/test_accelerate_launch.py::"
+         "test_accelerate_launch_matches_single_process runs this launch with its worker"),
     Rule(r"^python -m fastlora demo$", ["--preset", "tiny", "--steps", "10", "--output", "{tmp}"], {},
          r"\| fastlora \| PEFT \+ bitsandbytes \| fastlora vs PEFT \|", [],
          "the default (small) preset trains ~2 min per run and runs twice (fastlora, then PEFT + bitsandbytes): "
@@ -154,25 +157,38 @@ RULES = [
     Rule(r"^python -m fastlora demo --device cuda$", ["--preset", "tiny", "--steps", "10", "--output", "{tmp}"], {},
          r"\| fastlora \| PEFT \+ bitsandbytes \| fastlora vs PEFT \|", ["cuda", pytest.mark.slow],
          "on a CUDA GPU, the tiny preset (bench/gpu_check.sh's demo part runs the medium one)"),
+    # Commands another test runs already, the same code path with the same quick options (each why names the
+    # test: test_covered_commands_name_a_test checks that it exists), so that CI does not run them twice.
+    Rule(r"^python -m fastlora compile-check$", None, {}, None, [],
+         "tests/test_compile_check.py::report runs this command (with --json), as the suite, under TRITON_INTERPRET=1"),
+    Rule(r"^python -m fastlora bench --suite compile$", None, {}, None, [],
+         "tests/test_bench_suites.py::test_compile_suite_quick runs this command with --quick"),
+    Rule(r"^python -m fastlora bench --suite kernels$", None, {}, None, [],
+         "tests/test_bench_suites.py::kernels_run runs it with --quick through fastlora.__main__.main"),
+    Rule(r"^python -m fastlora bench --suite train$", None, {}, None, [],
+         "tests/test_bench_suites.py::test_train_suite_tiny_one_step runs it with --quick through "
+         "fastlora.__main__.main"),
+    Rule(r"^python -m fastlora bench --plot$", None, {}, None, [],
+         "tests/test_bench_suites.py::test_plot_draws_speedup_png plots a quick kernels-suite run through "
+         "fastlora.__main__.main"),
+    Rule(r"^python -m fastlora bench --suite memory$", None, {}, None, [],
+         "the same run as `python -m fastlora bench --suite memory --model llama-3-8b` (the default --model: "
+         "tests/test_readme.py::test_covered_commands_name_a_test checks), which runs below"),
+    Rule(r"^python -m pytest bench/bench_(lora_linear|train_step|dequantize|neftune)\.py( --benchmark-only -s)?$", None,
+         {}, None, [], "the same tests in the same quick mode run in `python -m pytest bench/`: "
+         "tests/test_readme.py::test_readme_command_runs"),
     Rule(r" --help$", [], {}, r"(?i)usage:", [], "the help"),
     Rule(r"^python -m fastlora info$", [], {}, r"(?i)torch", [], "as written"),
     Rule(r"^python -m fastlora roundtrip$", ["--repeats", "1"], {}, r"fastlora cpp", [],
          "one timed repetition instead of the best of 5 (same 4096x14336 weight, every backend)"),
-    Rule(r"^python -m fastlora compile-check$", [], {}, r"\S", [pytest.mark.slow],
-         "as written: compiles every Triton kernel for sm_80 / sm_90 (no GPU needed)"),
-    Rule(r"^python -m fastlora bench --suite (kernels|train|offload|compile)$", ["--quick", "--results", "{tmp}"], {},
-         r"\S", [], "--quick: tiny shapes, one timed run per case (tests/test_bench_suites.py checks the rows)"),
-    Rule(r"^python -m fastlora bench --suite memory( --model \S+)?$",
+    Rule(r"^python -m fastlora bench --suite offload$", ["--quick", "--results", "{tmp}"], {},
+         r"\S", [], "--quick: tiny shapes, one timed run per case"),
+    Rule(r"^python -m fastlora bench --suite memory --model \S+$",
          ["--seq", "2048", "--checkpointing", "off", "--results", "{tmp}"], {}, r"llama-3-8b +2048 +off +fastlora",
          [pytest.mark.slow], "one of the table's four (seq, checkpointing) cases: each is a FakeTensorMode estimate "
          "of the full model, about a minute on a 2-core CPU (tests/test_memory_estimate.py checks the estimates)"),
-    Rule(r"^python -m fastlora bench --plot$", ["--results", "{tmp}"], {}, r"\.png", [],
-         "plots a quick train-suite run made first into the same temporary folder"),
     Rule(r"^python -m pytest bench/$", ["-p", "no:cacheprovider"], QUICK_ENV, r" passed", [pytest.mark.slow],
          "every benchmark file in its quick mode (the full sizes take hours on a CPU)"),
-    Rule(r"^python -m pytest bench/bench_(lora_linear|train_step|dequantize|neftune)\.py( --benchmark-only -s)?$",
-         ["-p", "no:cacheprovider"], QUICK_ENV, r" passed", [pytest.mark.slow],
-         "the benchmark's quick mode where it has one (bench_dequantize has none: real sizes, about a minute)"),
     Rule(r"^python bench/bench_lora_linear\.py --quick --backend reference$", [], {}, r"(?i)target", [],
          "as written"),
     Rule(r"^python bench/bench_train_step\.py --dtype bf16 --emulate-no-bf16$",
@@ -221,6 +237,19 @@ def test_every_readme_command_has_a_rule():
     assert [c for c in COMMANDS if _rule(c) is None] == []
 
 
+def test_covered_commands_name_a_test():
+    """A command not run here names the test that runs it (or checks it), and that test exists."""
+    for rule in RULES:
+        named = re.findall(r"tests/(\w+\.py)::(\w+)", rule.why)
+        assert named or rule.extra is not None, f"rule {rule.pattern!r} runs nothing and names no test"
+        for path, name in named:
+            assert f"def {name}(" in (ROOT / "tests" / path).read_text(), f"{rule.pattern!r}: no {path}::{name}"
+    # `bench --suite memory` is left to the `--model llama-3-8b` command, the same run while that is the default
+    from fastlora.bench import build_parser
+
+    assert build_parser("memory").parse_args(["--suite", "memory"]).model == "llama-3-8b"
+
+
 def _run(command: str, tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """Runs a README command from the repository root, `python` being this interpreter, with the rule's speed-up."""
     rule = _rule(command)
@@ -256,9 +285,6 @@ def test_readme_command_runs(command, tmp_path):
         pytest.importorskip("transformers")
         pytest.importorskip("peft")
         pytest.importorskip("bitsandbytes")
-    if command.endswith("bench --plot"):  # something to plot: a quick train-suite run into the same folder
-        setup = _run("python -m fastlora bench --suite train", tmp_path)
-        assert setup.returncode == 0, setup.stderr[-4000:]
     done = _run(command, tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"README command failed: {command} ({rule.why})\n{output[-6000:]}"
