@@ -139,6 +139,9 @@ def test_train_suite_tiny_one_step(tmp_path, capsys):
     assert "test_train_step[fp32-p0]" in captured.err and "Median" in captured.err
     # third-party noise (fastlora/_quiet.py) stays out of the suite's pytest process too
     assert "Warning" not in captured.err and "kernels-community" not in captured.err, captured.err
+    # the train rows alone make the speed-up chart (test_plot_draws_speedup_png: the kernels rows)
+    assert main(["bench", "--plot", "--results", str(tmp_path / "res")]) == 0
+    assert (tmp_path / "res" / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_suite_emulating_a_cpu_without_bf16(tmp_path, capsys):
