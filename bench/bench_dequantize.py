@@ -16,15 +16,13 @@ Environment:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from fastlora import backends, nf4
+from fastlora.bench.lora_setup import env_quick
 
-QUICK = os.environ.get("FASTLORA_BENCH_QUICK", "") not in ("", "0")
-SHAPES = [(512, 512), (1792, 512)] if QUICK else [(4096, 4096), (14336, 4096)]
+SHAPES = [(512, 512), (1792, 512)] if env_quick() else [(4096, 4096), (14336, 4096)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _results: dict[tuple, float] = {}  # (op, impl, shape, dtype) -> median seconds
 _bytes_moved: dict[tuple, int] = {}  # (shape, dtype) -> bytes read + written by a dequantization

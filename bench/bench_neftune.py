@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from fastlora import backends
+from fastlora.bench.lora_setup import env_quick
 from fastlora.bench.pytest_progress import Progress
 from fastlora.ops import neftune_embedding
 
 _progress = Progress("neftune-bench")
 
-QUICK = os.environ.get("FASTLORA_BENCH_QUICK", "") not in ("", "0")
+QUICK = env_quick()
 BATCH, LENGTH, DIM, VOCAB = (2, 256, 512, 1000) if QUICK else (8, 2048, 4096, 32000)
 ALPHA = 5.0
 BACKEND = os.environ.get("FASTLORA_BENCH_BACKEND", "auto")

@@ -9,7 +9,8 @@ One step is one forward + backward with gradients for x, lora_A and lora_B (the 
 
 Settings come from the environment so that pytest runs and the fresh memory processes agree:
   FASTLORA_BENCH_BACKEND  fastlora backend (default "auto"; "reference" works before the kernels exist)
-  FASTLORA_BENCH_QUICK    "1": small shapes and 128 tokens, for checking the benchmark itself
+  FASTLORA_BENCH_QUICK    "1": small shapes and 128 tokens, for checking the benchmark itself (env_quick: read
+                          by every benchmark file's quick mode)
 Importing this module is cheap: peft and bitsandbytes are imported only when a PEFT layer is built.
 """
 

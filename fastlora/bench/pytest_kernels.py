@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fastlora.bench import kernels, roofline
+from fastlora.bench.lora_setup import env_quick
 
 CONFIG_ENV = kernels.CONFIG_ENV
 
@@ -32,7 +33,7 @@ def suite_config() -> kernels.SuiteConfig:
     text = os.environ.get(CONFIG_ENV)
     if text:
         return kernels.SuiteConfig.from_json(text)
-    quick = os.environ.get("FASTLORA_BENCH_QUICK", "") not in ("", "0")
+    quick = env_quick()
     tokens, (k, n) = kernels.QUICK if quick else kernels.DEFAULT
     return kernels.SuiteConfig(list(kernels.OPS), ["fp32"], tokens, k, n, seconds=0.0 if quick else 0.5,
                                max_runs=1 if quick else 15)
