@@ -499,3 +499,39 @@ def test_torch_compile_matches_eager(seed):
             a.grad = b.grad = None
     for eager, compiled in zip(*grads, strict=True):
         assert rel_err(compiled, eager) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["3-D", "1-D", "3-D non-contiguous"])
+def test_one_autograd_node_and_an_output_that_takes_in_place_ops(layout, seed):
+    """Leading dimensions are flattened inside the op: its node is the output's grad_fn and leads straight to
+    x's gradient (no reshape nodes, host time on every call), and the output, though made by a view, takes
+    in-place ops as a layer's output must (``hidden += residual``). Gradients equal those of a 2-D call."""
+    k, n = 72, 200
+    shape = {"3-D": (3, 5, k), "1-D": (k,), "3-D non-contiguous": (3, k, 5)}[layout]
+    base = torch.randn(*shape)
+    weight = make_weight("nf4-dq", n, k, torch.float32)
+    a, b = make_adapters(8, n, k)
+    x = base.detach().clone().requires_grad_()
+    xin = x.transpose(1, 2) if layout == "3-D non-contiguous" else x
+    y = lora_linear(xin, weight, a, b, 1.5, dropout_p=0.0)
+    assert y.shape == (*xin.shape[:-1], n)
+    assert type(y.grad_fn).__name__ == "_LoraLinearFunctionBackward"
+    following = y.grad_fn.next_functions[0][0]
+    if xin.grad_fn is not None:  # the test's own transpose
+        assert following is xin.grad_fn
+    else:
+        assert type(following).__name__ == "AccumulateGrad" and following.variable is x
+    expected = y.detach() + 1.0
+    y += 1.0
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    x2 = base.detach().clone().requires_grad_()
+    flat = (x2.transpose(1, 2) if layout == "3-D non-contiguous" else x2).reshape(-1, k)
+    a2, b2 = (t.detach().clone().requires_grad_() for t in (a, b))
+    y2 = lora_linear(flat, weight, a2, b2, 1.5, dropout_p=0.0)
+    y2.backward(g.reshape(-1, n))
+    assert torch.equal(y2.detach().reshape(y.shape) + 1.0, y.detach())
+    assert torch.equal(x2.grad, x.grad)
+    assert torch.equal(a2.grad, a.grad) and torch.equal(b2.grad, b.grad)

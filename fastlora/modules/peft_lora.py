@@ -207,23 +207,22 @@ def call_args(module, x) -> dict | None:
     if _autocast.enabled(x) and (amp is None or state.quantized):
         return None
     dtype = amp or x.dtype
-    adapter = _call_adapter(module, state, x, dtype, amp is not None)
-    if adapter is None:
+    call = _call_adapter(module, state, x, dtype, amp is not None)
+    if call is None:
         return None
-    base = module.get_base_layer()
-    dropout = module.lora_dropout[adapter]
+    adapter, base, lora_A_layer, lora_B_layer, dropout = call
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     scaling = float(module.scaling[adapter])
     dora = module.lora_magnitude_vector[adapter].weight if _is_dora(module, adapter) else None
     if dora is not None and (amp is not None or (p > 0.0 and dropout.training)):
         return None  # PEFT's DoRA then needs dropout(x)·Wᵀ: another GEMM, not fused; autocast: not handled
     bias = _autocast.cast(base.bias, dtype)
-    lora_bias = module.lora_B[adapter].bias
+    lora_bias = lora_B_layer.bias
     if lora_bias is not None:  # lora_bias=True: B(z) = z·Bᵀ + b, scaled, is a bias s·b on the output
         scaled = (lora_bias * scaling).to(dtype)
         bias = scaled if bias is None else bias + scaled
     weight = state.base_weight(base)
-    lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    lora_A, lora_B = lora_A_layer.weight, lora_B_layer.weight
     if amp is not None:
         lora_A, lora_B = _autocast.cast(lora_A, amp), _autocast.cast(lora_B, amp)
         if not state.four_bit:
@@ -339,11 +338,12 @@ def _fast_forward(self, x, *args, **kwargs):
                          training=args_["training"], rounding=args_["rounding"], backend=args_["backend"])
 
 
-def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
-    """Whether ``adapter`` is plain LoRA; judged again only when its modules are replaced."""
-    key = (id(module.lora_A[adapter]), id(module.lora_B[adapter]), id(module.lora_dropout[adapter]),
-           adapter in getattr(module, "lora_variant", {}), getattr(module, "use_dora", {}).get(adapter, False),
-           module.scaling.get(adapter))
+def _plain_adapter(module, state: PeftLoraState, adapter: str, layers: tuple | None = None) -> bool:
+    """Whether ``adapter`` is plain LoRA; judged again only when its modules are replaced. ``layers``: its
+    (lora_A, lora_B, lora_dropout) modules when the caller has them already."""
+    lora_A, lora_B, dropout = layers or (module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter])
+    key = (id(lora_A), id(lora_B), id(dropout), adapter in getattr(module, "lora_variant", {}),
+           getattr(module, "use_dora", {}).get(adapter, False), module.scaling.get(adapter))
     cached = state.adapter_ok.get(adapter)
     if cached is None or cached[0] != key:
         cached = (key, _adapter_reason(module, adapter) is None)
@@ -351,32 +351,41 @@ def _plain_adapter(module, state: PeftLoraState, adapter: str) -> bool:
     return cached[1]
 
 
-def _call_adapter(module, state: PeftLoraState, x, dtype: torch.dtype, amp: bool) -> str | None:
-    """The adapter the fused op computes for this call (in ``dtype``; ``amp``: under autocast, where every
-    float32 / bfloat16 / float16 tensor is cast to it), or None when PEFT's own forward must run."""
+def _call_adapter(module, state: PeftLoraState, x, dtype: torch.dtype, amp: bool) -> tuple | None:
+    """(adapter, base layer, lora_A, lora_B, lora_dropout modules) of the adapter the fused op computes for
+    this call (in ``dtype``; ``amp``: under autocast, where every float32 / bfloat16 / float16 tensor is cast
+    to it), or None when PEFT's own forward must run. Each layer is looked up once: an ``nn.Module``
+    attribute lookup costs about a microsecond of host time, and this runs on every call of every layer."""
     if x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
         return None
     if module.merged or module.disable_adapters:
         return None
-    active = _active_here(module)
-    if len(active) != 1 or not _plain_adapter(module, state, active[0]):
+    lora_A_layers = module.lora_A
+    active = [name for name in module.active_adapters if name in lora_A_layers]
+    if len(active) != 1:
         return None
     adapter = active[0]
+    layers = (lora_A_layers[adapter], module.lora_B[adapter], module.lora_dropout[adapter])
+    if not _plain_adapter(module, state, adapter, layers):
+        return None
     castable = _autocast.CASTABLE if amp else (dtype,)
     base = module.get_base_layer()
-    if base.bias is not None and base.bias.dtype not in castable:
+    call = (adapter, base, *layers)
+    bias = base.bias
+    if bias is not None and bias.dtype not in castable:
         return None
-    a_dtype = module.lora_A[adapter].weight.dtype
-    if module.lora_B[adapter].weight.dtype != a_dtype or a_dtype not in (torch.float32, dtype, *castable):
+    a_dtype = layers[0].weight.dtype
+    if layers[1].weight.dtype != a_dtype or a_dtype not in (torch.float32, dtype, *castable):
         return None
     if state.quantized:  # fastlora's 4-bit linear decodes to any x dtype and is always frozen
-        return adapter
-    if base.weight.requires_grad:
+        return call
+    weight = base.weight
+    if weight.requires_grad:
         return None
     if not state.four_bit:
-        return adapter if base.weight.dtype in castable else None
-    quant_state = getattr(base.weight, "quant_state", None)
+        return call if weight.dtype in castable else None
+    quant_state = getattr(weight, "quant_state", None)
     if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
         return None
     # under autocast bitsandbytes' own F.linear is cast to the autocast dtype whatever its compute_dtype
-    return adapter if amp or base.compute_dtype is None or base.compute_dtype == dtype else None
+    return call if amp or base.compute_dtype is None or base.compute_dtype == dtype else None

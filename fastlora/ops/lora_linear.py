@@ -165,8 +165,9 @@ def _backends(backend: str, x: torch.Tensor, four_bit: bool, out_features: int) 
         fwd = backends.resolve("triton", x.device, _FULL_OPS)
     else:
         fwd = backends.resolve(backend, x.device, _FULL_OPS)
-    bwd = backends.resolve("auto" if backend == "cuda" else backend, x.device, _FULL_OPS)
-    return fwd, bwd
+    if fwd != "cuda" and backend != "cuda":
+        return fwd, fwd  # the backward's request is the forward's: resolved once (host time on every call)
+    return fwd, backends.resolve("auto" if backend == "cuda" else backend, x.device, _FULL_OPS)
 
 
 _FULL_OPS = ("reference", "cpp", "triton")  # backends with both the forward and the backward op
@@ -204,21 +205,32 @@ class _WeightParts:
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, lora_A, lora_B, bias, seed_t, call_site, meta, cfg, *weight_tensors):
+    def forward(ctx, x, lora_A, lora_B, bias, seed_t, call_site, meta, cfg, *weight_tensors):
         fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = cfg
         blocksize, quant_type = meta[2:]
         weight, absmax = _WeightParts.kernel_args(meta, weight_tensors)
+        # Leading dimensions are flattened here rather than by the caller: reshapes outside would put two more
+        # nodes on the autograd graph of every call (host time that PEFT's layer does not spend).
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
         y, S = backend_op("lora_linear_fwd", fwd_backend)(
             x2d, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
             dropout_p, seed_t, rounding)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t, *weight_tensors)
-        ctx.meta, ctx.cfg, ctx.call_site = meta, cfg, call_site
+        ctx.meta, ctx.cfg, ctx.call_site, ctx.x_shape = meta, cfg, call_site, x.shape
         ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
-        return y
+        if x.dim() == 2:
+            return y
+        # detach(): autograd refuses in-place ops on an output that is a view made inside a custom Function
+        # (``hidden += ...`` on a layer's output is common); the detached tensor is the same memory, not a view.
+        return y.view(*x.shape[:-1], out_features).detach()
 
     @staticmethod
     def backward(ctx, grad_y):
         x2d, S, lora_A, lora_B, seed_t, *weight_tensors = ctx.saved_tensors
+        if grad_y.dim() != 2:
+            grad_y = grad_y.reshape(-1, grad_y.shape[-1])
         fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = ctx.cfg
         blocksize, quant_type = ctx.meta[2:]
         need_dx, need_dA, need_dB, need_dbias = ctx.needs_input_grad[:4]
@@ -228,7 +240,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             gx, gA, gB = backend_op("lora_linear_bwd", bwd_backend)(
                 grad_y.contiguous(), x2d, S, weight, absmax, blocksize, quant_type, out_features,
                 lora_A, lora_B, scaling, dropout_p, seed_t, need_dx, need_dA, need_dB)
-            dx = gx if need_dx else None
+            dx = (gx if gx.dim() == len(ctx.x_shape) else gx.view(ctx.x_shape)) if need_dx else None
             dA = gA if need_dA else None
             dB = gB if need_dB else None
         if need_dbias:
@@ -348,11 +360,6 @@ def lora_linear(
     seed_t = draw_seed(call_site, x.device) if p > 0.0 else no_seed(x.device)
     fwd_backend, bwd_backend = _backends(backend, x, parts.dense is None, out_features)
     cfg = (fwd_backend, bwd_backend, out_features, float(scaling), p, rounding)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    y = _LoraLinearFunction.apply(x2d, lora_A.contiguous(), lora_B.contiguous(), bias, seed_t, call_site,
-                                  parts.meta(), cfg, *parts.tensors())
-    return y.reshape(*lead, out_features)
+    return _LoraLinearFunction.apply(x, lora_A.contiguous(), lora_B.contiguous(), bias, seed_t, call_site,
+                                     parts.meta(), cfg, *parts.tensors())
 
