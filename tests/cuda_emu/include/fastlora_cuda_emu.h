@@ -6,7 +6,7 @@
 // in for the real ones and all include this file.
 //
 // Model: a launch runs its blocks one after another; the threads of a block are cooperative fibers
-// (ucontext) on one OS thread, switched only at __syncthreads() and warp-collective operations
+// on one OS thread, switched only at __syncthreads() and warp-collective operations
 // (__shfl_xor_sync, mma), so there are no data races and runs are deterministic. __shared__ is
 // `static`, i.e. shared by the threads of the running block. A barrier that can never complete
 // (e.g. a thread returned before it) aborts with a message. Warp-collective operations require all
@@ -123,18 +123,66 @@ inline int compute_capability_major = 9;  // set lower to make the launchers tak
 inline cudaError_t last_error = cudaSuccess;
 
 // ---- fiber scheduler
+//
+// On x86-64 fibers switch with switch_stack below (callee-saved registers and the stack pointer, a few ns):
+// glibc's swapcontext also saves the floating-point environment and makes an rt_sigprocmask system call on
+// every switch, which was half of an emulated test's run time. Other architectures and AddressSanitizer
+// builds (FASTLORA_EMU_CFLAGS, which must see stack switches through swapcontext) keep ucontext, as does
+// -DFASTLORA_EMU_UCONTEXT (tests/test_cuda_emu.py runs both).
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(FASTLORA_EMU_UCONTEXT)
+#define FASTLORA_EMU_STACK_SWITCH 1
+// fastlora_emu_switch_stack(save, next): push the callee-saved registers of the System V ABI, store the stack
+// pointer in *save, load `next` (a pointer an earlier switch stored, or a fresh stack prepared by run_block),
+// pop that context's registers and return into it. Every other register is caller-saved, so the compiler has
+// spilled what it needs around the call. MXCSR and the x87 control word are not switched: no kernel changes
+// rounding modes. Weak and hidden: one definition per shared library, whichever emulated kernels it holds.
+extern "C" void fastlora_emu_switch_stack(void** save, void* next);
+asm(R"(
+  .text
+  .weak fastlora_emu_switch_stack
+  .hidden fastlora_emu_switch_stack
+  .type fastlora_emu_switch_stack, @function
+fastlora_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fastlora_emu_switch_stack, .-fastlora_emu_switch_stack
+)");
+#else
+#define FASTLORA_EMU_STACK_SWITCH 0
+#endif
 
 constexpr size_t kStackBytes = 128 * 1024;
 
 struct Fiber {
+#if FASTLORA_EMU_STACK_SWITCH
+  void* sp = nullptr;  // saved stack pointer while switched out
+#else
   ucontext_t ctx;
+#endif
   std::vector<char> stack;
   bool done = false;
 };
 
 struct Block {
   std::vector<Fiber> fibers;
+#if FASTLORA_EMU_STACK_SWITCH
+  void* scheduler_sp = nullptr;
+#else
   ucontext_t scheduler;
+#endif
   int current = 0;
   int nthreads = 0;
   const std::function<void()>* body = nullptr;
@@ -159,7 +207,20 @@ inline Block& block() {
 
 inline void yield_to_scheduler() {
   Block& b = block();
+#if FASTLORA_EMU_STACK_SWITCH
+  fastlora_emu_switch_stack(&b.fibers[b.current].sp, b.scheduler_sp);
+#else
   swapcontext(&b.fibers[b.current].ctx, &b.scheduler);
+#endif
+}
+
+inline void switch_to_fiber(unsigned t) {
+  Block& b = block();
+#if FASTLORA_EMU_STACK_SWITCH
+  fastlora_emu_switch_stack(&b.scheduler_sp, b.fibers[t].sp);
+#else
+  swapcontext(&b.scheduler, &b.fibers[t].ctx);
+#endif
 }
 
 inline void fiber_entry() {
@@ -167,7 +228,34 @@ inline void fiber_entry() {
   (*b.body)();
   b.fibers[b.current].done = true;
   b.idle_yields = 0;
-  // returning switches to uc_link (the scheduler)
+#if FASTLORA_EMU_STACK_SWITCH
+  yield_to_scheduler();  // a finished fiber is never switched to again
+  fail("a finished fiber was resumed");
+#endif
+  // with ucontext, returning switches to uc_link (the scheduler)
+}
+
+inline void start_fiber(Fiber& f) {
+  f.done = false;
+  f.stack.resize(kStackBytes);
+#if FASTLORA_EMU_STACK_SWITCH
+  // The fresh stack as fastlora_emu_switch_stack pops it: six callee-saved registers (zero), then the address
+  // its `ret` jumps to, fiber_entry, entered as if called (the ABI's rsp + 8 aligned to 16) with a null return
+  // address it never uses.
+  const auto top = reinterpret_cast<uintptr_t>(f.stack.data() + f.stack.size()) & ~uintptr_t{15};
+  void** slots = reinterpret_cast<void**>(top);
+  slots[-1] = nullptr;
+  slots[-2] = reinterpret_cast<void*>(&fiber_entry);
+  for (int i = 3; i <= 8; ++i) slots[-i] = nullptr;
+  f.sp = slots - 8;
+#else
+  Block& b = block();
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.data();
+  f.ctx.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc_link = &b.scheduler;
+  makecontext(&f.ctx, fiber_entry, 0);
+#endif
 }
 
 inline void wait_generation(const unsigned& generation, unsigned seen) {
@@ -218,16 +306,7 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
   b.warp_arrived.assign(nthreads / 32, 0);
   b.warp_generation.assign(nthreads / 32, 0);
   b.exchange.assign(nthreads / 32, std::vector<uint32_t>(32 * kExchangeWords, 0));
-  for (unsigned t = 0; t < nthreads; ++t) {
-    Fiber& f = b.fibers[t];
-    f.done = false;
-    f.stack.resize(kStackBytes);
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
-    f.ctx.uc_link = &b.scheduler;
-    makecontext(&f.ctx, fiber_entry, 0);
-  }
+  for (unsigned t = 0; t < nthreads; ++t) start_fiber(b.fibers[t]);
   b.idle_yields = 0;
   for (;;) {
     bool any = false;
@@ -236,7 +315,7 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
       any = true;
       b.current = static_cast<int>(t);
       threadIdx = dim3(t);
-      swapcontext(&b.scheduler, &b.fibers[t].ctx);
+      switch_to_fiber(t);
     }
     if (!any) break;
     if (b.idle_yields > 2L * nthreads) fail("deadlock: a barrier or warp-collective operation can never complete");
