@@ -174,8 +174,9 @@ RULES = [
     Rule(r"^python -m fastlora bench --suite memory$", None, {}, None, [],
          "the same run as `python -m fastlora bench --suite memory --model llama-3-8b` (the default --model: "
          "tests/test_readme.py::test_covered_commands_name_a_test checks), which runs below"),
-    Rule(r"^python -m pytest bench/bench_(lora_linear|train_step|dequantize|neftune)\.py( --benchmark-only -s)?$", None,
-         {}, None, [], "the same tests in the same quick mode run in `python -m pytest bench/`: "
+    Rule(r"^python -m pytest bench/bench_(lora_linear|train_step|dequantize|neftune|host_overhead)\.py"
+         r"( --benchmark-only -s)?$", None, {}, None, [],
+         "the same tests in the same quick mode run in `python -m pytest bench/`: "
          "tests/test_readme.py::test_readme_command_runs"),
     Rule(r" --help$", [], {}, r"(?i)usage:", [], "the help"),
     Rule(r"^python -m fastlora info$", [], {}, r"(?i)torch", [], "as written"),
