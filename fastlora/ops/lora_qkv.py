@@ -48,6 +48,7 @@ Neither path saves the outputs, decoded weights or dropout masks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -95,6 +96,7 @@ def _rnd(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if dtype == torch.float32 else t.to(dtype).float()
 
 
+@functools.lru_cache(maxsize=256)  # a model has a handful of scalings; each call site asks on every step
 def _scale32(scaling: float) -> float:
     """``scaling`` rounded to fp32 (exactly representable as a Python float), as the reference multiplies."""
     return torch.tensor(scaling, dtype=torch.float32).item()
