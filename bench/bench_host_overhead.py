@@ -1,14 +1,14 @@
-"""Host time per call of one LoRA layer, where the arithmetic is negligible: fastlora (a PEFT layer patched
-by ``fastlora.patch``) vs the same PEFT layer unpatched vs its base layer alone, side by side in one run.
+"""Host time per call where the arithmetic is negligible: fastlora (a PEFT layer or model patched by
+``fastlora.patch``) vs the same PEFT layer or model unpatched vs its base, side by side in one run.
 
     python -m pytest bench/bench_host_overhead.py          (the summary is printed at the very end)
     FASTLORA_BENCH_QUICK=1 python -m pytest bench/bench_host_overhead.py
 
-Problem: 8 tokens, 64 -> 64, r=16, fp32 activations and adapters, no dropout; one call = y = layer(x),
-y.backward(dY) with gradients for x, lora_A and lora_B. At this size every case spends its time in Python,
-the autograd engine and the dispatcher, not in GEMMs, so the ratios say what a patched layer costs the host
-per call. On a GPU that host time overlaps the kernels of earlier calls and only shows when a step is
-host-bound (small models, few tokens per step); there it is a fraction of what this slow CPU spends.
+Problem: fp32 activations and adapters, r=16, no dropout. A layer call: 8 tokens, 64 -> 64, y = layer(x),
+y.backward(dY) with gradients for x, lora_A and lora_B. At these sizes every case spends its time in Python,
+the autograd engine and the dispatcher, not in GEMMs, so the ratios say what patching costs the host per call.
+On a GPU that host time overlaps the kernels of earlier calls and only shows when a step is host-bound (small
+models, few tokens per step); there it is a fraction of what this slow CPU spends.
 Kinds (the layers ``fastlora.patch`` accelerates, and a whole model):
   linear      PEFT lora.Linear over nn.Linear (dense fp32 weight)
   linear4bit  PEFT lora.bnb.Linear4bit over bitsandbytes Linear4bit (NF4, double quant, fp32 compute)
@@ -84,7 +84,7 @@ def _layers_of(kind: str) -> dict:
         handle = fastlora.patch(patched, backend=ls.env_backend())
         if not handle.report()["patched"]:
             raise RuntimeError(f"fastlora.patch accelerated nothing in the {kind} case: {handle.summary()}")
-        _layers[kind] = {"base": base, "peft": peft, "fastlora": patched}
+        _layers[kind] = {"base": base, "peft": peft, "fastlora": patched, "handle": handle}
     return _layers[kind]
 
 
@@ -140,6 +140,8 @@ def test_host_time_per_call(benchmark, request, kind):
         _results[(kind, impl)] = None
     per_round = STEP_CALLS if kind.startswith("llama") else CALLS
     _results.update({(kind, impl): seconds for impl, seconds in _fastest_rounds(calls, per_round).items()})
+    fallbacks = layers["handle"].report()["fallback_calls"]
+    assert not fallbacks, f"patched modules ran their own forward, the timing is not fastlora's: {fallbacks}"
     summary = ", ".join(f"{impl} {_results[(kind, impl)] * 1e6:.0f} us" for impl in calls)
     _progress.say(request, f"{kind}: {summary} per call (fastest of {ROUNDS} rounds of {per_round})")
     # pytest-benchmark's own table: the patched layer, the case this file is about
