@@ -27,12 +27,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._leading_dims import as_input_grad, as_output, flatten_2d, flatten_grad
 from ._registry import FLOAT_DTYPES, check_tensor
 from .lora_projection import (
     LoraProjection,
     backward,
     draw_seeds,
-    flatten_2d,
     forward,
     prepare,
     seed_objects,
@@ -55,9 +55,10 @@ def _act_backward(name: str, grad: torch.Tensor, g: torch.Tensor) -> torch.Tenso
 
 class _LoraGatedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, spec, *flat):
+    def forward(ctx, x, spec, *flat):
         activation, preps = spec  # (gate, up, down) or (gate_up, down)
         runs = split_runs(flat, preps)
+        x2d = flatten_2d(x)
         if len(preps) == 2:
             gu, s_gu = forward(preps[0], x2d, runs[0])
             g, u = gu.chunk(2, dim=-1)
@@ -69,12 +70,13 @@ class _LoraGatedMLPFunction(torch.autograd.Function):
         h = (_act(activation, g) * u).contiguous()
         y, s_down = forward(preps[-1], h, runs[-1])
         ctx.save_for_backward(x2d, *upstream_s, s_down, *kept, *flat)
-        ctx.spec, ctx.seeds = spec, seed_objects(preps, flat)
-        return y
+        ctx.spec, ctx.seeds, ctx.x_shape = spec, seed_objects(preps, flat), x.shape
+        return as_output(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         activation, preps = ctx.spec
+        grad_y = flatten_grad(grad_y)
         fused = len(preps) == 2
         n_up = 1 if fused else 2
         saved = ctx.saved_tensors
@@ -112,7 +114,7 @@ class _LoraGatedMLPFunction(torch.autograd.Function):
                 backward(prep, grad_y, x2d, None, run, (False, False, False, False))  # forgets the seed
                 grads_up.extend([None] * prep.width)
         grads_down = list(d_down) + [None] * (preps[-1].width - 3)
-        return dx, None, *grads_up, *grads_down
+        return as_input_grad(dx, ctx.x_shape), None, *grads_up, *grads_down
 
 
 def lora_gated_mlp(
@@ -166,7 +168,5 @@ def lora_gated_mlp(
     preps.append(down_prep)
     flats.append(down_flat)
     draw_seeds(preps, flats)
-    lead = x.shape[:-1]
     flat = [t for run in flats for t in run]
-    y = _LoraGatedMLPFunction.apply(flatten_2d(x), (activation, tuple(preps)), *flat)
-    return y.reshape(*lead, down_prep.out_features)
+    return _LoraGatedMLPFunction.apply(x, (activation, tuple(preps)), *flat)

@@ -27,6 +27,7 @@ import torch
 
 from .. import backends, reference_lora, tuning
 from ._dropout_seed import call_site_of, consume_seed, draw_seed, no_seed
+from ._leading_dims import as_input_grad, as_output, flatten_2d, flatten_grad
 from ._registry import FLOAT_DTYPES, backend_op, check_same_device, check_tensor, define_native
 from .dequantize_absmax import dequantize_absmax
 from .lora_dropout import check_dropout_p, check_training
@@ -209,28 +210,19 @@ class _LoraLinearFunction(torch.autograd.Function):
         fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = cfg
         blocksize, quant_type = meta[2:]
         weight, absmax = _WeightParts.kernel_args(meta, weight_tensors)
-        # Leading dimensions are flattened here rather than by the caller: reshapes outside would put two more
-        # nodes on the autograd graph of every call (host time that PEFT's layer does not spend).
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if not x2d.is_contiguous():
-            x2d = x2d.contiguous()
+        x2d = flatten_2d(x)  # here, not in the caller: see fastlora/ops/_leading_dims.py
         y, S = backend_op("lora_linear_fwd", fwd_backend)(
             x2d, weight, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
             dropout_p, seed_t, rounding)
         ctx.save_for_backward(x2d, S, lora_A, lora_B, seed_t, *weight_tensors)
         ctx.meta, ctx.cfg, ctx.call_site, ctx.x_shape = meta, cfg, call_site, x.shape
         ctx.seed_entry = seed_t  # the stashed object itself: backward consumes it by identity
-        if x.dim() == 2:
-            return y
-        # detach(): autograd refuses in-place ops on an output that is a view made inside a custom Function
-        # (``hidden += ...`` on a layer's output is common); the detached tensor is the same memory, not a view.
-        return y.view(*x.shape[:-1], out_features).detach()
+        return as_output(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         x2d, S, lora_A, lora_B, seed_t, *weight_tensors = ctx.saved_tensors
-        if grad_y.dim() != 2:
-            grad_y = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_y = flatten_grad(grad_y)
         fwd_backend, bwd_backend, out_features, scaling, dropout_p, rounding = ctx.cfg
         blocksize, quant_type = ctx.meta[2:]
         need_dx, need_dA, need_dB, need_dbias = ctx.needs_input_grad[:4]
@@ -240,7 +232,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             gx, gA, gB = backend_op("lora_linear_bwd", bwd_backend)(
                 grad_y.contiguous(), x2d, S, weight, absmax, blocksize, quant_type, out_features,
                 lora_A, lora_B, scaling, dropout_p, seed_t, need_dx, need_dA, need_dB)
-            dx = (gx if gx.dim() == len(ctx.x_shape) else gx.view(ctx.x_shape)) if need_dx else None
+            dx = as_input_grad(gx, ctx.x_shape) if need_dx else None
             dA = gA if need_dA else None
             dB = gB if need_dB else None
         if need_dbias:

@@ -203,8 +203,3 @@ def _split_backward(prep: PreparedProjection, grad_y, inp, S, flat, need_dx: boo
             grad_y.to(prep.compute_dtype).contiguous(), weight, absmax, blocksize, quant_type, inp.shape[-1])
         dx = dx_base.to(inp.dtype) + dx_lora
     return dx, dA, dB
-
-
-def flatten_2d(x: torch.Tensor) -> torch.Tensor:
-    x2d = x.reshape(-1, x.shape[-1])
-    return x2d if x2d.is_contiguous() else x2d.contiguous()

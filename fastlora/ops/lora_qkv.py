@@ -54,6 +54,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import backends
+from ._leading_dims import as_input_grad, as_output, flatten_2d, flatten_grad
 from ._registry import FLOAT_DTYPES, backend_op, check_tensor, define_decode_ops
 from .linear_4bit import _workspace
 from .lora_linear import _WeightParts
@@ -61,7 +62,6 @@ from .lora_projection import (
     LoraProjection,
     backward,
     draw_seeds,
-    flatten_2d,
     forward,
     prepare,
     seed_objects,
@@ -267,23 +267,25 @@ def _grouped_args(preps, runs) -> tuple[list, list, list, list, list]:
 
 class _GroupedQKVFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, spec, *flat):
+    def forward(ctx, x, spec, *flat):
         preps, decode_backend = spec
         runs = split_runs(flat, preps)
         weights, absmax, lora_A, lora_B, scaling = _grouped_args(preps, runs)
         blocksize, quant_type = preps[0].meta[2:]
+        x2d = flatten_2d(x)
         ys, S = backend_op("lora_qkv_grouped_fwd", decode_backend)(
             x2d, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, [r[2] for r in runs],
             preps[0].rounding)
         ctx.save_for_backward(x2d, S, *flat)
-        ctx.spec = spec
+        ctx.spec, ctx.x_shape = spec, x.shape
         ctx.set_materialize_grads(False)
-        return tuple(ys)
+        return tuple(as_output(y, x.shape[:-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *grad_ys):
         preps, decode_backend = ctx.spec
         x2d, S, *flat = ctx.saved_tensors
+        grad_ys = [flatten_grad(g) for g in grad_ys]
         runs = split_runs(flat, preps)
         needs = ctx.needs_input_grad
         need_dA, need_dB, need_dbias, at = [], [], [], 2
@@ -301,7 +303,7 @@ class _GroupedQKVFunction(torch.autograd.Function):
             gx, gA, gB = backend_op("lora_qkv_grouped_bwd", decode_backend)(
                 grads, x2d, S, weights, absmax, blocksize, quant_type, lora_A, lora_B, scaling, needs[0], need_dA,
                 need_dB)
-            dx = gx if needs[0] else None
+            dx = as_input_grad(gx, ctx.x_shape) if needs[0] else None
             dA = [a if need else None for a, need in zip(gA, need_dA, strict=True)]
             dB = [b if need else None for b, need in zip(gB, need_dB, strict=True)]
         grads = []
@@ -313,14 +315,15 @@ class _GroupedQKVFunction(torch.autograd.Function):
 
 class _LoraQKVFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, preps, *flat):
+    def forward(ctx, x, preps, *flat):
+        x2d = flatten_2d(x)
         ys, ss = [], []
         for prep, run in zip(preps, split_runs(flat, preps), strict=True):
             y, s = forward(prep, x2d, run)
-            ys.append(y)
+            ys.append(as_output(y, x.shape[:-1]))
             ss.append(s)
         ctx.save_for_backward(x2d, *ss, *flat)
-        ctx.preps, ctx.seeds = preps, seed_objects(preps, flat)
+        ctx.preps, ctx.seeds, ctx.x_shape = preps, seed_objects(preps, flat), x.shape
         ctx.set_materialize_grads(False)
         return tuple(ys)
 
@@ -329,6 +332,7 @@ class _LoraQKVFunction(torch.autograd.Function):
         preps = ctx.preps
         saved = ctx.saved_tensors
         x2d, ss, flat = saved[0], saved[1:1 + len(preps)], saved[1 + len(preps):]
+        grad_ys = [flatten_grad(g) for g in grad_ys]
         needs = ctx.needs_input_grad
         dx, grads, at = None, [], 0
         for prep, s, grad_y, run in zip(preps, ss, grad_ys, split_runs(flat, preps, ctx.seeds), strict=True):
@@ -344,7 +348,7 @@ class _LoraQKVFunction(torch.autograd.Function):
                 dx = gx if dx is None else dx + gx
         if needs[0] and dx is None:
             dx = torch.zeros_like(x2d)
-        return dx, None, *grads
+        return as_input_grad(dx, ctx.x_shape), None, *grads
 
 
 def lora_qkv(
@@ -380,12 +384,9 @@ def lora_qkv(
         preps.append(prep)
         flats.append(run)
     draw_seeds(preps, flats)
-    lead = x.shape[:-1]
     flat = [t for run in flats for t in run]
     if grouped_applies(x, preps, flats):
         # the 4-bit decode on linear_4bit's choice of kernel (on a GPU the CUDA one is the fastest)
         decode_backend = backends.resolve(backend, x.device, backends.BACKENDS, backends.GPU_ORDER_CUDA_FIRST)
-        ys = _GroupedQKVFunction.apply(flatten_2d(x), (tuple(preps), decode_backend), *flat)
-    else:
-        ys = _LoraQKVFunction.apply(flatten_2d(x), tuple(preps), *flat)
-    return tuple(y.reshape(*lead, prep.out_features) for y, prep in zip(ys, preps, strict=True))
+        return tuple(_GroupedQKVFunction.apply(x, (tuple(preps), decode_backend), *flat))
+    return tuple(_LoraQKVFunction.apply(x, tuple(preps), *flat))
