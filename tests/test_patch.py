@@ -536,3 +536,29 @@ def test_fp32_hidden_states_into_bf16_compute_layers(loaded_in_4bit, dropout):
         fastlora.patch(ref, backend="reference")
         torch.manual_seed(4)
         _assert_close(got, loss_and_grads(ref, ids), rtol=1e-5)
+
+
+def test_4bit_weights_replaced_after_patching_are_followed():
+    """A patched layer keeps a view of its bitsandbytes weight between calls (fastlora.modules._bnb); a weight
+    replaced after patching (a new Params4bit, or new packed data and quant state on the same one) is what the
+    next call computes with, as the unpatched model's layers do."""
+    pytest.importorskip("bitsandbytes")
+    pm = _peft_model("llama", four_bit="nf4")
+    ids = _ids()
+    handle = fastlora.patch(pm)
+    loss_and_grads(pm, ids)  # the views are built
+    attention = pm.base_model.model.model.layers[0].self_attn
+    torch.manual_seed(7)
+    # q_proj runs in the grouped q/k/v op, o_proj alone: a new Params4bit object for each
+    for proj in (attention.q_proj, attention.o_proj):
+        base = proj.base_layer
+        base.weight = nf4.to_bnb(nf4.quantize(torch.randn(base.out_features, base.in_features) * 0.05, 64, "nf4", True))
+    # the same Params4bit with other packed bytes and another quant state
+    up = pm.base_model.model.model.layers[1].mlp.up_proj.base_layer
+    other = nf4.to_bnb(nf4.quantize(torch.randn(up.out_features, up.in_features) * 0.05, 64, "nf4", True))
+    up.weight.data, up.weight.quant_state = other.data, other.quant_state
+    got = loss_and_grads(pm, ids)
+    unpatched = copy.deepcopy(pm)
+    assert fastlora.unpatch(unpatched)
+    _assert_close(got, loss_and_grads(unpatched, ids))
+    assert handle.report()["fallback_calls"] == {}

@@ -86,16 +86,22 @@ class PeftLoraState(_instance.InstanceState):
         # adapter -> (the modules judged, plain LoRA?); replaced, never mutated (shallow deepcopy)
         self.adapter_ok: dict = {}
         self.transposed = _conv1d.TransposedWeight() if conv1d else None
+        self.bnb_view = _bnb.Params4bitView() if four_bit else None
 
     def __deepcopy__(self, memo):
         new = copy.copy(self)
         new.transposed = _conv1d.TransposedWeight() if self.conv1d else None
+        new.bnb_view = _bnb.Params4bitView() if self.four_bit else None
         return new
 
     def base_weight(self, base):
-        """The base layer's weight as the op takes it: (out_features, in_features) or 4-bit."""
+        """The base layer's weight as the op takes it: (out_features, in_features) or 4-bit (a bitsandbytes
+        weight as its cached :class:`fastlora.nf4.QuantizedWeight` view)."""
         if self.quantized:
             return base.quantized_weight()
+        if self.four_bit:
+            # a cache of Python objects keyed by ids is nothing torch.compile can trace: the op views it per call
+            return base.weight if torch.compiler.is_compiling() else self.bnb_view.get(base.weight)
         return self.transposed.get(base.weight) if self.conv1d else base.weight
 
     def describe(self) -> str:
