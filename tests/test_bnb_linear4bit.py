@@ -138,3 +138,24 @@ def test_restore_and_deepcopy(seed):
     assert accel.restore(layer) and not accel.restore(layer)
     assert set(layer.__dict__) == keys and "fastlora" not in repr(layer)
     assert accel.fallback_calls(twin) == 0
+
+
+def test_weights_replaced_after_accelerating_are_followed(seed):
+    """The accelerated layer keeps a view of its weight between calls; a new Params4bit, or new packed data and
+    quant state on the same one, is what the next call computes with, as bitsandbytes' own forward does."""
+    layer = _layer()
+    accel.accelerate(layer)
+    x, grad_y = torch.randn(3, 192), torch.randn(3, 128)
+    _step(layer, x, grad_y)  # the view is built
+    for replace_object in (True, False):
+        new = nf4.to_bnb(nf4.quantize(torch.randn(128, 192) / math.sqrt(192), 64, "nf4", True))
+        if replace_object:
+            layer.weight = new
+        else:
+            layer.weight.data, layer.weight.quant_state = new.data, new.quant_state
+        twin = copy.deepcopy(layer)
+        assert accel.restore(twin)
+        want = _step(twin, x, grad_y)  # bitsandbytes' own forward on the new weight
+        got = _step(layer, x, grad_y)  # the accelerated layer, its view built before the replacement
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert accel.fallback_calls(layer) == 0

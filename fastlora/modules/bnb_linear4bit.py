@@ -82,12 +82,27 @@ def _plain_call(module, x) -> bool:
     return module.bias is None or module.bias.dtype == x.dtype
 
 
+class Bnb4bitState(_instance.InstanceState):
+    """Per-layer state: the weight's fastlora view, kept between calls (:class:`._bnb.Params4bitView`)."""
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.view = _bnb.Params4bitView()
+
+    def __deepcopy__(self, memo):
+        new = super().__deepcopy__(memo)
+        new.view = _bnb.Params4bitView()
+        return new
+
+
 def _fast_forward(self, x, *args, **kwargs):
     state = _instance.state_of(self)
     if args or kwargs or not _plain_call(self, x):
         state.fallback_calls += 1
         return type(self).forward(self, x, *args, **kwargs)
-    return linear_4bit(x, self.weight, self.bias, backend=state.backend)
+    # the view cache is Python objects keyed by ids, nothing torch.compile can trace: the op views it per call
+    weight = self.weight if torch.compiler.is_compiling() else state.view.get(self.weight)
+    return linear_4bit(x, weight, self.bias, backend=state.backend)
 
 
 def claims(module) -> bool:
@@ -100,7 +115,7 @@ skip_reason = can_accelerate
 
 
 def install(module, backend: str) -> None:
-    _instance.install(module, _fast_forward, _instance.InstanceState(backend))
+    _instance.install(module, _fast_forward, Bnb4bitState(backend))
 
 
 def accelerate(module, backend: str = "auto") -> None:
