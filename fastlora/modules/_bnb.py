@@ -1,9 +1,12 @@
-"""bitsandbytes' ``Linear4bit`` class, looked up without importing bitsandbytes: one of its layers can only exist
-once bitsandbytes was imported, and importing it here would cost seconds for models that have none."""
+"""bitsandbytes' ``Linear4bit`` class, looked up without importing bitsandbytes (one of its layers can only exist
+once bitsandbytes was imported, and importing it here would cost seconds for models that have none), and the
+per-layer cache of a ``Params4bit``'s fastlora view that the patched 4-bit layers keep between calls."""
 
 from __future__ import annotations
 
 import sys
+
+import torch
 
 
 def linear4bit_class() -> type | None:
@@ -34,8 +37,12 @@ class Params4bitView:
                 None if state2 is None else (id(state2.absmax), id(state2.code), id(state.offset)))
 
     def get(self, param):
+        """The view of ``param``; under torch.compile ``param`` itself (a cache of Python objects keyed by ids is
+        nothing it can trace: the op then views the weight per call)."""
         from .. import nf4
 
+        if torch.compiler.is_compiling():
+            return param
         key = self._key(param)
         if self.cached is None or self.cached[0] != key:
             self.cached = (key, nf4.from_bnb(param))

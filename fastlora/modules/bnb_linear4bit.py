@@ -100,9 +100,7 @@ def _fast_forward(self, x, *args, **kwargs):
     if args or kwargs or not _plain_call(self, x):
         state.fallback_calls += 1
         return type(self).forward(self, x, *args, **kwargs)
-    # the view cache is Python objects keyed by ids, nothing torch.compile can trace: the op views it per call
-    weight = self.weight if torch.compiler.is_compiling() else state.view.get(self.weight)
-    return linear_4bit(x, weight, self.bias, backend=state.backend)
+    return linear_4bit(x, state.view.get(self.weight), self.bias, backend=state.backend)
 
 
 def claims(module) -> bool:

@@ -100,8 +100,7 @@ class PeftLoraState(_instance.InstanceState):
         if self.quantized:
             return base.quantized_weight()
         if self.four_bit:
-            # a cache of Python objects keyed by ids is nothing torch.compile can trace: the op views it per call
-            return base.weight if torch.compiler.is_compiling() else self.bnb_view.get(base.weight)
+            return self.bnb_view.get(base.weight)
         return self.transposed.get(base.weight) if self.conv1d else base.weight
 
     def describe(self) -> str:
@@ -114,9 +113,11 @@ def claims(module) -> bool:
     return lora_base is not None and isinstance(module, lora_base)
 
 
-def _active_here(module) -> list[str]:
-    """The active adapters this layer has weights for (PEFT's forward skips the others)."""
-    return [name for name in module.active_adapters if name in module.lora_A]
+def _active_here(module, lora_A=None) -> list[str]:
+    """The active adapters this layer has weights for (PEFT's forward skips the others). ``lora_A``: the layer's
+    lora_A ModuleDict when the caller has it already."""
+    lora_A = module.lora_A if lora_A is None else lora_A
+    return [name for name in module.active_adapters if name in lora_A]
 
 
 def _is_dora(module, adapter: str) -> bool:
@@ -367,7 +368,7 @@ def _call_adapter(module, state: PeftLoraState, x, dtype: torch.dtype, amp: bool
     if module.merged or module.disable_adapters:
         return None
     lora_A_layers = module.lora_A
-    active = [name for name in module.active_adapters if name in lora_A_layers]
+    active = _active_here(module, lora_A_layers)
     if len(active) != 1:
         return None
     adapter = active[0]
