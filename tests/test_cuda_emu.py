@@ -6,37 +6,29 @@ from __future__ import annotations
 
 import ctypes
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cuda_emu_build
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS = 128  # emu_selftest.cpp's kThreads
 
-SWITCHES = {"stack-switch": [], "ucontext": ["-DFASTLORA_EMU_UCONTEXT"]}
+SWITCHES = {"stack-switch": (), "ucontext": ("-DFASTLORA_EMU_UCONTEXT",)}
 
 
 @pytest.fixture(scope="module", params=list(SWITCHES))
 def selftest_lib(request, tmp_path_factory) -> Path:
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found (the CUDA emulation builds kernel sources as C++)")
     if request.param == "stack-switch" and platform.machine() != "x86_64":
         pytest.skip("the stack switch is x86-64 only (elsewhere the emulation uses ucontext)")
-    out = tmp_path_factory.mktemp("cuda_emu_selftest") / f"libselftest_{request.param}.so"
     # -fno-gnu-unique: the emulation's block state is a static local of an inline function, which g++ makes one
     # object per process across libraries; the two builds lay it out differently and are loaded side by side.
-    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-fno-gnu-unique", "-DFASTLORA_CUDA_EMU",
-           "-Wall", "-Wno-unknown-pragmas", "-Werror", *SWITCHES[request.param],
-           "-I", str(REPO / "tests" / "cuda_emu" / "include"), "-I", str(REPO / "csrc" / "include"),
-           str(REPO / "tests" / "cuda_emu" / "emu_selftest.cpp"), "-o", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return cuda_emu_build.build(REPO / "tests" / "cuda_emu" / "emu_selftest.cpp",
+                                tmp_path_factory.mktemp("cuda_emu_selftest") / f"libselftest_{request.param}.so",
+                                ("-fno-gnu-unique", *SWITCHES[request.param]))
 
 
 def ptr(t: torch.Tensor) -> ctypes.c_void_p:

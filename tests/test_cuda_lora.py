@@ -20,13 +20,13 @@ from __future__ import annotations
 import ctypes
 import importlib
 import math
-import os
 import shutil
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import cuda_emu_build
 import pytest
 import torch
 
@@ -320,19 +320,8 @@ def test_cuda_backend_through_lora_linear():
 def emu_lib(tmp_path_factory):
     """The emulation's entry points: fwd (the launcher), set_deferring and run_deferred (queue launches and run
     them later, as a CUDA graph capture and replay would)."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found (the CUDA emulation builds the kernel source as C++)")
-    out = tmp_path_factory.mktemp("cuda_emu") / "liblora_emu.so"
-    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-DFASTLORA_CUDA_EMU",
-           "-Wall", "-Wno-unknown-pragmas", "-Werror",
-           "-I", str(REPO / "tests" / "cuda_emu" / "include"), "-I", str(REPO / "csrc" / "include"),
-           "-I", str(REPO / "csrc" / "cuda"), str(REPO / "tests" / "cuda_emu" / "lora_linear_emu.cpp"),
-           "-o", str(out)]  # fmt: skip
-    # e.g. FASTLORA_EMU_CFLAGS="-fsanitize=address" with LD_PRELOAD=$(g++ -print-file-name=libasan.so)
-    cmd[1:1] = os.environ.get("FASTLORA_EMU_CFLAGS", "").split()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = cuda_emu_build.build(REPO / "tests" / "cuda_emu" / "lora_linear_emu.cpp",
+                               tmp_path_factory.mktemp("cuda_emu") / "liblora_emu.so")
     lib = ctypes.CDLL(str(out))
     fn = lib.fastlora_emu_lora_linear_fwd
     p, i64 = ctypes.c_void_p, ctypes.c_int64

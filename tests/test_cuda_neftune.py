@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
+import cuda_emu_build
 import pytest
 import torch
 from neftune_contract import assert_bitwise, contract, make_inputs
@@ -147,17 +147,8 @@ def test_cuda_seed_forms_agree(cuda_op):
 def emu_lib(tmp_path_factory):
     """The emulation library: fastlora_emu_neftune_embedding (the launcher), fastlora_emu_set_deferring and
     fastlora_emu_run_deferred (queue launches and run them later, as a CUDA graph capture and replay would)."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found (the CUDA emulation builds the kernel source as C++)")
-    out = tmp_path_factory.mktemp("cuda_emu") / "libneftune_emu.so"
-    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-DFASTLORA_CUDA_EMU",
-           "-Wall", "-Wno-unknown-pragmas", "-Werror",
-           "-I", str(REPO / "tests" / "cuda_emu" / "include"), "-I", str(REPO / "csrc" / "include"),
-           "-I", str(REPO / "csrc" / "cuda"), str(REPO / "tests" / "cuda_emu" / "neftune_embedding_emu.cpp"),
-           "-o", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = cuda_emu_build.build(REPO / "tests" / "cuda_emu" / "neftune_embedding_emu.cpp",
+                               tmp_path_factory.mktemp("cuda_emu") / "libneftune_emu.so")
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.fastlora_emu_neftune_embedding.argtypes = [p, p, p, p, i64, i64, i64, p, ctypes.c_int]
