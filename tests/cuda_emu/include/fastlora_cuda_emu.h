@@ -124,15 +124,15 @@ inline cudaError_t last_error = cudaSuccess;
 
 // ---- fiber scheduler
 //
-// On x86-64 fibers switch with switch_stack below (callee-saved registers and the stack pointer, a few ns):
+// On x86-64 fibers switch with fastlora_emu_switch_stack below (callee-saved registers and the stack pointer):
 // glibc's swapcontext also saves the floating-point environment and makes an rt_sigprocmask system call on
-// every switch, which was half of an emulated test's run time. Other architectures and AddressSanitizer
+// every switch, which was most of an emulated test's run time (20 s -> 2 s without it). Other architectures and AddressSanitizer
 // builds (FASTLORA_EMU_CFLAGS, which must see stack switches through swapcontext) keep ucontext, as does
 // -DFASTLORA_EMU_UCONTEXT (tests/test_cuda_emu.py runs both).
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(FASTLORA_EMU_UCONTEXT)
 #define FASTLORA_EMU_STACK_SWITCH 1
 // fastlora_emu_switch_stack(save, next): push the callee-saved registers of the System V ABI, store the stack
-// pointer in *save, load `next` (a pointer an earlier switch stored, or a fresh stack prepared by run_block),
+// pointer in *save, load `next` (a pointer an earlier switch stored, or a fresh stack prepared by start_fiber),
 // pop that context's registers and return into it. Every other register is caller-saved, so the compiler has
 // spilled what it needs around the call. MXCSR and the x87 control word are not switched: no kernel changes
 // rounding modes. Weak and hidden: one definition per shared library, whichever emulated kernels it holds.
